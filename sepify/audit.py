@@ -1,0 +1,446 @@
+"""The audit: per Conv-like node cost and separability, plus model totals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs
+from .errors import ShapeError
+from .factorize import (
+    NEAR_EXACT_TOL,
+    SCHEMES,
+    exact_rank,
+    exact_tolerance,
+    relative_errors,
+    scheme_matrices,
+    scheme_stages,
+    singular_values,
+    stages_macs,
+)
+from .geometry import ConvGeometry, prod
+from .graph import MATMUL_OPS, GraphView
+from .load import LoadedModel, ModelSource, load_model
+from .shapes import fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes
+
+SCHEMA_VERSION = 1
+ERROR_RANKS = (1, 2, 3, 4)
+MAX_CURVE_POINTS = 64  # error/MAC curves list at most this many ranks
+
+SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+@dataclass
+class SchemeAnalysis:
+    scheme: str
+    eligible: bool
+    reason: str | None = None
+    exact_rank: int | None = None
+    max_rank: int | None = None
+    errors: dict[int, float] = field(default_factory=dict)  # rank -> relative Frobenius weight error
+    macs: dict[int, int] = field(default_factory=dict)  # rank -> MACs after rewrite
+    break_even_rank: int | None = None  # largest rank that still saves MACs (0: none)
+    exact_saves_macs: bool = False
+    curve_errors: list[float] = field(default_factory=list)  # error at rank 0, 1, 2, …
+    macs_per_rank: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"] = {str(k): v for k, v in self.errors.items()}
+        d["macs"] = {str(k): v for k, v in self.macs.items()}
+        return d
+
+
+@dataclass
+class Decomposition:
+    scheme: str
+    rank: int
+    error: float
+    macs: int
+    macs_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Separability:
+    dtype: str
+    exact_tolerance: float
+    schemes: dict[str, SchemeAnalysis]
+    best_exact: Decomposition | None = None
+    best_near_exact: Decomposition | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "exact_tolerance": self.exact_tolerance,
+            "near_exact_tolerance": NEAR_EXACT_TOL,
+            "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
+            "best_exact": self.best_exact.to_dict() if self.best_exact else None,
+            "best_near_exact": self.best_near_exact.to_dict() if self.best_near_exact else None,
+        }
+
+
+@dataclass
+class NodeAudit:
+    name: str
+    qualified_name: str
+    op_type: str
+    scope: str
+    group: int
+    kernel_shape: list[int] | None
+    strides: list[int] | None
+    pads: list[int] | None
+    dilations: list[int] | None
+    auto_pad: str
+    input_shape: list[int] | None
+    output_shape: list[int] | None
+    weight_shape: list[int] | None
+    weight_name: str
+    weight_source: str
+    weight_shared_with: list[str]
+    has_bias: bool
+    dtype: str | None
+    params: int | None
+    macs: int | None
+    flops: int | None
+    bytes: int | None
+    arithmetic_intensity: float | None
+    share: float | None
+    shape_source: str
+    eligible: bool
+    reason: str | None
+    separability: Separability | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["separability"] = self.separability.to_dict() if self.separability else None
+        return d
+
+
+@dataclass
+class Totals:
+    conv_nodes: int
+    conv_macs: int
+    matmul_macs: int
+    total_macs: int
+    conv_flops: int
+    conv_params: int
+    model_params: int
+    unknown_cost_nodes: int
+    eligible_nodes: int
+    exact_savings_macs: int  # MACs removable by the cheapest exact decomposition of each node
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AuditReport:
+    model: str
+    producer: str
+    opset: int
+    ir_version: int
+    input_shapes: dict[str, list[int]]
+    shape_sources: dict[str, int]
+    totals: Totals
+    nodes: list[NodeAudit]
+    warnings: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    convention: str = CONVENTION
+    sepify_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "sepify_version": self.sepify_version,
+            "convention": self.convention,
+            "model": self.model,
+            "producer": self.producer,
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "input_shapes": self.input_shapes,
+            "shape_sources": self.shape_sources,
+            "totals": self.totals.to_dict(),
+            "nodes": [n.to_dict() for n in self.nodes],
+            "warnings": self.warnings,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def node(self, name: str) -> NodeAudit:
+        for n in self.nodes:
+            if n.name == name or n.qualified_name == name:
+                return n
+        raise KeyError(name)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | None, via_dq: bool) -> str | None:
+    """Why a node cannot be rewritten at all (None when some scheme may apply)."""
+    op = spec.ref.op_type
+    if op in ("ConvInteger", "QLinearConv"):
+        return "quantized_op"
+    if op == "ConvTranspose":
+        return "transposed_conv"
+    if weight_source in ("graph_input", "computed"):
+        return "weight_not_constant"
+    if via_dq:
+        return "quantized_weight"
+    if spec.weight_dtype not in SUPPORTED_DTYPES:
+        return "unsupported_dtype"
+    if spec.geometry() is None:
+        return "shape_unknown"
+    if spec.kernel is not None and prod(spec.kernel) == 1:
+        return "pointwise_kernel"
+    if weight is not None and not np.all(np.isfinite(weight)):
+        return "nonfinite_weight"
+    if spec.weight_shape is not None and spec.input_shape is not None:
+        if spec.weight_shape[1] * spec.group != spec.input_shape[1] or spec.weight_shape[0] % spec.group:
+            return "weight_shape_mismatch"
+    return None
+
+
+def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
+    if scheme in ("dw-pw", "pw-dw") and geo.cin_per_group == 1:
+        return "depthwise"
+    if scheme == "spatial":
+        if geo.rank != 2:
+            return "not_2d"
+        if 1 in geo.kernel:
+            return "kernel_already_1d"
+    return None
+
+
+def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float) -> SchemeAnalysis:
+    reason = scheme_reason(geo, scheme)
+    if reason is not None:
+        return SchemeAnalysis(scheme, eligible=False, reason=reason)
+    mats = scheme_matrices(w, geo, scheme)
+    max_rank = min(mats.shape[1], mats.shape[2])
+    errors = relative_errors(singular_values(mats))
+    per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1))
+    original = geo.macs
+    break_even = max(0, min(max_rank, (original - 1) // per_rank)) if per_rank else max_rank
+    ex = exact_rank(errors, tol)
+    analysis = SchemeAnalysis(
+        scheme,
+        eligible=break_even > 0,
+        reason=None if break_even > 0 else "no_mac_saving",
+        exact_rank=ex,
+        max_rank=max_rank,
+        errors={r: float(errors[r]) for r in ERROR_RANKS if r <= max_rank},
+        macs={r: per_rank * r for r in ERROR_RANKS if r <= max_rank},
+        break_even_rank=break_even,
+        exact_saves_macs=ex <= break_even and ex > 0,
+        curve_errors=[float(e) for e in errors[: MAX_CURVE_POINTS + 1]],
+        macs_per_rank=per_rank,
+    )
+    return analysis
+
+
+def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int) -> Decomposition | None:
+    best = None
+    for a in schemes.values():
+        if not a.eligible or not a.curve_errors:
+            continue
+        hits = [r for r, e in enumerate(a.curve_errors) if r > 0 and e <= tol]
+        if not hits:
+            continue
+        r = hits[0]
+        macs = a.macs_per_rank * r
+        if macs >= original:
+            continue
+        if best is None or macs < best.macs:
+            best = Decomposition(a.scheme, r, a.curve_errors[r], macs, macs / original)
+    return best
+
+
+def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separability:
+    tol = exact_tolerance(dtype)
+    schemes = {s: analyze_scheme(w, geo, s, tol) for s in SCHEMES}
+    return Separability(
+        dtype=str(np.dtype(dtype)),
+        exact_tolerance=tol,
+        schemes=schemes,
+        best_exact=_best(schemes, tol, geo.macs),
+        best_near_exact=_best(schemes, max(NEAR_EXACT_TOL, tol), geo.macs),
+    )
+
+
+@dataclass
+class ModelAnalysis:
+    """What audit, plan and rewrite share: the loaded model, its graph view, shapes and conv specs."""
+
+    loaded: LoadedModel
+    view: GraphView
+    input_shapes: dict[str, list[int]]
+    specs: list[ConvSpec]
+    table: Any
+    warnings: list[str]
+
+
+def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelAnalysis:
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    view = GraphView(loaded.model)
+    user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])
+    shapes, dtypes = resolve_input_shapes(view, user)
+    table = infer_shapes(view, shapes, dtypes)
+    convs = view.conv_nodes()
+    specs = [conv_spec(view, ref, table) for ref in convs]
+    warnings: list[str] = []
+    missing = [n for s in specs if s.shape_source == "unknown" for n in (s.x_name, s.ref.node.output[0])]
+    mm_missing = [
+        i for r in view.nodes if r.op_type in MATMUL_OPS for i in r.node.input[:2] if i and table.get(i) is None
+        and view.constant(i, r) is None
+    ]
+    if missing or mm_missing:
+        fill_with_onnxruntime(view, table, [*missing, *mm_missing])
+        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
+    for s in specs:
+        if s.shape_source == "unknown":
+            warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
+    return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
+
+
+def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool = True) -> AuditReport:
+    """Cost and separability of every Conv-like node.
+
+    ``input_shapes`` maps input names to dims (or is a list of ``NAME=1x3x224x224`` strings);
+    symbolic leading dims default to 1. ``spectra=False`` skips the SVDs (cost only).
+    """
+    an = analyze_model(model, input_shapes)
+    view, table = an.view, an.table
+    shared = view.shared_weights()
+    nodes: list[NodeAudit] = []
+    for spec in an.specs:
+        ref = spec.ref
+        source = view.weight_origin(spec.w_name, ref) if spec.w_name else "missing"
+        const = view.constant(spec.w_name, ref) if source not in ("graph_input", "computed", "missing") else None
+        weight = const.value if const is not None else None
+        w_numel = int(np.prod(spec.weight_shape)) if spec.weight_shape is not None else None
+        b_numel = 0
+        if spec.b_name:
+            bshape = table.get(spec.b_name)
+            if bshape is None:
+                bconst = view.constant(spec.b_name, ref)
+                bshape = list(bconst.value.shape) if bconst is not None else [0]
+            b_numel = prod(bshape)
+        cost = conv_cost(spec, table, w_numel, b_numel)
+        reason = node_level_reason(spec, source, weight, bool(const and const.via_dequantize))
+        sep = None
+        geo = spec.geometry()
+        if reason is None and spectra and weight is not None and geo is not None:
+            sep = analyze_weight(weight, geo, weight.dtype)
+            if not any(a.eligible for a in sep.schemes.values()):
+                reason = ",".join(sorted({a.reason for a in sep.schemes.values() if a.reason}))
+        eligible = reason is None
+        nodes.append(
+            NodeAudit(
+                name=ref.name,
+                qualified_name=ref.qualified_name,
+                op_type=ref.op_type,
+                scope=ref.scope,
+                group=spec.group,
+                kernel_shape=spec.kernel,
+                strides=spec.strides,
+                pads=spec.pads,
+                dilations=spec.dilations,
+                auto_pad=spec.auto_pad,
+                input_shape=spec.input_shape,
+                output_shape=spec.output_shape,
+                weight_shape=spec.weight_shape,
+                weight_name=spec.w_name,
+                weight_source=source,
+                weight_shared_with=[q for q in shared.get(spec.w_name, []) if q != ref.qualified_name],
+                has_bias=spec.b_name is not None,
+                dtype=_dtype_name(spec.weight_dtype),
+                params=cost.params,
+                macs=cost.macs,
+                flops=cost.flops,
+                bytes=cost.bytes,
+                arithmetic_intensity=cost.intensity,
+                share=None,
+                shape_source=spec.shape_source,
+                eligible=eligible,
+                reason=reason,
+                separability=sep,
+            )
+        )
+    matmul_total = 0
+    for ref in view.nodes:
+        if ref.op_type in MATMUL_OPS:
+            m = matmul_macs(view, ref, table)
+            if m is None:
+                an.warnings.append(f"{ref.qualified_name}: {ref.op_type} operand shapes unknown; not counted")
+            else:
+                matmul_total += m
+    conv_total = sum(n.macs or 0 for n in nodes)
+    total = conv_total + matmul_total
+    for n in nodes:
+        n.share = (n.macs / total) if (n.macs is not None and total) else None
+    exact_savings = sum(
+        n.macs - n.separability.best_exact.macs
+        for n in nodes
+        if n.separability is not None and n.separability.best_exact is not None and n.macs
+    )
+    model_params = sum(
+        int(np.prod(t.dims)) for t in view.model.graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    )
+    totals = Totals(
+        conv_nodes=len(nodes),
+        conv_macs=conv_total,
+        matmul_macs=matmul_total,
+        total_macs=total,
+        conv_flops=sum(n.flops or 0 for n in nodes),
+        conv_params=sum(n.params or 0 for n in nodes),
+        model_params=model_params,
+        unknown_cost_nodes=sum(1 for n in nodes if n.macs is None),
+        eligible_nodes=sum(1 for n in nodes if n.eligible),
+        exact_savings_macs=exact_savings,
+    )
+    sources: dict[str, int] = {}
+    for n in nodes:
+        sources[n.shape_source] = sources.get(n.shape_source, 0) + 1
+    model_proto = view.model
+    return AuditReport(
+        model=an.loaded.label,
+        producer=" ".join(x for x in (model_proto.producer_name, model_proto.producer_version) if x),
+        opset=view.opset,
+        ir_version=model_proto.ir_version,
+        input_shapes=an.input_shapes,
+        shape_sources=sources,
+        totals=totals,
+        nodes=nodes,
+        warnings=an.warnings,
+    )
+
+
+def _dtype_name(dtype: int | None) -> str | None:
+    if not dtype:
+        return None
+    try:
+        return onnx.TensorProto.DataType.Name(dtype).lower()
+    except ValueError:
+        return str(dtype)
+
+
+__all__ = ["AuditReport", "NodeAudit", "ShapeError", "analyze_model", "audit", "analyze_weight"]

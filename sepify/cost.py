@@ -1,0 +1,238 @@
+"""Cost of Conv-like and MatMul-like nodes.
+
+Convention (printed in every report): MACs count the multiply-accumulates of the
+weight product, bias excluded (as thop, fvcore and onnx-opcounter do):
+
+* Conv, ConvInteger, QLinearConv: ``prod(output shape) × (C_in / group) × prod(kernel)``
+* ConvTranspose: ``prod(input shape) × (C_out / group) × prod(kernel)``
+* Gemm: ``M × N × K``; MatMul: ``prod(batch dims) × M × N × K``
+
+FLOPs = 2·MACs, plus one add per output element when there is a bias.
+Bytes moved = (input + weight + output elements) × their item sizes — a lower bound on
+memory traffic; arithmetic intensity = FLOPs / bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .geometry import ConvGeometry, conv_out_spatial, conv_transpose_out_spatial, explicit_pads, prod
+from .graph import GraphView, NodeRef, attr
+from .shapes import ShapeTable
+
+CONVENTION = (
+    "MACs = multiply-accumulates of the weight product, bias excluded (as thop/fvcore/onnx-opcounter). "
+    "Conv: prod(output shape) x (C_in/group) x prod(kernel); ConvTranspose: prod(input shape) x "
+    "(C_out/group) x prod(kernel); Gemm/MatMul: batch x M x N x K. FLOPs = 2*MACs + one add per output "
+    "element when there is a bias. Bytes = (input + weight + output elements) x item size."
+)
+
+# Input positions of x / w / bias per op type.
+_INPUTS = {
+    "Conv": (0, 1, 2),
+    "ConvTranspose": (0, 1, 2),
+    "ConvInteger": (0, 1, None),
+    "QLinearConv": (0, 3, 8),
+}
+
+
+def _itemsize(dtype: int | None, default: int = 4) -> int:
+    if not dtype:
+        return default
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+    except Exception:  # noqa: BLE001
+        return default
+
+
+@dataclass
+class ConvSpec:
+    """A Conv-like node with its attributes resolved against real shapes."""
+
+    ref: NodeRef
+    x_name: str
+    w_name: str
+    b_name: str | None
+    input_shape: list[int] | None
+    output_shape: list[int] | None
+    weight_shape: list[int] | None
+    kernel: list[int] | None
+    strides: list[int] | None
+    dilations: list[int] | None
+    pads: list[int] | None  # explicit, auto_pad resolved
+    auto_pad: str
+    group: int
+    output_padding: list[int] | None
+    shape_source: str
+    dtype: int | None
+    weight_dtype: int | None
+
+    @property
+    def transposed(self) -> bool:
+        return self.ref.op_type == "ConvTranspose"
+
+    def geometry(self) -> ConvGeometry | None:
+        if self.input_shape is None or self.output_shape is None or self.weight_shape is None or self.transposed:
+            return None
+        return ConvGeometry(
+            batch=self.input_shape[0],
+            c_in=self.input_shape[1],
+            c_out=self.output_shape[1],
+            group=self.group,
+            kernel=tuple(self.kernel),
+            in_spatial=tuple(self.input_shape[2:]),
+            out_spatial=tuple(self.output_shape[2:]),
+            strides=tuple(self.strides),
+            dilations=tuple(self.dilations),
+            pads=tuple(self.pads),
+        )
+
+
+def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
+    node = ref.node
+    xi, wi, bi = _INPUTS[node.op_type]
+    x_name = node.input[xi] if len(node.input) > xi else ""
+    w_name = node.input[wi] if len(node.input) > wi else ""
+    b_name = node.input[bi] if bi is not None and len(node.input) > bi and node.input[bi] else None
+    x_shape = table.get(x_name)
+    w_shape = table.get(w_name)
+    if w_shape is None:
+        const = view.constant(w_name, ref)
+        if const is not None:
+            w_shape = list(const.value.shape)
+    y_shape = table.get(node.output[0])
+    sources = {table.source.get(x_name, "unknown"), table.source.get(node.output[0], "unknown")}
+    kernel = attr(node, "kernel_shape")
+    if kernel is None and w_shape is not None:
+        kernel = list(w_shape[2:])
+    kernel = list(kernel) if kernel is not None else None
+    d = len(kernel) if kernel is not None else (len(x_shape) - 2 if x_shape else None)
+    strides = list(attr(node, "strides", None) or ([1] * d if d else [])) or None
+    dilations = list(attr(node, "dilations", None) or ([1] * d if d else [])) or None
+    group = int(attr(node, "group", 1))
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    output_padding = None
+    pads = None
+    if d:
+        raw_pads = attr(node, "pads", None)
+        if node.op_type == "ConvTranspose":
+            output_padding = list(attr(node, "output_padding", None) or [0] * d)
+            pads = _transpose_pads(node, x_shape, kernel, strides, dilations, output_padding, raw_pads, auto_pad)
+        elif x_shape is not None:
+            pads = explicit_pads(x_shape[2:], kernel, strides, dilations, raw_pads, auto_pad)
+        elif auto_pad in ("NOTSET", "", "VALID"):
+            pads = explicit_pads([0] * d, kernel, strides, dilations, raw_pads, auto_pad)
+    if y_shape is None and x_shape is not None and w_shape is not None and pads is not None:
+        if node.op_type == "ConvTranspose":
+            spatial = attr(node, "output_shape", None)
+            if spatial is None:
+                spatial = conv_transpose_out_spatial(x_shape[2:], kernel, strides, dilations, pads, output_padding)
+            y_shape = [x_shape[0], w_shape[1] * group, *list(spatial)[-d:]]
+        else:
+            y_shape = [x_shape[0], w_shape[0], *conv_out_spatial(x_shape[2:], kernel, strides, dilations, pads)]
+        sources.add("computed")
+    sources.discard("model")
+    if x_shape is None or y_shape is None:
+        source = "unknown"
+    else:
+        sources.discard("unknown")
+        order = ["onnxruntime", "computed", "inferred", "input"]
+        source = next((s for s in order if s in sources), "inferred")
+    w_const = table.dtypes.get(w_name)
+    if w_const is None:
+        const = view.constant(w_name, ref)
+        w_const = onnx.helper.np_dtype_to_tensor_dtype(const.value.dtype) if const is not None else None
+    return ConvSpec(
+        ref=ref, x_name=x_name, w_name=w_name, b_name=b_name, input_shape=x_shape, output_shape=y_shape,
+        weight_shape=w_shape, kernel=kernel, strides=strides, dilations=dilations, pads=pads,
+        auto_pad=auto_pad, group=group, output_padding=output_padding, shape_source=source,
+        dtype=table.dtypes.get(x_name), weight_dtype=w_const,
+    )
+
+
+def _transpose_pads(node, x_shape, kernel, strides, dilations, output_padding, raw_pads, auto_pad):
+    d = len(kernel)
+    output_shape = attr(node, "output_shape", None)
+    if output_shape is None and auto_pad in ("NOTSET", ""):
+        return list(raw_pads) if raw_pads else [0] * (2 * d)
+    if x_shape is None:
+        return None
+    in_sp = x_shape[2:]
+    if output_shape is not None:
+        target = list(output_shape)[-d:]
+    elif auto_pad == "VALID":
+        return [0] * (2 * d)
+    else:
+        target = [in_sp[i] * strides[i] for i in range(d)]
+    begins, ends = [], []
+    for i in range(d):
+        total = strides[i] * (in_sp[i] - 1) + output_padding[i] + ((kernel[i] - 1) * dilations[i] + 1) - target[i]
+        total = max(total, 0)
+        if auto_pad == "SAME_UPPER":
+            begins.append(total // 2)
+            ends.append(total - total // 2)
+        else:  # SAME_LOWER and explicit output_shape follow the same split in onnxruntime
+            begins.append(total - total // 2)
+            ends.append(total // 2)
+    return begins + ends
+
+
+@dataclass
+class Cost:
+    params: int | None
+    macs: int | None
+    flops: int | None
+    bytes: int | None
+    intensity: float | None
+
+
+def conv_cost(spec: ConvSpec, table: ShapeTable, weight_numel: int | None, bias_numel: int) -> Cost:
+    params = (weight_numel + bias_numel) if weight_numel is not None else None
+    if spec.input_shape is None or spec.output_shape is None or spec.weight_shape is None:
+        return Cost(params, None, None, None, None)
+    k = prod(spec.kernel)
+    if spec.transposed:
+        macs = prod(spec.input_shape) * spec.weight_shape[1] * k
+    else:
+        macs = prod(spec.output_shape) * spec.weight_shape[1] * k
+    has_bias = spec.b_name is not None
+    flops = 2 * macs + (prod(spec.output_shape) if has_bias else 0)
+    xb = _itemsize(spec.dtype)
+    yb = _itemsize(table.dtypes.get(spec.ref.node.output[0]), xb)
+    wb = _itemsize(spec.weight_dtype, xb)
+    nbytes = prod(spec.input_shape) * xb + prod(spec.weight_shape) * wb + prod(spec.output_shape) * yb
+    return Cost(params, macs, flops, nbytes, flops / nbytes if nbytes else None)
+
+
+def matmul_macs(view: GraphView, ref: NodeRef, table: ShapeTable) -> int | None:
+    """MACs of Gemm / MatMul-like nodes from their operand shapes (None when unknown)."""
+    node = ref.node
+
+    def shape(i: int) -> list[int] | None:
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        s = table.get(node.input[i])
+        if s is None:
+            c = view.constant(node.input[i], ref)
+            s = list(c.value.shape) if c is not None else None
+        return s
+
+    a_idx, b_idx = (0, 3) if node.op_type == "QLinearMatMul" else (0, 1)
+    a, b = shape(a_idx), shape(b_idx)
+    if a is None or b is None:
+        return None
+    if node.op_type == "Gemm":
+        if len(a) != 2 or len(b) != 2:
+            return None
+        m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
+        n = b[0] if attr(node, "transB", 0) else b[1]
+        return m * n * k
+    a2 = a if len(a) >= 2 else [1, *a]
+    b2 = b if len(b) >= 2 else [*b, 1]
+    m, k, n = a2[-2], a2[-1], b2[-1]
+    batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2])) if (len(a2) > 2 or len(b2) > 2) else ()
+    return prod(batch) * m * n * k

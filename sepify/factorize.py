@@ -1,0 +1,334 @@
+r"""Low-rank factorizations of convolution weights — pure numpy, no ONNX.
+
+A convolution weight ``W`` has shape ``[N, C/g, k_1 … k_d]`` (``g`` groups,
+``Cg = C/g`` inputs and ``Ng = N/g`` outputs per group, ``K = prod(k)``).
+Each scheme rearranges ``W`` into a batch of matrices, takes their SVDs and
+keeps ``r`` terms; the relative Frobenius weight error at rank ``r`` is
+
+.. math::  e(r) = \sqrt{\sum_b \sum_{i>r} \sigma_{b,i}^2} \,/\, \lVert W \rVert_F
+
+Schemes (the resulting chain of convolutions is described by :class:`Stage`):
+
+``dw-pw``   per *input* channel ``c`` (in group ``q``): ``M_c = W[qNg:(q+1)Ng, c', :]`` is ``Ng × K``.
+            ``M_c ≈ Σ_j σ_j u_j v_jᵀ`` gives a depthwise k-conv with channel multiplier ``r``
+            (kernel ``√σ_j v_j``) followed by a pointwise conv (weights ``√σ_j u_j``, ``g`` groups).
+``pw-dw``   per *output* channel ``n``: ``M_n = W[n]`` is ``Cg × K``; a pointwise conv ``C → N·r``
+            (``√σ_j a_j``) at input resolution, then a k-conv with ``N`` groups of ``r`` inputs.
+``spatial`` 2-D only.  If every kernel sees one input channel (``Cg = 1``), each ``kh × kw`` kernel
+            is split on its own (``M_n = W[n, 0]``): ``kh×1`` conv to ``N·r`` channels, then ``1×kw``
+            with ``N`` groups.  Otherwise the cross-channel matrix ``M[(c,i),(n,j)] = W[n,c,i,j]``
+            (``Cg·kh × Ng·kw`` per group) of rank ``R`` gives ``C → g·R`` (``kh×1``) then
+            ``g·R → N`` (``1×kw``).  The vertical stride/pad/dilation go to the ``kh×1`` stage and the
+            horizontal ones to the ``1×kw`` stage; either may run first (:func:`spatial_vertical_first`).
+
+A rank-1 kernel (Sobel, Gaussian, box) is split exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from .geometry import ConvGeometry, conv_out_spatial, prod
+
+SCHEMES = ("dw-pw", "pw-dw", "spatial")
+
+# Relative weight error that counts as exact: a small multiple of the dtype's rounding step.
+EXACT_EPS_FACTOR = 2.0
+# "Near-exact" for audit summaries: below what any trained network can tell apart.
+NEAR_EXACT_TOL = 1e-3
+
+
+def exact_tolerance(dtype) -> float:
+    """Relative Frobenius error at the rounding level of ``dtype`` (float32: 2.4e-7, float16: 2.0e-3)."""
+    return EXACT_EPS_FACTOR * float(np.finfo(np.dtype(dtype)).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrices and spectra
+# ----------------------------------------------------------------------------------------------
+def _grouped(w: np.ndarray, group: int) -> np.ndarray:
+    """[N, Cg, K…] -> [g, Ng, Cg, K] (kernel flattened)."""
+    n, cg = w.shape[:2]
+    return w.reshape(group, n // group, cg, -1)
+
+
+def dw_pw_matrices(w: np.ndarray, group: int) -> np.ndarray:
+    """Per input channel: ``[C, Ng, K]`` with ``C = g·Cg`` ordered as the conv's input channels."""
+    g4 = _grouped(w, group)  # g, Ng, Cg, K
+    return np.ascontiguousarray(g4.transpose(0, 2, 1, 3)).reshape(group * w.shape[1], w.shape[0] // group, -1)
+
+
+def pw_dw_matrices(w: np.ndarray) -> np.ndarray:
+    """Per output channel: ``[N, Cg, K]``."""
+    return w.reshape(w.shape[0], w.shape[1], -1)
+
+
+def kernel_matrices(w: np.ndarray) -> np.ndarray:
+    """Per 2-D kernel: ``[N·Cg, kh, kw]``."""
+    return w.reshape(-1, w.shape[-2], w.shape[-1])
+
+
+def cross_channel_matrices(w: np.ndarray, group: int) -> np.ndarray:
+    """Per group: ``M[(c,i),(n,j)] = W[n,c,i,j]``, shape ``[g, Cg·kh, Ng·kw]``."""
+    n, cg, kh, kw = w.shape
+    g5 = w.reshape(group, n // group, cg, kh, kw)  # q, n, c, i, j
+    return np.ascontiguousarray(g5.transpose(0, 2, 3, 1, 4)).reshape(group, cg * kh, (n // group) * kw)
+
+
+def singular_values(mats: np.ndarray) -> np.ndarray:
+    r"""Singular values of a batch of matrices ``[B, m, n]`` in float64, descending, ``[B, min(m, n)]``.
+
+    Uses the Gram matrix of the short side (``σ² = eig(M Mᵀ)``): its eigenvalues are accurate
+    to ``ε₆₄·σ₁²``, i.e. relative errors down to ~1e-8 — well below float32's rounding, which is
+    all the exactness test needs — and it is several times faster than a full SVD.
+    """
+    m = np.asarray(mats, dtype=np.float64)
+    if m.shape[1] > m.shape[2]:
+        m = m.transpose(0, 2, 1)
+    gram = m @ m.transpose(0, 2, 1)
+    ev = np.linalg.eigvalsh(gram)[:, ::-1]
+    return np.sqrt(np.clip(ev, 0.0, None))
+
+
+def tail_energy(sv: np.ndarray) -> np.ndarray:
+    """``t[r] = Σ_b Σ_{i≥r} σ_{b,i}²`` for r = 0 … max rank (t[0] is ‖W‖²)."""
+    per_rank = (sv.astype(np.float64) ** 2).sum(axis=0)
+    tails = np.concatenate([np.cumsum(per_rank[::-1])[::-1], [0.0]])
+    return tails
+
+
+def relative_errors(sv: np.ndarray) -> np.ndarray:
+    """Relative Frobenius error after keeping r terms in every matrix, for r = 0 … max rank."""
+    tails = tail_energy(sv)
+    total = tails[0]
+    if total <= 0:
+        return np.zeros_like(tails)
+    return np.sqrt(np.clip(tails / total, 0.0, None))
+
+
+def exact_rank(errors: np.ndarray, tol: float) -> int:
+    """Smallest r whose relative error is within ``tol``."""
+    hits = np.nonzero(errors <= tol)[0]
+    return int(hits[0]) if hits.size else len(errors) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: the chain of convolutions a decomposition lowers to
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """One convolution of a decomposition.
+
+    ``axes`` are the spatial axes on which the original stride, padding and dilation apply;
+    on every other axis this stage has kernel 1, stride 1, no padding.  ``weight`` is
+    ``[out, in/group, k…]`` (None in shape-only plans).
+    """
+
+    out_channels: int
+    in_per_group: int
+    group: int
+    kernel: tuple[int, ...]
+    axes: tuple[int, ...]
+    weight: np.ndarray | None = None
+    role: str = ""  # "depthwise", "pointwise", "grouped", "vertical", "horizontal"
+
+    def attributes(self, geo: ConvGeometry) -> dict:
+        """strides/pads/dilations of this stage (ONNX layout)."""
+        d = len(self.kernel)
+        strides = [geo.strides[i] if i in self.axes else 1 for i in range(d)]
+        dil = [geo.dilations[i] if i in self.axes else 1 for i in range(d)]
+        pads = [geo.pads[i] if i in self.axes else 0 for i in range(d)] + [
+            geo.pads[d + i] if i in self.axes else 0 for i in range(d)
+        ]
+        return {"strides": strides, "pads": pads, "dilations": dil}
+
+    def out_spatial(self, geo: ConvGeometry, in_spatial: Sequence[int]) -> list[int]:
+        a = self.attributes(geo)
+        return conv_out_spatial(in_spatial, self.kernel, a["strides"], a["dilations"], a["pads"])
+
+
+def stages_macs(geo: ConvGeometry, stages: Sequence[Stage]) -> int:
+    """MACs of a chain of stages: Σ prod(stage output) × (in/group) × prod(kernel)."""
+    spatial = list(geo.in_spatial)
+    total = 0
+    for st in stages:
+        spatial = st.out_spatial(geo, spatial)
+        total += geo.batch * prod(spatial) * st.out_channels * st.in_per_group * prod(st.kernel)
+    return total
+
+
+def stages_params(stages: Sequence[Stage]) -> int:
+    return sum(st.out_channels * st.in_per_group * prod(st.kernel) for st in stages)
+
+
+def dw_pw_stages(geo: ConvGeometry, r: int) -> list[Stage]:
+    d = geo.rank
+    return [
+        Stage(geo.c_in * r, 1, geo.c_in, geo.kernel, tuple(range(d)), role="depthwise"),
+        Stage(geo.c_out, geo.cin_per_group * r, geo.group, (1,) * d, (), role="pointwise"),
+    ]
+
+
+def pw_dw_stages(geo: ConvGeometry, r: int) -> list[Stage]:
+    d = geo.rank
+    return [
+        Stage(geo.c_out * r, geo.cin_per_group, geo.group, (1,) * d, (), role="pointwise"),
+        Stage(geo.c_out, r, geo.c_out, geo.kernel, tuple(range(d)), role="depthwise" if r == 1 else "grouped"),
+    ]
+
+
+def spatial_stages(geo: ConvGeometry, r: int, per_kernel: bool, vertical_first: bool) -> list[Stage]:
+    kh, kw = geo.kernel
+    if per_kernel:  # Cg == 1: every kernel on its own
+        mid, first = geo.c_out * r, Stage(geo.c_out * r, 1, geo.group, (kh, 1), (0,), role="vertical")
+        second = Stage(geo.c_out, r, geo.c_out, (1, kw), (1,), role="horizontal")
+    else:
+        mid = geo.group * r
+        first = Stage(mid, geo.cin_per_group, geo.group, (kh, 1), (0,), role="vertical")
+        second = Stage(geo.c_out, r, geo.group, (1, kw), (1,), role="horizontal")
+    if vertical_first:
+        return [first, second]
+    # Horizontal first: same channel structure, axes swapped.
+    return [
+        replace(first, kernel=(1, kw), axes=(1,), role="horizontal"),
+        replace(second, kernel=(kh, 1), axes=(0,), role="vertical"),
+    ]
+
+
+def spatial_vertical_first(geo: ConvGeometry) -> bool:
+    """True when kh×1-then-1×kw costs no more than the other order.
+
+    Both orders cost ``r`` times a rank-independent amount, so the choice holds at every rank.
+    With strides and asymmetric pads they differ: the first stage runs at the input
+    resolution of the axis it leaves alone.
+    """
+    per_kernel = geo.cin_per_group == 1
+    v = stages_macs(geo, spatial_stages(geo, 1, per_kernel, True))
+    h = stages_macs(geo, spatial_stages(geo, 1, per_kernel, False))
+    return v <= h
+
+
+def scheme_stages(geo: ConvGeometry, scheme: str, r: int) -> list[Stage]:
+    """Shape-only stages of ``scheme`` at rank ``r`` (spatial: the cheaper order)."""
+    if scheme == "dw-pw":
+        return dw_pw_stages(geo, r)
+    if scheme == "pw-dw":
+        return pw_dw_stages(geo, r)
+    if scheme == "spatial":
+        return spatial_stages(geo, r, geo.cin_per_group == 1, spatial_vertical_first(geo))
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def scheme_matrices(w: np.ndarray, geo: ConvGeometry, scheme: str) -> np.ndarray:
+    if scheme == "dw-pw":
+        return dw_pw_matrices(w, geo.group)
+    if scheme == "pw-dw":
+        return pw_dw_matrices(w)
+    if scheme == "spatial":
+        if geo.cin_per_group == 1:
+            return kernel_matrices(w)
+        # Horizontal-first factorizes M'[(c,j),(n,i)]: the arrangement with kh and kw swapped.
+        oriented = w if spatial_vertical_first(geo) else w.transpose(0, 1, 3, 2)
+        return cross_channel_matrices(oriented, geo.group)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Factors
+# ----------------------------------------------------------------------------------------------
+def truncated_factors(mats: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """``M_b ≈ L_b R_b`` with ``L = U√Σ`` ``[B, m, r]`` and ``R = √Σ Vᵀ`` ``[B, r, n]`` (float64).
+
+    Ranks beyond ``min(m, n)`` are padded with zero factors so the lowered graph keeps a
+    uniform channel multiplier.
+    """
+    m = np.asarray(mats, dtype=np.float64)
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    k = min(r, s.shape[1])
+    root = np.sqrt(s[:, :k])
+    left = u[:, :, :k] * root[:, None, :]
+    right = vt[:, :k, :] * root[:, :, None]
+    if k < r:
+        left = np.concatenate([left, np.zeros(left.shape[:2] + (r - k,))], axis=2)
+        right = np.concatenate([right, np.zeros((right.shape[0], r - k, right.shape[2]))], axis=1)
+    return left, right
+
+
+def factor(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int) -> list[Stage]:
+    """Stages with weights (float64) whose composition approximates ``w`` at rank ``r``."""
+    stages = scheme_stages(geo, scheme, r)
+    w64 = np.asarray(w, dtype=np.float64)
+    kshape = tuple(geo.kernel)
+    d = geo.rank
+    ones = (1,) * d
+    if scheme == "dw-pw":
+        left, right = truncated_factors(dw_pw_matrices(w64, geo.group), r)  # [C, Ng, r], [C, r, K]
+        dw = right.reshape(geo.c_in * r, 1, *kshape)
+        # pointwise[n, c_local*r + j] for n in group q = left[q*Cg + c_local, n_local, j]
+        ng, cg = geo.cout_per_group, geo.cin_per_group
+        pw = left.reshape(geo.group, cg, ng, r).transpose(0, 2, 1, 3).reshape(geo.c_out, cg * r, *ones)
+        stages[0].weight, stages[1].weight = dw, pw
+    elif scheme == "pw-dw":
+        left, right = truncated_factors(pw_dw_matrices(w64), r)  # [N, Cg, r], [N, r, K]
+        stages[0].weight = left.transpose(0, 2, 1).reshape(geo.c_out * r, geo.cin_per_group, *ones)
+        stages[1].weight = right.reshape(geo.c_out, r, *kshape)
+    elif scheme == "spatial":
+        kh, kw = kshape
+        vertical_first = stages[0].role == "vertical"
+        if geo.cin_per_group == 1:
+            left, right = truncated_factors(kernel_matrices(w64), r)  # [N, kh, r], [N, r, kw]
+            vert = left.transpose(0, 2, 1).reshape(geo.c_out * r, 1, kh, 1)
+            horiz = right.reshape(geo.c_out, r, 1, kw)
+            if vertical_first:
+                stages[0].weight, stages[1].weight = vert, horiz
+            else:
+                # Horizontal first: mid channel n*r+j carries v_j; the vertical stage sums j.
+                stages[0].weight = right.reshape(geo.c_out * r, 1, 1, kw)
+                stages[1].weight = left.transpose(0, 2, 1).reshape(geo.c_out, r, kh, 1)
+        else:
+            g, cg, ng = geo.group, geo.cin_per_group, geo.cout_per_group
+            left, right = truncated_factors(cross_channel_matrices(w64, g), r)  # [g, Cg*kh, r], [g, r, Ng*kw]
+            a = left.reshape(g, cg, kh, r).transpose(0, 3, 1, 2)  # q, t, c, i
+            b = right.reshape(g, r, ng, kw).transpose(0, 2, 1, 3)  # q, n, t, j
+            if vertical_first:
+                stages[0].weight = a.reshape(g * r, cg, kh, 1)
+                stages[1].weight = b.reshape(geo.c_out, r, 1, kw)
+            else:
+                # Horizontal first needs the factorization of the transposed roles:
+                # M'[(c,j),(n,i)] = W[n,c,i,j] — i.e. the same spectrum with kh and kw swapped.
+                wt = w64.transpose(0, 1, 3, 2)
+                left, right = truncated_factors(cross_channel_matrices(wt, g), r)
+                a = left.reshape(g, cg, kw, r).transpose(0, 3, 1, 2)
+                b = right.reshape(g, r, ng, kh).transpose(0, 2, 1, 3)
+                stages[0].weight = a.reshape(g * r, cg, 1, kw)
+                stages[1].weight = b.reshape(geo.c_out, r, kh, 1)
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    return stages
+
+
+def compose(stages: Sequence[Stage], geo: ConvGeometry) -> np.ndarray:
+    """The dense weight ``[N, Cg, k…]`` that a two-stage chain computes (for tests and error checks).
+
+    Each stage's kernel is 1 on the axes it does not touch, so the composed kernel of one
+    path input → mid channel → output is the broadcast product of the two stage kernels.
+    """
+    first, second = stages
+    w1 = np.asarray(first.weight, dtype=np.float64)
+    w2 = np.asarray(second.weight, dtype=np.float64)
+    out = np.zeros((geo.c_out, geo.cin_per_group) + tuple(geo.kernel))
+    mid_per_group1 = first.out_channels // first.group
+    mid_per_group2 = second.out_channels // second.group
+    for n in range(geo.c_out):
+        for t in range(second.in_per_group):
+            m = (n // mid_per_group2) * second.in_per_group + t
+            q1 = m // mid_per_group1
+            for cl in range(first.in_per_group):
+                c = q1 * first.in_per_group + cl
+                if c // geo.cin_per_group != n // geo.cout_per_group:
+                    continue
+                out[n, c % geo.cin_per_group] += w1[m, cl] * w2[n, t]
+    return out

@@ -1,0 +1,302 @@
+"""Load an ONNX model from a path, bytes or a ModelProto — and refuse what cannot be trusted.
+
+Every refusal is a :class:`~sepify.errors.ModelLoadError` with a one-line message
+naming the file, so that the CLI can print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterator, Union
+
+import onnx
+from onnx import TensorProto
+from onnx.external_data_helper import ExternalDataInfo
+
+from .errors import ModelLoadError
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+# Protobuf cannot hold more than this in one message; beyond it weights must be external.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A parsed model plus where it came from (external data resolves against ``base_dir``)."""
+
+    model: onnx.ModelProto
+    label: str
+    path: Path | None = None
+    base_dir: Path | None = None
+    has_external_data: bool = False
+
+
+def _error(label: str, message: str) -> ModelLoadError:
+    return ModelLoadError(f"{label}: {message}")
+
+
+@functools.lru_cache(maxsize=None)
+def ort_max_ir_version() -> int:
+    """The newest IR version the installed onnxruntime accepts (probed once with a tiny model)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    for ir in range(onnx.IR_VERSION, 3, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = ir
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:  # noqa: BLE001 - the probe only wants to know "does it load"
+            continue
+    return 7
+
+
+def ort_max_opset() -> int:
+    """Highest default-domain opset the installed onnxruntime implements (as published by onnxruntime)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as _c  # type: ignore
+
+        return int(getattr(_c, "max_onnx_opset", onnx.defs.onnx_opset_version()))
+    except Exception:  # noqa: BLE001
+        return onnx.defs.onnx_opset_version()
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Initializers and tensor attributes, in every (sub)graph — the tensors that can hold weights."""
+
+    def walk_graph(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from walk_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from walk_graph(sub)
+
+    yield from walk_graph(model.graph)
+
+
+def tensor_nbytes(tensor: TensorProto) -> int | None:
+    """Bytes the tensor's declared dims need, or None for types without a fixed size."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # noqa: BLE001 - strings, undefined types
+        return None
+    numel = 1
+    for d in tensor.dims:
+        if d < 0:
+            return -1
+        numel *= d
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)):
+        return (numel + 1) // 2
+    return numel * itemsize
+
+
+_TYPED_FIELDS = (
+    "float_data",
+    "int32_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
+
+
+def _stored_nbytes(tensor: TensorProto) -> int | None:
+    """Bytes of data actually present in the proto (None when it cannot be told, e.g. strings)."""
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    for field in _TYPED_FIELDS:
+        n = len(getattr(tensor, field))
+        if n:
+            if field == "int32_data" and itemsize < 4:
+                # int8/uint8/float16/bool are stored one per int32 element
+                return n * itemsize
+            if tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+                return n * itemsize // 2
+            return n * itemsize
+    return 0
+
+
+def _check_inline_sizes(model: onnx.ModelProto, label: str) -> None:
+    """Refuse tensors whose declared dims need more bytes than they hold (memory bombs, corruption)."""
+    for tensor in iter_all_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        need = tensor_nbytes(tensor)
+        have = _stored_nbytes(tensor)
+        if need is None or have is None:
+            continue
+        if need < 0:
+            raise _error(label, f"tensor {tensor.name!r} has a negative dimension {list(tensor.dims)}")
+        if have == 0 and need == 0:
+            continue
+        if have != need:
+            raise _error(
+                label,
+                f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({need} bytes) "
+                f"but holds {have} bytes of data",
+            )
+
+
+def _is_escaping(location: str) -> bool:
+    if not location:
+        return True
+    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute():
+        return True
+    if PureWindowsPath(location).drive or location.startswith(("/", "\\")):
+        return True
+    parts = PurePosixPath(location.replace("\\", "/")).parts
+    return ".." in parts
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
+    """Validate every external-data reference before anything is read. Returns True if there are any."""
+    found = False
+    base_real = os.path.realpath(base_dir) if base_dir is not None else None
+    for tensor in iter_all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        found = True
+        info = ExternalDataInfo(tensor)
+        location = info.location
+        if base_real is None:
+            raise _error(label, f"tensor {tensor.name!r} uses external data {location!r}, "
+                                "which needs the model to be loaded from a file path")
+        if _is_escaping(location):
+            raise _error(label, f"tensor {tensor.name!r}: external data location {location!r} "
+                                "leaves the model's folder (absolute or '..'); refused")
+        full = os.path.realpath(os.path.join(base_real, location))
+        if os.path.commonpath([full, base_real]) != base_real:
+            raise _error(label, f"tensor {tensor.name!r}: external data {location!r} resolves "
+                                "outside the model's folder (symlink); refused")
+        if not os.path.isfile(full):
+            raise _error(label, f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        size = os.path.getsize(full)
+        offset = int(info.offset or 0)
+        need = tensor_nbytes(tensor)
+        length = int(info.length) if info.length else (need if need is not None else size - offset)
+        if need is not None and need >= 0 and length != need:
+            raise _error(label, f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({need} bytes) "
+                                f"but its external data length is {length} bytes")
+        if offset < 0 or offset + length > size:
+            raise _error(label, f"tensor {tensor.name!r}: external data {location!r} is truncated "
+                                f"(needs bytes {offset}..{offset + length}, file has {size})")
+    return found
+
+
+def _check_versions(model: onnx.ModelProto, label: str) -> None:
+    if model.ir_version > onnx.IR_VERSION:
+        raise _error(label, f"IR version {model.ir_version} is newer than this onnx ({onnx.IR_VERSION}) "
+                            f"and onnxruntime ({ort_max_ir_version()}) support")
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            newest = onnx.defs.onnx_opset_version()
+            if opset.version > newest:
+                raise _error(label, f"unsupported opset {opset.version} (this onnx knows up to {newest})")
+
+
+def _looks_like_model(model: onnx.ModelProto) -> bool:
+    return model.ir_version > 0 and model.HasField("graph") and (
+        len(model.graph.node) > 0 or len(model.graph.output) > 0
+    )
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    if not data:
+        raise _error(label, "empty file, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise _error(label, f"not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+    if not _looks_like_model(model):
+        raise _error(label, "not an ONNX model (parsed as protobuf, but there is no graph or IR version)")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _run_checker(model: onnx.ModelProto, label: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - ValidationError or C++ errors
+        raise _error(label, f"fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def load_model(source: ModelSource, *, load_external: bool = True, check: bool = True) -> LoadedModel:
+    """Load and validate a model.
+
+    ``source`` may be a path, the serialized bytes, or a ``ModelProto`` (used as is,
+    never modified).  External data is read from beside the model file; locations that
+    are absolute, contain ``..`` or resolve outside that folder are refused.
+    """
+    if isinstance(source, onnx.ModelProto):
+        label = "<ModelProto>"
+        model = source
+        _check_versions(model, label)
+        has_ext = _check_external_data(model, None, label) if load_external else False
+        _check_inline_sizes(model, label)
+        if check:
+            _run_checker(model, label)
+        return LoadedModel(model=model, label=label, has_external_data=has_ext)
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = "<bytes>"
+        model = _parse(bytes(source), label)
+        path = None
+        base_dir = None
+    else:
+        path = Path(os.fspath(source))
+        label = str(path)
+        if not path.exists():
+            raise _error(label, "no such file")
+        if path.is_dir():
+            raise _error(label, "is a directory, not an ONNX file")
+        try:
+            size = path.stat().st_size
+            if size > PROTOBUF_LIMIT:
+                raise _error(label, f"file is {size} bytes, over protobuf's 2 GiB limit; "
+                                    "save the weights as external data")
+            data = path.read_bytes()
+        except PermissionError:
+            raise _error(label, "permission denied") from None
+        except OSError as exc:
+            raise _error(label, f"cannot read: {exc.strerror or exc}") from None
+        model = _parse(data, label)
+        del data
+        base_dir = path.resolve().parent
+
+    _check_versions(model, label)
+    has_ext = _check_external_data(model, base_dir, label)
+    _check_inline_sizes(model, label)
+    if check:
+        # Checked before external data is read: the checker refuses protos over 2 GiB.
+        _run_checker(model, label)
+    if has_ext and load_external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except Exception as exc:  # noqa: BLE001
+            raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
+    return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext)

@@ -1,0 +1,184 @@
+"""Rendering of typed results: rich tables, JSON, CSV and Markdown. No computation here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .audit import AuditReport, NodeAudit
+
+CSV_FIELDS = [
+    "model", "name", "op_type", "group", "kernel_shape", "strides", "pads", "dilations", "input_shape",
+    "output_shape", "weight_shape", "params", "macs", "flops", "share", "arithmetic_intensity", "shape_source",
+    "eligible", "reason", "best_scheme", "best_rank", "best_macs", "best_error",
+]
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _dims(d: Sequence[int] | None) -> str:
+    return "x".join(str(v) for v in d) if d else "?"
+
+
+def _best(n: NodeAudit):
+    sep = n.separability
+    if sep is None:
+        return None
+    return sep.best_exact or sep.best_near_exact
+
+
+def _best_text(n: NodeAudit) -> str:
+    sep = n.separability
+    if sep is None:
+        return n.reason or ""
+    b = sep.best_exact
+    if b is not None:
+        return f"exact {b.scheme} r{b.rank} -> {b.macs_ratio:.2f}x MACs"
+    b = sep.best_near_exact
+    if b is not None:
+        return f"near {b.scheme} r{b.rank} err {b.error:.1e}"
+    parts = []
+    for name, a in sep.schemes.items():
+        if a.eligible and a.errors:
+            parts.append(f"{name} r1 err {a.errors.get(1, float('nan')):.2f}")
+    return "; ".join(parts) or (n.reason or "")
+
+
+def sort_nodes(nodes: Sequence[NodeAudit], sort: str = "macs", top: int | None = None) -> list[NodeAudit]:
+    if sort == "macs":
+        ordered = sorted(nodes, key=lambda n: -(n.macs or 0))
+    else:
+        ordered = list(nodes) if sort == "graph" else sorted(nodes, key=lambda n: n.qualified_name)
+    return ordered[:top] if top else ordered
+
+
+def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None) -> Table:
+    t = report.totals
+    table = Table(
+        title=f"{report.model}  ({report.producer or 'unknown producer'}, opset {report.opset})",
+        caption=(
+            f"conv MACs {human(t.conv_macs)} of {human(t.total_macs)} total ({human(t.matmul_macs)} Gemm/MatMul) · "
+            f"{t.conv_nodes} conv nodes, {t.eligible_nodes} rewritable · exact savings {human(t.exact_savings_macs)} MACs"
+        ),
+        show_lines=False,
+    )
+    for col, just in (("node", "left"), ("op", "left"), ("in → out", "left"), ("kernel", "left"), ("s/d/g", "left"),
+                      ("params", "right"), ("MACs", "right"), ("share", "right"), ("FLOP/B", "right"),
+                      ("separability", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for n in sort_nodes(report.nodes, sort, top):
+        sdg = f"{_dims(n.strides)}/{_dims(n.dilations)}/{n.group}"
+        table.add_row(
+            n.qualified_name,
+            n.op_type,
+            f"{_dims(n.input_shape)} → {_dims(n.output_shape)}" + ("" if n.shape_source in ("inferred", "input") else f" ({n.shape_source})"),
+            _dims(n.kernel_shape),
+            sdg,
+            human(n.params),
+            human(n.macs),
+            f"{100 * n.share:.1f}%" if n.share is not None else "?",
+            f"{n.arithmetic_intensity:.1f}" if n.arithmetic_intensity is not None else "?",
+            _best_text(n),
+        )
+    return table
+
+
+def summary_table(reports: Sequence[AuditReport]) -> Table:
+    table = Table(title="models")
+    for col in ("model", "convs", "conv MACs", "total MACs", "conv share", "params", "rewritable", "exact savings"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in reports:
+        t = r.totals
+        table.add_row(
+            r.model, str(t.conv_nodes), human(t.conv_macs), human(t.total_macs),
+            f"{100 * t.conv_macs / t.total_macs:.1f}%" if t.total_macs else "?",
+            human(t.model_params), str(t.eligible_nodes), human(t.exact_savings_macs),
+        )
+    return table
+
+
+def render_audit_text(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None, width: int = 160) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    if len(reports) > 1:
+        console.print(summary_table(reports))
+    for r in reports:
+        console.print(audit_table(r, sort, top))
+        for w in r.warnings:
+            console.print(f"warning: {w}")
+    console.print(f"Convention: {reports[0].convention}" if reports else "")
+    return buf.getvalue()
+
+
+def render_audit_json(reports: Sequence[AuditReport]) -> str:
+    if len(reports) == 1:
+        return reports[0].to_json()
+    return json.dumps({"schema_version": reports[0].schema_version, "models": [r.to_dict() for r in reports]}, indent=2)
+
+
+def _csv_row(r: AuditReport, n: NodeAudit) -> dict:
+    b = _best(n)
+    return {
+        "model": r.model, "name": n.qualified_name, "op_type": n.op_type, "group": n.group,
+        "kernel_shape": _dims(n.kernel_shape), "strides": _dims(n.strides), "pads": _dims(n.pads),
+        "dilations": _dims(n.dilations), "input_shape": _dims(n.input_shape), "output_shape": _dims(n.output_shape),
+        "weight_shape": _dims(n.weight_shape), "params": n.params, "macs": n.macs, "flops": n.flops,
+        "share": f"{n.share:.6f}" if n.share is not None else "", "arithmetic_intensity":
+        f"{n.arithmetic_intensity:.3f}" if n.arithmetic_intensity is not None else "", "shape_source": n.shape_source,
+        "eligible": n.eligible, "reason": n.reason or "", "best_scheme": b.scheme if b else "",
+        "best_rank": b.rank if b else "", "best_macs": b.macs if b else "", "best_error": f"{b.error:.3e}" if b else "",
+    }
+
+
+def render_audit_csv(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in reports:
+        for n in sort_nodes(r.nodes, sort, top):
+            writer.writerow(_csv_row(r, n))
+    return buf.getvalue()
+
+
+def render_audit_markdown(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None) -> str:
+    lines = []
+    for r in reports:
+        t = r.totals
+        lines.append(f"## {r.model}\n")
+        lines.append(f"Conv MACs **{human(t.conv_macs)}** of {human(t.total_macs)} total; "
+                     f"{t.conv_nodes} conv nodes, {t.eligible_nodes} rewritable; exact savings {human(t.exact_savings_macs)} MACs.\n")
+        lines.append("| node | op | in → out | kernel | s/d/g | params | MACs | share | separability |")
+        lines.append("|---|---|---|---|---|---:|---:|---:|---|")
+        for n in sort_nodes(r.nodes, sort, top):
+            lines.append(
+                f"| `{n.qualified_name}` | {n.op_type} | {_dims(n.input_shape)} → {_dims(n.output_shape)} | "
+                f"{_dims(n.kernel_shape)} | {_dims(n.strides)}/{_dims(n.dilations)}/{n.group} | {human(n.params)} | "
+                f"{human(n.macs)} | {f'{100 * n.share:.1f}%' if n.share is not None else '?'} | {_best_text(n)} |"
+            )
+        lines.append("")
+    if reports:
+        lines.append(f"_Convention: {reports[0].convention}_")
+    return "\n".join(lines) + "\n"
+
+
+def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", top: int | None = None) -> str:
+    if fmt == "json":
+        return render_audit_json(reports)
+    if fmt == "csv":
+        return render_audit_csv(reports, sort, top)
+    if fmt == "md":
+        return render_audit_markdown(reports, sort, top)
+    return render_audit_text(reports, sort, top)
