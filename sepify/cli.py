@@ -44,7 +44,61 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sort", choices=("macs", "name", "graph"), default="macs")
     a.add_argument("--top", type=int, default=None, metavar="K", help="only the K most expensive nodes per model")
     a.add_argument("--no-spectra", action="store_true", help="cost only, skip the separability analysis")
+
+    r = sub.add_parser("rewrite", help="replace eligible convolutions by cheaper factorized chains")
+    r.add_argument("model", metavar="MODEL")
+    r.add_argument("-o", "--output", metavar="OUT", help="where to write the rewritten model")
+    r.add_argument("--in-place", action="store_true", help="overwrite MODEL (only when asked)")
+    _add_shape_args(r)
+    pol = r.add_argument_group("policy (default --lossless)")
+    pol.add_argument("--lossless", action="store_true", help="only exact factorizations that cut MACs")
+    pol.add_argument("--tol", type=float, metavar="E", help="max relative weight error per layer")
+    pol.add_argument("--rank", type=int, metavar="R", help="fixed rank for every rewritten layer")
+    pol.add_argument("--budget", type=float, metavar="F", help="keep about a fraction F of the conv MACs")
+    pol.add_argument("--scheme", choices=("auto", "dw-pw", "pw-dw", "spatial"), default="auto")
+    pol.add_argument("--include", metavar="REGEX", help="only nodes whose name matches")
+    pol.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
+    pol.add_argument("--min-macs", type=int, default=0, metavar="N", help="skip layers below N MACs")
+    pol.add_argument("--no-chain", action="store_true", help="do not split a dw-pw/pw-dw kernel stage further")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    r.add_argument("--report", metavar="FILE.json", help="write the rewrite report as JSON")
+    r.add_argument("--format", choices=("table", "json"), default="table", help="how to print the plan")
     return parser
+
+
+def _policy_from_args(args):
+    from .plan import Policy
+
+    return Policy.from_args(
+        lossless=args.lossless, tol=args.tol, rank=args.rank, budget=args.budget, scheme=args.scheme,
+        include=args.include, exclude=args.exclude, min_macs=args.min_macs, chain=not args.no_chain,
+    )
+
+
+def cmd_rewrite(args) -> int:
+    from .load import load_model
+    from .report import render_rewrite
+    from .rewrite import rewrite
+    from .save import save_model, same_file, write_text_atomic
+
+    policy = _policy_from_args(args)
+    if not args.dry_run:
+        if args.in_place:
+            if args.output and not same_file(args.output, args.model):
+                raise UsageError("--in-place and -o name different files; use one")
+            args.output = args.model
+        elif not args.output:
+            raise UsageError("rewrite needs -o OUT (or --in-place, or --dry-run)")
+        elif same_file(args.output, args.model):
+            raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
+    loaded = load_model(args.model)
+    model, report = rewrite(loaded, policy, args.input_shape or None)
+    if not args.dry_run:
+        save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
+    if args.report:
+        write_text_atomic(args.report, report.to_json())
+    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_rewrite(report, args.output if not args.dry_run else None))
+    return EXIT_OK
 
 
 def _expand_models(items: Sequence[str]) -> list[Path]:
@@ -91,7 +145,7 @@ def _print_error(exc: BaseException, path: Path | None = None) -> None:
     print(f"sepify: error: {msg}", file=sys.stderr)
 
 
-COMMANDS = {"audit": cmd_audit}
+COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

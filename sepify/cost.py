@@ -103,7 +103,11 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
         const = view.constant(w_name, ref)
         if const is not None:
             w_shape = list(const.value.shape)
+    if x_shape is not None and len(x_shape) < 3:
+        x_shape = None  # a declared shape that cannot be a conv input (exporters get outputs wrong too)
     y_shape = table.get(node.output[0])
+    if y_shape is not None and (x_shape is None or len(y_shape) != len(x_shape)):
+        y_shape = None
     sources = {table.source.get(x_name, "unknown"), table.source.get(node.output[0], "unknown")}
     kernel = attr(node, "kernel_shape")
     if kernel is None and w_shape is not None:

@@ -310,25 +310,76 @@ def factor(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int) -> list[Stage]
     return stages
 
 
-def compose(stages: Sequence[Stage], geo: ConvGeometry) -> np.ndarray:
-    """The dense weight ``[N, Cg, k…]`` that a two-stage chain computes (for tests and error checks).
+def _dense(stage: Stage, full_kernel: tuple[int, ...]) -> np.ndarray:
+    """A stage as a dense ``[out, in_total, *full_kernel]`` operator (groups as zero blocks)."""
+    w = np.asarray(stage.weight, dtype=np.float64)
+    op, ip = stage.out_channels // stage.group, stage.in_per_group
+    dense = np.zeros((stage.out_channels, ip * stage.group) + tuple(full_kernel))
+    kernel = np.broadcast_to(w, w.shape[:2] + tuple(full_kernel)) if w.shape[2:] != tuple(full_kernel) else w
+    for q in range(stage.group):
+        dense[q * op:(q + 1) * op, q * ip:(q + 1) * ip] = kernel[q * op:(q + 1) * op]
+    return dense
 
-    Each stage's kernel is 1 on the axes it does not touch, so the composed kernel of one
-    path input → mid channel → output is the broadcast product of the two stage kernels.
+
+def compose(stages: Sequence[Stage], geo: ConvGeometry) -> np.ndarray:
+    """The dense weight ``[N, Cg, k…]`` that a chain of stages computes.
+
+    Every stage's kernel is 1 on the axes it does not touch, so along one path
+    input → … → output the composed kernel is the broadcast product of the stage kernels.
     """
-    first, second = stages
-    w1 = np.asarray(first.weight, dtype=np.float64)
-    w2 = np.asarray(second.weight, dtype=np.float64)
-    out = np.zeros((geo.c_out, geo.cin_per_group) + tuple(geo.kernel))
-    mid_per_group1 = first.out_channels // first.group
-    mid_per_group2 = second.out_channels // second.group
-    for n in range(geo.c_out):
-        for t in range(second.in_per_group):
-            m = (n // mid_per_group2) * second.in_per_group + t
-            q1 = m // mid_per_group1
-            for cl in range(first.in_per_group):
-                c = q1 * first.in_per_group + cl
-                if c // geo.cin_per_group != n // geo.cout_per_group:
-                    continue
-                out[n, c % geo.cin_per_group] += w1[m, cl] * w2[n, t]
+    full = tuple(geo.kernel)
+    total = _dense(stages[0], full)
+    for st in stages[1:]:
+        total = np.einsum("om...,mi...->oi...", _dense(st, full), total)
+    ng, cg = geo.cout_per_group, geo.cin_per_group
+    out = np.empty((geo.c_out, cg) + full)
+    for q in range(geo.group):
+        out[q * ng:(q + 1) * ng] = total[q * ng:(q + 1) * ng, q * cg:(q + 1) * cg]
     return out
+
+
+def relative_error(w: np.ndarray, stages: Sequence[Stage], geo: ConvGeometry) -> float:
+    """‖W − compose(stages)‖ / ‖W‖ in float64."""
+    w64 = np.asarray(w, dtype=np.float64)
+    norm = np.linalg.norm(w64)
+    if norm == 0:
+        return 0.0
+    return float(np.linalg.norm(w64 - compose(stages, geo)) / norm)
+
+
+def stage_geometry(geo: ConvGeometry, stages: Sequence[Stage], index: int) -> ConvGeometry:
+    """The geometry that stage ``index`` of a chain sees (its input is the previous stage's output)."""
+    spatial = list(geo.in_spatial)
+    for st in stages[:index]:
+        spatial = st.out_spatial(geo, spatial)
+    st = stages[index]
+    return ConvGeometry(
+        batch=geo.batch, c_in=st.in_per_group * st.group, c_out=st.out_channels, group=st.group,
+        kernel=tuple(st.kernel), in_spatial=tuple(spatial), out_spatial=tuple(st.out_spatial(geo, spatial)),
+        strides=geo.strides, dilations=geo.dilations, pads=geo.pads,
+    )
+
+
+def split_kernel_stage(stages: list[Stage], geo: ConvGeometry, tol: float) -> list[Stage] | None:
+    """Split the full-kernel stage of a dw-pw / pw-dw chain into kh×1 and 1×kw when that is
+    exact (relative error of the stage within ``tol``) and cuts MACs; None otherwise.
+
+    This is how an RGB Sobel becomes pointwise + depthwise 3×1 + depthwise 1×3.
+    """
+    if geo.rank != 2 or 1 in geo.kernel:
+        return None
+    index = next((i for i, st in enumerate(stages) if st.axes == (0, 1)), None)
+    if index is None:
+        return None
+    sub = stage_geometry(geo, stages, index)
+    w = stages[index].weight
+    mats = scheme_matrices(w, sub, "spatial")
+    errors = relative_errors(singular_values(mats))
+    r = exact_rank(errors, tol)
+    if r == 0 or errors[r] > tol:
+        return None
+    split = factor(w, sub, "spatial", r)
+    chain = stages[:index] + split + stages[index + 1:]
+    if stages_macs(geo, chain) >= stages_macs(geo, stages):
+        return None
+    return chain

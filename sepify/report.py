@@ -182,3 +182,30 @@ def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", t
     if fmt == "md":
         return render_audit_markdown(reports, sort, top)
     return render_audit_text(reports, sort, top)
+
+
+def render_rewrite(report, written_to: str | None = None, width: int = 160) -> str:
+    from .rewrite import RewriteReport
+
+    assert isinstance(report, RewriteReport)
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    table = Table(title=f"{report.model}: {report.policy.mode} rewrite plan")
+    for col in ("node", "scheme", "rank", "weight error", "MACs before", "MACs after", "ratio"):
+        table.add_column(col, justify="left" if col in ("node", "scheme") else "right", overflow="fold")
+    for r in report.rewritten:
+        table.add_row(r.qualified_name, r.scheme + ("+spatial" if r.chained else ""), str(r.rank),
+                      f"{r.weight_error:.2e}", human(r.macs_before), human(r.macs_after),
+                      f"{r.macs_after / r.macs_before:.2f}x" if r.macs_before else "")
+    console.print(table)
+    reasons: dict[str, int] = {}
+    for k in report.kept:
+        reasons[k["reason"]] = reasons.get(k["reason"], 0) + 1
+    if reasons:
+        console.print("kept: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    console.print(
+        f"conv MACs {human(report.conv_macs_before)} -> {human(report.conv_macs_after)} "
+        f"({report.macs_ratio:.3f}x), {len(report.rewritten)} node(s) rewritten"
+        + (f"; written to {written_to}" if written_to else ("; dry run, nothing written" if written_to is None else ""))
+    )
+    return buf.getvalue()

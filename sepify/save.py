@@ -33,3 +33,48 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def save_model(model, target: str | os.PathLike, *, external: bool | None = None, source=None) -> None:
+    """Write ``model`` atomically so that the onnxruntime sepify depends on can load it.
+
+    The IR version is clamped to what that onnxruntime accepts.  ``external=None`` means
+    "only if needed" (over protobuf's 2 GiB limit); external data goes to ``<target name>.data``
+    beside the model.  Both files are written in a temporary folder next to ``target`` and
+    moved into place only when complete.  The proto is modified (IR version; weights moved
+    out when saving externally).
+    """
+    import shutil
+
+    import onnx
+
+    from .load import PROTOBUF_LIMIT, ort_max_ir_version
+
+    del source
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    model.ir_version = min(model.ir_version, ort_max_ir_version())
+    if external is None:
+        external = model.ByteSize() > PROTOBUF_LIMIT
+    if not external:
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(model.SerializeToString())
+        return
+    data_name = f"{target.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    try:
+        onnx.save_model(model, str(staging / target.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

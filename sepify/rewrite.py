@@ -1,0 +1,243 @@
+"""Graph surgery: replace planned convolutions by their factorized chains (onnx-graphsurgeon).
+
+For each planned node the new chain reads the original input tensor and its last node
+produces the original output tensor, so consumers and graph outputs are untouched.  Factor
+weights are computed in float64 and cast back to the weight's dtype; the realized error
+(after the cast) is what the report states.  Then the graph is cleaned up once: the old
+node and weights nothing else reads disappear, weights shared with other nodes stay.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__
+from .errors import UsageError
+from .factorize import Stage, relative_error, stages_macs
+from .load import ModelSource, ort_max_ir_version
+from .plan import Plan, Policy, plan as make_plan, realize
+
+METADATA_KEY = "sepify"
+
+
+@dataclass
+class NodeRewrite:
+    name: str
+    qualified_name: str
+    scheme: str
+    rank: int
+    chained: bool
+    weight_error: float  # realized, after casting the factors to the weight's dtype
+    planned_error: float
+    macs_before: int
+    macs_after: int
+    new_nodes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RewriteReport:
+    model: str
+    policy: Policy
+    rewritten: list[NodeRewrite]
+    kept: list[dict[str, Any]]
+    conv_macs_before: int
+    conv_macs_after: int
+    changed: bool
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.conv_macs_after / self.conv_macs_before if self.conv_macs_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sepify_version": __version__,
+            "model": self.model,
+            "policy": self.policy.to_dict(),
+            "changed": self.changed,
+            "totals": {
+                "conv_macs_before": self.conv_macs_before,
+                "conv_macs_after": self.conv_macs_after,
+                "macs_ratio": self.macs_ratio,
+                "rewritten_nodes": len(self.rewritten),
+            },
+            "rewritten": [r.to_dict() for r in self.rewritten],
+            "kept": self.kept,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _walk_gs(graph: gs.Graph):
+    for node in graph.nodes:
+        yield node
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from _walk_gs(value)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    if isinstance(v, gs.Graph):
+                        yield from _walk_gs(v)
+
+
+class _Names:
+    """Fresh node and tensor names derived from the original, never colliding."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from .load import iter_all_tensors
+        from .graph import GraphView
+
+        view = GraphView(model)
+        self.used = {r.node.name for r in view.nodes} | set(view.producer) | set(view.consumers)
+        self.used |= {t.name for t in iter_all_tensors(model)} | {i.name for i in model.graph.input}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _cast(stages: list[Stage], dtype: np.dtype) -> list[Stage]:
+    return [Stage(s.out_channels, s.in_per_group, s.group, s.kernel, s.axes,
+                  np.ascontiguousarray(np.asarray(s.weight).astype(dtype)), s.role) for s in stages]
+
+
+def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None):
+    """Rewrite ``model`` under ``policy`` (or an edited :class:`Plan`). Returns ``(ModelProto, RewriteReport)``.
+
+    When nothing qualifies, the original ModelProto is returned unchanged (byte for byte).
+    """
+    if isinstance(model, Plan) and policy is None:
+        model, policy = None, model
+    the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes)
+    an = the_plan.analysis
+    if an is None:
+        raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
+    source = an.loaded.model
+    view = an.view
+    specs = {s.ref.qualified_name: s for s in an.specs}
+    kept = [{"name": n.qualified_name, "reason": n.reason or "kept"} for n in the_plan.nodes if n.action != "rewrite"]
+
+    realized: list[tuple[Any, list[Stage], NodeRewrite]] = []
+    for np_ in the_plan.rewrites:
+        spec = specs[np_.qualified_name]
+        weight = view.constant(spec.w_name, spec.ref).value
+        geo = spec.geometry()
+        if np_.scheme is None or np_.rank is None or np_.rank < 1:
+            raise UsageError(f"plan for {np_.qualified_name}: rewrite needs a scheme and a rank ≥ 1")
+        stages = _cast(realize(weight, geo, np_, np_.exact_tolerance or 0.0), weight.dtype)
+        err = relative_error(weight, stages, geo)
+        if the_plan.policy.mode == "lossless" and np_.exact_tolerance is not None and err > np_.exact_tolerance:
+            kept.append({"name": np_.qualified_name, "reason": "exactness_lost_in_rounding"})
+            continue
+        realized.append((spec, stages, NodeRewrite(
+            np_.name, np_.qualified_name, np_.scheme, np_.rank, np_.chained, err, float(np_.error or 0.0),
+            geo.macs, stages_macs(geo, stages))))
+
+    before = the_plan.conv_macs
+    saved = sum(r.macs_before - r.macs_after for _, _, r in realized)
+    report = RewriteReport(an.loaded.label, the_plan.policy, [r for _, _, r in realized], kept,
+                           before, before - saved, changed=bool(realized))
+    if not realized:
+        return source, report
+    return _surgery(source, realized, the_plan.policy), report
+
+
+def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelProto:
+    names = _Names(source)
+    graph = gs.import_onnx(source)
+    by_output = {}
+    for node in _walk_gs(graph):
+        if node.outputs:
+            by_output[node.outputs[0].name] = node
+    factor_cache: dict[tuple, list[gs.Constant]] = {}
+    for spec, stages, record in realized:
+        node = by_output[spec.ref.node.output[0]]
+        x, y = node.inputs[0], node.outputs[0]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        auto_pad = spec.auto_pad if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
+        base = spec.ref.node.name or y.name
+        key = (spec.w_name, record.scheme, record.rank, record.chained, tuple((s.kernel, s.group) for s in stages))
+        weights = factor_cache.get(key)
+        if weights is None:
+            weights = [gs.Constant(names.fresh(f"{spec.w_name}/sep_{i}_{s.role}"), s.weight) for i, s in enumerate(stages)]
+            factor_cache[key] = weights
+        geo = spec.geometry()
+        current = x
+        new_nodes = []
+        for i, (stage, w) in enumerate(zip(stages, weights)):
+            last = i == len(stages) - 1
+            out = y if last else gs.Variable(names.fresh(f"{y.name}/sep_{i}"))
+            attrs: dict[str, Any] = {"kernel_shape": list(stage.kernel), "group": stage.group}
+            a = stage.attributes(geo)
+            attrs["strides"] = a["strides"]
+            attrs["dilations"] = a["dilations"]
+            if auto_pad and stage.axes:
+                # The axes this stage leaves alone have kernel 1 and stride 1, so SAME pads 0 there
+                # and exactly the original pads on its own axes: auto_pad carries over verbatim.
+                attrs["auto_pad"] = auto_pad
+            else:
+                attrs["pads"] = a["pads"]
+            inputs = [current, w] + ([bias] if last and bias is not None else [])
+            new = gs.Node("Conv", names.fresh(f"{base}/sep_{i}_{stage.role}"), attrs, inputs, [out])
+            new_nodes.append(new)
+            current = out
+        node.outputs.clear()
+        node.inputs.clear()
+        owner = _owning_graph(graph, node)
+        owner.nodes.extend(new_nodes)
+        record.new_nodes = [n.name for n in new_nodes]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = min(source.ir_version, ort_max_ir_version())
+    del out.opset_import[:]
+    out.opset_import.extend(source.opset_import)
+    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, f, getattr(source, f))
+    del out.metadata_props[:]
+    history = []
+    for p in source.metadata_props:
+        if p.key == METADATA_KEY:
+            try:
+                history = json.loads(p.value).get("history", [])
+            except (ValueError, AttributeError):
+                history = []
+            continue
+        out.metadata_props.add(key=p.key, value=p.value)
+    entry = {
+        "sepify_version": __version__,
+        "policy": policy.to_dict(),
+        "nodes": [{"node": r.qualified_name, "scheme": r.scheme + ("+spatial" if r.chained else ""), "rank": r.rank,
+                   "weight_error": r.weight_error} for _, _, r in realized],
+    }
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps({"history": [*history, entry]}, sort_keys=True))
+    return out
+
+
+def _owning_graph(graph: gs.Graph, target: gs.Node) -> gs.Graph:
+    if any(n is target for n in graph.nodes):
+        return graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            subs = [value] if isinstance(value, gs.Graph) else [v for v in value if isinstance(v, gs.Graph)] \
+                if isinstance(value, (list, tuple)) else []
+            for sub in subs:
+                found = _owning_graph(sub, target)
+                if found is not None:
+                    return found
+    return None  # type: ignore[return-value]
+
+
+__all__ = ["NodeRewrite", "RewriteReport", "rewrite"]
