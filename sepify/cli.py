@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, SepifyError, UsageError
+from .errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_INTERNAL, EXIT_OK, SepifyError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +63,61 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     r.add_argument("--report", metavar="FILE.json", help="write the rewrite report as JSON")
     r.add_argument("--format", choices=("table", "json"), default="table", help="how to print the plan")
+    r.add_argument("--verify", action="store_true", help="compare original and rewritten outputs after writing")
+    r.add_argument("--bench", action="store_true", help="time original vs rewritten after writing")
+    _add_tolerance_args(r)
+
+    v = sub.add_parser("verify", help="compare two models' outputs in onnxruntime (exit 1 on drift)")
+    v.add_argument("original", metavar="ORIGINAL")
+    v.add_argument("rewritten", metavar="REWRITTEN")
+    _add_shape_args(v)
+    v.add_argument("--inputs", metavar="FILE.npz", help="real inputs keyed by input name")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    _add_tolerance_args(v)
+    v.add_argument("--per-layer", action="store_true", help="also compare the rewritten nodes' outputs")
+    v.add_argument("--format", choices=("table", "json"), default="table")
+
+    b = sub.add_parser("bench", help="latency of a model, or of two in interleaved rounds")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("other", metavar="OTHER", nargs="?")
+    _add_shape_args(b)
+    b.add_argument("--runs", type=int, default=100)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--providers", nargs="+", default=None, metavar="EP")
+    b.add_argument("--no-profile", action="store_true", help="skip per-node profiler times")
+    b.add_argument("--format", choices=("table", "json"), default="table")
     return parser
+
+
+def _add_tolerance_args(p: argparse.ArgumentParser) -> None:
+    from .verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL})")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL})")
+
+
+def cmd_verify(args) -> int:
+    from .report import render_drift
+    from .verify import verify
+
+    report = verify(args.original, args.rewritten, args.inputs, args.input_shape or None, seed=args.seed,
+                    atol=args.atol, rtol=args.rtol, per_layer=args.per_layer)
+    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_drift(report))
+    return EXIT_OK if report.passed else EXIT_DRIFT
+
+
+def cmd_bench(args) -> int:
+    from .bench import benchmark
+    from .report import render_bench
+
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
+    report = benchmark(args.model, args.other, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                       providers=args.providers, input_shapes=args.input_shape or None,
+                       profile_runs=0 if args.no_profile else 20)
+    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_bench(report))
+    return EXIT_OK
 
 
 def _policy_from_args(args):
@@ -98,7 +152,21 @@ def cmd_rewrite(args) -> int:
     if args.report:
         write_text_atomic(args.report, report.to_json())
     sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_rewrite(report, args.output if not args.dry_run else None))
-    return EXIT_OK
+    status = EXIT_OK
+    if (args.verify or args.bench) and not args.dry_run:
+        from .report import render_bench, render_drift
+
+        if args.verify:
+            from .verify import verify
+
+            drift = verify(args.model, args.output, input_shapes=args.input_shape or None, atol=args.atol, rtol=args.rtol)
+            sys.stdout.write(render_drift(drift))
+            status = EXIT_OK if drift.passed else EXIT_DRIFT
+        if args.bench:
+            from .bench import benchmark
+
+            sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None)))
+    return status
 
 
 def _expand_models(items: Sequence[str]) -> list[Path]:
@@ -145,7 +213,7 @@ def _print_error(exc: BaseException, path: Path | None = None) -> None:
     print(f"sepify: error: {msg}", file=sys.stderr)
 
 
-COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite}
+COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite, "verify": cmd_verify, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

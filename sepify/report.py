@@ -209,3 +209,56 @@ def render_rewrite(report, written_to: str | None = None, width: int = 160) -> s
         + (f"; written to {written_to}" if written_to else ("; dry run, nothing written" if written_to is None else ""))
     )
     return buf.getvalue()
+
+
+def _console(buf, width=160):
+    return Console(file=buf, width=width, force_terminal=False, color_system=None)
+
+
+def render_drift(report) -> str:
+    buf = io.StringIO()
+    console = _console(buf)
+    for title, rows in (("outputs", report.outputs), ("rewritten layers", report.layers)):
+        if not rows:
+            continue
+        table = Table(title=f"{report.model_a} vs {report.model_b}: {title}")
+        for col in ("tensor", "shape", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "SNR dB", "top-1", "mismatched", "pass"):
+            table.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")
+        for d in rows:
+            table.add_row(d.name, _dims(d.shape), f"{d.max_abs:.2e}", f"{d.mean_abs:.2e}", f"{d.p99_abs:.2e}",
+                          f"{d.max_rel:.2e}", f"{d.cosine:.6f}", f"{d.snr_db:.1f}",
+                          f"{d.top1_agreement:.3f}" if d.top1_agreement is not None else "",
+                          str(d.mismatched) + (f" (+{d.nonfinite_b} non-finite)" if d.nonfinite_b != d.nonfinite_a else ""),
+                          "yes" if d.passed else "NO")
+        console.print(table)
+    console.print(f"{'PASSED' if report.passed else 'FAILED'}: |a-b| <= {report.atol:g} + {report.rtol:g}*|a| "
+                  f"on every output element; inputs: {report.input_source}")
+    return buf.getvalue()
+
+
+def render_bench(report) -> str:
+    buf = io.StringIO()
+    console = _console(buf)
+    table = Table(title=f"latency (threads: {report.threads or 'default'})")
+    for col in ("model", "median ms", "p10 ms", "p90 ms", "runs", "MACs"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(report.model_a, f"{report.latency_a.median_ms:.3f}", f"{report.latency_a.p10_ms:.3f}",
+                  f"{report.latency_a.p90_ms:.3f}", str(report.latency_a.runs), human(report.macs_a))
+    if report.latency_b:
+        table.add_row(report.model_b, f"{report.latency_b.median_ms:.3f}", f"{report.latency_b.p10_ms:.3f}",
+                      f"{report.latency_b.p90_ms:.3f}", str(report.latency_b.runs), human(report.macs_b))
+    console.print(table)
+    if report.speedup is not None:
+        mr = report.mac_reduction
+        console.print(f"speedup {report.speedup:.2f}x (per-round p10-p90 {report.speedup_p10:.2f}-{report.speedup_p90:.2f}) · "
+                      f"MAC reduction {mr:.2f}x · efficiency {report.efficiency:.2f}" if mr else
+                      f"speedup {report.speedup:.2f}x")
+    if report.nodes:
+        nt = Table(title="rewritten nodes (onnxruntime profiler, median kernel time)")
+        for col in ("node", "original us", "rewritten us", "speedup"):
+            nt.add_column(col, justify="left" if col == "node" else "right")
+        for n in report.nodes:
+            nt.add_row(n.name, f"{n.time_a_us:.1f}" if n.time_a_us else "?", f"{n.time_b_us:.1f}" if n.time_b_us else "?",
+                       f"{n.speedup:.2f}x" if n.speedup else "?")
+        console.print(nt)
+    return buf.getvalue()

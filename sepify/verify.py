@@ -1,0 +1,219 @@
+"""Numerical comparison of two models in onnxruntime (the only stage that runs models).
+
+Pass rule, per output element (as numpy.allclose, ``a`` = the original's value)::
+
+    |a − b| ≤ atol + rtol · |a|
+
+plus: an output passes only if NaN/Inf appear in exactly the same places in both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import ModelLoadError, UsageError
+from .graph import GraphView
+from .load import LoadedModel, ModelSource, load_model
+from .shapes import normalize_input_shapes, ort_session_bytes, random_inputs, resolve_input_shapes
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+LAYER_CHUNK = 16  # rewritten tensors exposed per run in --per-layer mode (bounds memory)
+
+
+@dataclass
+class TensorDrift:
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    max_rel: float
+    cosine: float
+    snr_db: float
+    nonfinite_a: int
+    nonfinite_b: int
+    mismatched: int  # elements beyond atol + rtol·|a|
+    passed: bool
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DriftReport:
+    model_a: str
+    model_b: str
+    atol: float
+    rtol: float
+    seed: int | None
+    input_source: str
+    outputs: list[TensorDrift]
+    layers: list[TensorDrift] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "rule": "|a-b| <= atol + rtol*|a| elementwise (a = original); NaN/Inf must match",
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "seed": self.seed,
+            "input_source": self.input_source,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "layers": [o.to_dict() for o in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def compare_tensors(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> TensorDrift:
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        return TensorDrift(name, list(a.shape), float("inf"), float("inf"), float("inf"), float("inf"), 0.0,
+                           float("-inf"), 0, 0, int(max(a.size, b.size)), False)
+    if a.dtype.kind not in "fc":
+        equal = a == b
+        bad = int(equal.size - np.count_nonzero(equal))
+        return TensorDrift(name, list(a.shape), float(bad > 0), float(bad) / max(a.size, 1), float(bad > 0),
+                           float(bad > 0), 1.0 if bad == 0 else 0.0, float("inf") if bad == 0 else 0.0, 0, 0, bad, bad == 0)
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+    same_nonfinite = bool(np.array_equal(fin_a, fin_b) and np.array_equal(a64[~fin_a], b64[~fin_b]))
+    both = fin_a & fin_b
+    diff = np.abs(a64[both] - b64[both])
+    ref = np.abs(a64[both])
+    if diff.size:
+        max_abs, mean_abs = float(diff.max()), float(diff.mean())
+        p99 = float(np.percentile(diff, 99))
+        denom = np.maximum(ref, np.finfo(np.float32).tiny)
+        max_rel = float((diff / denom).max())
+        av, bv = a64[both], b64[both]
+        na, nb = np.linalg.norm(av), np.linalg.norm(bv)
+        cosine = float(av @ bv / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        noise = float((diff ** 2).sum())
+        snr = float("inf") if noise == 0 else 10 * float(np.log10(max(na ** 2, 1e-300) / noise))
+        mismatched = int(np.count_nonzero(diff > atol + rtol * ref))
+    else:
+        max_abs = mean_abs = p99 = max_rel = 0.0
+        cosine, snr, mismatched = 1.0, float("inf"), 0
+    drift = TensorDrift(name, list(a.shape), max_abs, mean_abs, p99, max_rel, cosine, snr,
+                        int((~fin_a).sum()), int((~fin_b).sum()), mismatched, mismatched == 0 and same_nonfinite)
+    if a.ndim == 2 and a.shape[1] >= 2 and a.dtype.kind == "f":
+        # Looks like class scores [batch, classes]: report top-k agreement.
+        top1_a, top1_b = a64.argmax(1), b64.argmax(1)
+        drift.top1_agreement = float((top1_a == top1_b).mean())
+        k = min(5, a.shape[1])
+        ta = np.argsort(-a64, axis=1)[:, :k]
+        tb = np.argsort(-b64, axis=1)[:, :k]
+        drift.top5_agreement = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, tb)]))
+    return drift
+
+
+def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), providers=None, threads: int | None = None):
+    """An onnxruntime session with the options every sepify measurement uses."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # An idle session's spinning threads steal CPU from the one being timed.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_inputs(path: str | Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{path}: cannot read inputs ({str(exc).strip().splitlines()[0]})") from None
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise UsageError(f"{path}: no array for input(s) {', '.join(missing)} (has {', '.join(feeds) or 'none'})")
+    return {n: feeds[n] for n in input_names}
+
+
+def model_inputs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+    view = GraphView(loaded.model)
+    names = [i.name for i in view.main_inputs]
+    if isinstance(inputs, (str, Path)):
+        return load_inputs(inputs, names), str(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: np.asarray(v) for k, v in inputs.items()}, "given"
+    shapes, dtypes = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
+    return random_inputs(shapes, dtypes, seed), f"random (seed {seed})"
+
+
+def rewritten_tensors(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
+    """Output tensors of rewritten nodes: produced in ``b`` by a ``…/sep_k_*`` node, and present in ``a``."""
+    produced_a = {o for n in a.graph.node for o in n.output}
+    names = []
+    for n in b.graph.node:
+        if "/sep_" in n.name:
+            names.extend(o for o in n.output if o in produced_a)
+    return list(dict.fromkeys(names))
+
+
+def verify(
+    model_a: ModelSource | LoadedModel,
+    model_b: ModelSource | LoadedModel,
+    inputs: Mapping[str, np.ndarray] | str | Path | None = None,
+    input_shapes=None,
+    *,
+    seed: int = 0,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    per_layer: bool = False,
+    providers=None,
+) -> DriftReport:
+    """Run both models on the same inputs and compare every graph output (and, with
+    ``per_layer``, the output of every rewritten node, which keeps its name in both)."""
+    la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
+    lb = model_b if isinstance(model_b, LoadedModel) else load_model(model_b)
+    feeds, source = model_inputs(la, inputs, input_shapes, seed)
+    names_a = [o.name for o in la.model.graph.output]
+    names_b = {o.name for o in lb.model.graph.output}
+    missing = [n for n in names_a if n not in names_b]
+    if missing:
+        raise UsageError(f"{lb.label}: lacks output(s) {', '.join(missing)} of {la.label}")
+    sa = make_session(la.model, providers=providers)
+    sb = make_session(lb.model, providers=providers)
+    try:
+        out_a = sa.run(names_a, feeds)
+        out_b = sb.run(names_a, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"onnxruntime failed to run: {str(exc).strip().splitlines()[0]}") from None
+    report = DriftReport(la.label, lb.label, atol, rtol, seed if source.startswith("random") else None, source,
+                         [compare_tensors(n, x, y, atol, rtol) for n, x, y in zip(names_a, out_a, out_b)])
+    if per_layer:
+        layer_names = rewritten_tensors(la.model, lb.model)
+        for start in range(0, len(layer_names), LAYER_CHUNK):
+            chunk = layer_names[start:start + LAYER_CHUNK]
+            va = make_session(la.model, chunk, providers).run(chunk, feeds)
+            vb = make_session(lb.model, chunk, providers).run(chunk, feeds)
+            report.layers.extend(compare_tensors(n, x, y, atol, rtol) for n, x, y in zip(chunk, va, vb))
+    return report
