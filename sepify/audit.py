@@ -15,6 +15,7 @@ from .errors import ShapeError
 from .factorize import (
     NEAR_EXACT_TOL,
     SCHEMES,
+    chained_macs,
     exact_rank,
     exact_tolerance,
     relative_errors,
@@ -58,7 +59,7 @@ class SchemeAnalysis:
 
 @dataclass
 class Decomposition:
-    scheme: str
+    scheme: str  # "pw-dw+spatial" / "dw-pw+spatial": the kernel stage is split into kh×1 and 1×kw too
     rank: int
     error: float
     macs: int
@@ -256,7 +257,8 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float) ->
     return analysis
 
 
-def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int) -> Decomposition | None:
+def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
+          w: np.ndarray | None = None, geo: ConvGeometry | None = None, chain_tol: float = 0.0) -> Decomposition | None:
     best = None
     for a in schemes.values():
         if not a.eligible or not a.curve_errors:
@@ -268,8 +270,13 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int) -> D
         macs = a.macs_per_rank * r
         if macs >= original:
             continue
+        scheme = a.scheme
+        if w is not None and geo is not None:
+            chained = chained_macs(w, geo, a.scheme, r, chain_tol)
+            if chained is not None:
+                scheme, macs = f"{a.scheme}+spatial", chained
         if best is None or macs < best.macs:
-            best = Decomposition(a.scheme, r, a.curve_errors[r], macs, macs / original)
+            best = Decomposition(scheme, r, a.curve_errors[r], macs, macs / original)
     return best
 
 
@@ -280,7 +287,7 @@ def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separab
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,
         schemes=schemes,
-        best_exact=_best(schemes, tol, geo.macs),
+        best_exact=_best(schemes, tol, geo.macs, w, geo, tol),
         best_near_exact=_best(schemes, max(NEAR_EXACT_TOL, tol), geo.macs),
     )
 

@@ -383,3 +383,11 @@ def split_kernel_stage(stages: list[Stage], geo: ConvGeometry, tol: float) -> li
     if stages_macs(geo, chain) >= stages_macs(geo, stages):
         return None
     return chain
+
+
+def chained_macs(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, tol: float) -> int | None:
+    """MACs of ``scheme`` at rank ``r`` with its full-kernel stage split exactly, or None if that does not pay."""
+    if scheme == "spatial":
+        return None
+    chain = split_kernel_stage(factor(w, geo, scheme, r), geo, tol)
+    return stages_macs(geo, chain) if chain is not None else None

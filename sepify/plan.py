@@ -31,6 +31,7 @@ from .errors import UsageError
 from .factorize import (
     SCHEMES,
     Stage,
+    chained_macs,
     exact_tolerance,
     factor,
     relative_errors,
@@ -222,13 +223,10 @@ def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
 
 def _with_chain(st: _NodeState, cand: Candidate) -> Candidate:
     """Try to split the full-kernel stage of a dw-pw / pw-dw candidate exactly (costs one factorization)."""
-    if cand.scheme == "spatial":
+    macs = chained_macs(st.weight, st.geo, cand.scheme, cand.rank, st.tol_exact)
+    if macs is None:
         return cand
-    stages = factor(st.weight, st.geo, cand.scheme, cand.rank)
-    chain = split_kernel_stage(stages, st.geo, st.tol_exact)
-    if chain is None:
-        return cand
-    return Candidate(cand.scheme, cand.rank, cand.error, stages_macs(st.geo, chain), chained=True)
+    return Candidate(cand.scheme, cand.rank, cand.error, macs, chained=True)
 
 
 def _best_under(cands: list[Candidate], bound: float) -> Candidate | None:
