@@ -27,7 +27,7 @@ from .factorize import (
 from .geometry import ConvGeometry, prod
 from .graph import MATMUL_OPS, GraphView
 from .load import LoadedModel, ModelSource, load_model
-from .shapes import fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes
+from .shapes import fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes
 
 SCHEMA_VERSION = 1
 ERROR_RANKS = (1, 2, 3, 4)
@@ -321,6 +321,10 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelA
     if missing or mm_missing:
         fill_with_onnxruntime(view, table, [*missing, *mm_missing])
         specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
+        still = [s.ref for s in specs if s.shape_source == "unknown"]
+        if still:
+            fill_from_profile(view, table, still)
+            specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
     for s in specs:
         if s.shape_source == "unknown":
             warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")

@@ -261,7 +261,7 @@ def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[s
     data = ort_session_bytes(view.model, runnable)
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # sepify reports failures itself
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         feeds = random_inputs(table.input_shapes, table.input_dtypes)
@@ -273,3 +273,48 @@ def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[s
         value = np.asarray(value)
         table.set(name, value.shape, "onnxruntime")
     return [n for n in missing if n not in table.shapes]
+
+
+def fill_from_profile(view: GraphView, table: ShapeTable, refs) -> None:
+    """Read the shapes of nodes that no output can expose (inside If/Loop/Scan bodies) from one
+    profiled onnxruntime run: the profiler records every executed node's input/output shapes.
+
+    Only named nodes can be matched, and only executed branches are seen.
+    """
+    wanted = {r.node.name: r for r in refs if r.node.name}
+    if not wanted or view.model.ByteSize() > PROTOBUF_LIMIT:
+        return
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # sepify reports failures itself
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep node names
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "shapes")
+        try:
+            session = ort.InferenceSession(ort_session_bytes(view.model), opts, providers=["CPUExecutionProvider"])
+            feeds = random_inputs(table.input_shapes, table.input_dtypes)
+            feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+            session.run(None, feeds)
+            with open(session.end_profiling()) as fh:
+                events = json.load(fh)
+        except Exception:  # noqa: BLE001 - best effort, callers report what stays unknown
+            return
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        ref = wanted.get(name[: -len("_kernel_time")])
+        if ref is None:
+            continue
+        args = event.get("args", {})
+        for tensors, key in ((ref.node.input, "input_type_shape"), (ref.node.output, "output_type_shape")):
+            for tensor, entry in zip(tensors, args.get(key, [])):
+                dims = next(iter(entry.values()), None) if isinstance(entry, dict) else None
+                if tensor and dims is not None and tensor not in table.shapes:
+                    table.set(tensor, dims, "onnxruntime")
