@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
     pol.add_argument("--min-macs", type=int, default=0, metavar="N", help="skip layers below N MACs")
     pol.add_argument("--no-chain", action="store_true", help="do not split a dw-pw/pw-dw kernel stage further")
+    r.add_argument("--lowering", choices=("branches", "grouped"), default="branches",
+                   help="rank>1 dw-pw/pw-dw as r summed multiplier-1 branches (default, faster in "
+                        "onnxruntime) or one grouped conv")
     r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     r.add_argument("--report", metavar="FILE.json", help="write the rewrite report as JSON")
     r.add_argument("--format", choices=("table", "json"), default="table", help="how to print the plan")
@@ -146,7 +149,7 @@ def cmd_rewrite(args) -> int:
         elif same_file(args.output, args.model):
             raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
     loaded = load_model(args.model)
-    model, report = rewrite(loaded, policy, args.input_shape or None)
+    model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering)
     if not args.dry_run:
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
     if args.report:

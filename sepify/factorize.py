@@ -391,3 +391,41 @@ def chained_macs(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, tol: flo
         return None
     chain = split_kernel_stage(factor(w, geo, scheme, r), geo, tol)
     return stages_macs(geo, chain) if chain is not None else None
+
+
+def branch_lowering(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """Rewrite a rank-r (r > 1) dw-pw or pw-dw chain as r rank-1 chains whose outputs are summed.
+
+    Same MACs and the same math, but every depthwise stage has channel multiplier 1 and one
+    input per group — the layout onnxruntime's fast depthwise kernel handles; a multiplier-r
+    depthwise conv (or an N-group conv with r inputs per group) falls back to a generic grouped
+    convolution that reaches only a fraction of the MAC cut.  Other chains come back unchanged
+    as a single branch.  The bias belongs to the caller's last node of branch 0.
+    """
+    if len(stages) != 2:
+        return [list(stages)]
+    first, second = stages
+    if first.role == "depthwise" and second.role == "pointwise" and first.out_channels > first.group:
+        r = first.out_channels // first.group  # dw-pw: dw channel c*r + j, pw column cl*r + j
+        c = first.group
+        pw = second.weight
+        branches = []
+        for j in range(r):
+            dw_j = first.weight[j::r]
+            pw_j = pw[:, j::r]
+            branches.append([
+                replace(first, out_channels=c, weight=dw_j),
+                replace(second, in_per_group=second.in_per_group // r, weight=pw_j),
+            ])
+        return branches
+    if first.role == "pointwise" and second.role == "grouped" and second.in_per_group > 1:
+        r = second.in_per_group  # pw-dw: pw channel n*r + j feeds output n through kernel [n, j]
+        n = second.out_channels
+        branches = []
+        for j in range(r):
+            branches.append([
+                replace(first, out_channels=n, weight=first.weight[j::r]),
+                replace(second, in_per_group=1, role="depthwise", weight=second.weight[:, j:j + 1]),
+            ])
+        return branches
+    return [list(stages)]

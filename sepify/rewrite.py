@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from . import __version__
 from .errors import UsageError
-from .factorize import Stage, relative_error, stages_macs
+from .factorize import Stage, branch_lowering, relative_error, stages_macs
 from .load import ModelSource, ort_max_ir_version
 from .plan import Plan, Policy, plan as make_plan, realize
 
@@ -114,11 +114,20 @@ def _cast(stages: list[Stage], dtype: np.dtype) -> list[Stage]:
                   np.ascontiguousarray(np.asarray(s.weight).astype(dtype)), s.role) for s in stages]
 
 
-def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None):
+LOWERINGS = ("branches", "grouped")
+
+
+def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None,
+            *, lowering: str = "branches"):
     """Rewrite ``model`` under ``policy`` (or an edited :class:`Plan`). Returns ``(ModelProto, RewriteReport)``.
 
     When nothing qualifies, the original ModelProto is returned unchanged (byte for byte).
+    ``lowering`` says how a rank-r > 1 dw-pw / pw-dw is written: ``branches`` (default: r
+    multiplier-1 chains summed by Add, which onnxruntime runs on its fast depthwise path) or
+    ``grouped`` (one depthwise conv with channel multiplier r / one r-input grouped conv).
     """
+    if lowering not in LOWERINGS:
+        raise UsageError(f"unknown lowering {lowering!r} (one of {', '.join(LOWERINGS)})")
     if isinstance(model, Plan) and policy is None:
         model, policy = None, model
     the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes)
@@ -152,10 +161,10 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
                            before, before - saved, changed=bool(realized))
     if not realized:
         return source, report
-    return _surgery(source, realized, the_plan.policy), report
+    return _surgery(source, realized, the_plan.policy, lowering), report
 
 
-def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelProto:
+def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = "branches") -> onnx.ModelProto:
     names = _Names(source)
     graph = gs.import_onnx(source)
     by_output = {}
@@ -169,31 +178,44 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelPro
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         auto_pad = spec.auto_pad if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
         base = spec.ref.node.name or y.name
-        key = (spec.w_name, record.scheme, record.rank, record.chained, tuple((s.kernel, s.group) for s in stages))
+        branches = branch_lowering(stages) if lowering == "branches" else [stages]
+        key = (spec.w_name, record.scheme, record.rank, record.chained, lowering,
+               tuple((s.kernel, s.group) for s in stages))
         weights = factor_cache.get(key)
         if weights is None:
-            weights = [gs.Constant(names.fresh(f"{spec.w_name}/sep_{i}_{s.role}"), s.weight) for i, s in enumerate(stages)]
+            weights = [[gs.Constant(names.fresh(f"{spec.w_name}/sep_{b}_{i}_{s.role}" if len(branches) > 1
+                                                else f"{spec.w_name}/sep_{i}_{s.role}"), s.weight)
+                        for i, s in enumerate(branch)] for b, branch in enumerate(branches)]
             factor_cache[key] = weights
         geo = spec.geometry()
-        current = x
         new_nodes = []
-        for i, (stage, w) in enumerate(zip(stages, weights)):
-            last = i == len(stages) - 1
-            out = y if last else gs.Variable(names.fresh(f"{y.name}/sep_{i}"))
-            attrs: dict[str, Any] = {"kernel_shape": list(stage.kernel), "group": stage.group}
-            a = stage.attributes(geo)
-            attrs["strides"] = a["strides"]
-            attrs["dilations"] = a["dilations"]
-            if auto_pad and stage.axes:
-                # The axes this stage leaves alone have kernel 1 and stride 1, so SAME pads 0 there
-                # and exactly the original pads on its own axes: auto_pad carries over verbatim.
-                attrs["auto_pad"] = auto_pad
-            else:
-                attrs["pads"] = a["pads"]
-            inputs = [current, w] + ([bias] if last and bias is not None else [])
-            new = gs.Node("Conv", names.fresh(f"{base}/sep_{i}_{stage.role}"), attrs, inputs, [out])
-            new_nodes.append(new)
-            current = out
+        branch_outputs = []
+        for b, (branch, branch_weights) in enumerate(zip(branches, weights)):
+            tag = f"sep_{b}_" if len(branches) > 1 else "sep_"
+            current = x
+            for i, (stage, w) in enumerate(zip(branch, branch_weights)):
+                last = i == len(branch) - 1
+                if last and len(branches) == 1:
+                    out = y
+                else:
+                    out = gs.Variable(names.fresh(f"{y.name}/{tag}{i}"))
+                attrs: dict[str, Any] = {"kernel_shape": list(stage.kernel), "group": stage.group}
+                a = stage.attributes(geo)
+                attrs["strides"] = a["strides"]
+                attrs["dilations"] = a["dilations"]
+                if auto_pad and stage.axes:
+                    # The axes this stage leaves alone have kernel 1 and stride 1, so SAME pads 0 there
+                    # and exactly the original pads on its own axes: auto_pad carries over verbatim.
+                    attrs["auto_pad"] = auto_pad
+                else:
+                    attrs["pads"] = a["pads"]
+                inputs = [current, w] + ([bias] if last and b == 0 and bias is not None else [])
+                new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/{tag}{i}_{stage.role}"), attrs, inputs, [out]))
+                current = out
+            branch_outputs.append(current)
+        if len(branches) > 1:
+            op = "Add" if len(branch_outputs) == 2 else "Sum"
+            new_nodes.append(gs.Node(op, names.fresh(f"{base}/sep_sum"), {}, branch_outputs, [y]))
         node.outputs.clear()
         node.inputs.clear()
         owner = _owning_graph(graph, node)
