@@ -26,7 +26,7 @@ from .factorize import (
 )
 from .geometry import ConvGeometry, prod
 from .graph import MATMUL_OPS, GraphView
-from .load import LoadedModel, ModelSource, load_model
+from .load import LoadedModel, ModelSource, iter_all_tensors, load_model
 from .shapes import fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes
 
 SCHEMA_VERSION = 1
@@ -313,20 +313,22 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelA
     convs = view.conv_nodes()
     specs = [conv_spec(view, ref, table) for ref in convs]
     warnings: list[str] = []
-    missing = [n for s in specs if s.shape_source == "unknown" for n in (s.x_name, s.ref.node.output[0])]
+    missing = [n for s in specs if s.shape_source == "unknown" or s.weight_shape is None
+               for n in (s.x_name, s.w_name, s.ref.node.output[0])]
     mm_missing = [
         i for r in view.nodes if r.op_type in MATMUL_OPS for i in r.node.input[:2] if i and table.get(i) is None
         and view.constant(i, r) is None
     ]
     if missing or mm_missing:
         fill_with_onnxruntime(view, table, [*missing, *mm_missing])
-        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
+        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None else s
+                 for ref, s in zip(convs, specs)]
         still = [s.ref for s in specs if s.shape_source == "unknown"]
         if still:
             fill_from_profile(view, table, still)
             specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
     for s in specs:
-        if s.shape_source == "unknown":
+        if s.shape_source == "unknown" or s.weight_shape is None:
             warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
@@ -412,17 +414,21 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
         for n in nodes
         if n.separability is not None and n.separability.best_exact is not None and n.macs
     )
-    model_params = sum(
-        int(np.prod(t.dims)) for t in view.model.graph.initializer
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    )
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    # Every weight-holding tensor: initializers of all (sub)graphs and Constant-node values.
+    model_params = sum(int(np.prod(t.dims)) for t in iter_all_tensors(view.model) if t.data_type in float_types)
+    unique_params: dict[tuple[str, str], int] = {}
+    for n in nodes:
+        if n.params is not None:
+            # A weight shared by several convs is one set of parameters.
+            unique_params[(n.weight_name or n.qualified_name, n.qualified_name if not n.weight_name else "")] = n.params
     totals = Totals(
         conv_nodes=len(nodes),
         conv_macs=conv_total,
         matmul_macs=matmul_total,
         total_macs=total,
         conv_flops=sum(n.flops or 0 for n in nodes),
-        conv_params=sum(n.params or 0 for n in nodes),
+        conv_params=sum(unique_params.values()),
         model_params=model_params,
         unknown_cost_nodes=sum(1 for n in nodes if n.macs is None),
         eligible_nodes=sum(1 for n in nodes if n.eligible),

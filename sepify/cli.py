@@ -190,6 +190,8 @@ def cmd_audit(args) -> int:
     from .audit import audit
     from .report import render_audit
 
+    if args.top is not None and args.top < 1:
+        raise UsageError("--top needs a positive number of nodes")
     reports = []
     failed = 0
     for path in _expand_models(args.models):

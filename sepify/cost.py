@@ -121,7 +121,7 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     output_padding = None
     pads = None
-    if d:
+    if d and kernel is not None and len(kernel) == d:
         raw_pads = attr(node, "pads", None)
         if node.op_type == "ConvTranspose":
             output_padding = list(attr(node, "output_padding", None) or [0] * d)
@@ -130,7 +130,9 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
             pads = explicit_pads(x_shape[2:], kernel, strides, dilations, raw_pads, auto_pad)
         elif auto_pad in ("NOTSET", "", "VALID"):
             pads = explicit_pads([0] * d, kernel, strides, dilations, raw_pads, auto_pad)
-    if y_shape is None and x_shape is not None and w_shape is not None and pads is not None:
+    if x_shape is not None and w_shape is not None and pads is not None and len(x_shape) == d + 2:
+        # The spec's formula beats ONNX shape inference, which gets e.g. ConvTranspose with
+        # SAME_* and output_padding wrong; onnxruntime agrees with the formula.
         if node.op_type == "ConvTranspose":
             spatial = attr(node, "output_shape", None)
             if spatial is None:

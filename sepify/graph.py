@@ -246,6 +246,9 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
             from onnx import numpy_helper as nh
 
             sp = a.sparse_tensor
+            if int(np.prod(list(sp.dims), dtype=np.float64)) > MAX_FOLD_ELEMENTS:
+                raise ModelLoadError(f"Constant node {node.name!r}: sparse value of dims {list(sp.dims)} "
+                                     "is too large to densify")
             values = nh.to_array(sp.values)
             dense = np.zeros(list(sp.dims), dtype=values.dtype).reshape(-1)
             idx = nh.to_array(sp.indices)

@@ -123,7 +123,10 @@ def _stored_nbytes(tensor: TensorProto) -> int | None:
         return len(tensor.raw_data)
     if tensor.data_type == TensorProto.STRING:
         return None
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # noqa: BLE001 - undefined or unknown element type
+        return None
     for field in _TYPED_FIELDS:
         n = len(getattr(tensor, field))
         if n:
@@ -141,6 +144,8 @@ def _check_inline_sizes(model: onnx.ModelProto, label: str) -> None:
     for tensor in iter_all_tensors(model):
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
+        if tensor.data_type == TensorProto.UNDEFINED:
+            raise _error(label, f"tensor {tensor.name!r} has an undefined element type")
         need = tensor_nbytes(tensor)
         have = _stored_nbytes(tensor)
         if need is None or have is None:
@@ -176,8 +181,15 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         found = True
-        info = ExternalDataInfo(tensor)
-        location = info.location
+        try:
+            info = ExternalDataInfo(tensor)
+            location = info.location
+            offset = int(info.offset or 0)
+            declared_length = int(info.length) if info.length else None
+        except (ValueError, TypeError) as exc:
+            raise _error(label, f"tensor {tensor.name!r}: malformed external data entry ({exc})") from None
+        if "\x00" in location:
+            raise _error(label, f"tensor {tensor.name!r}: external data location contains a NUL byte")
         if base_real is None:
             raise _error(label, f"tensor {tensor.name!r} uses external data {location!r}, "
                                 "which needs the model to be loaded from a file path")
@@ -191,9 +203,8 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
         if not os.path.isfile(full):
             raise _error(label, f"tensor {tensor.name!r}: external data file {location!r} is missing")
         size = os.path.getsize(full)
-        offset = int(info.offset or 0)
         need = tensor_nbytes(tensor)
-        length = int(info.length) if info.length else (need if need is not None else size - offset)
+        length = declared_length if declared_length else (need if need is not None else size - offset)
         if need is not None and need >= 0 and length != need:
             raise _error(label, f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({need} bytes) "
                                 f"but its external data length is {length} bytes")
@@ -238,9 +249,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _run_checker(model: onnx.ModelProto, label: str) -> None:
+def _run_checker(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
     try:
-        onnx.checker.check_model(model)
+        # With external data the checker resolves locations against the model's folder only
+        # when given the path (a ModelProto makes it look in the working directory).
+        onnx.checker.check_model(str(path) if path is not None else model)
     except Exception as exc:  # noqa: BLE001 - ValidationError or C++ errors
         raise _error(label, f"fails the ONNX checker: {_first_line(exc)}") from None
 
@@ -274,6 +287,8 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
             raise _error(label, "no such file")
         if path.is_dir():
             raise _error(label, "is a directory, not an ONNX file")
+        if not path.is_file():
+            raise _error(label, "not a regular file (device, FIFO or socket); refused")
         try:
             size = path.stat().st_size
             if size > PROTOBUF_LIMIT:
@@ -293,7 +308,7 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     _check_inline_sizes(model, label)
     if check:
         # Checked before external data is read: the checker refuses protos over 2 GiB.
-        _run_checker(model, label)
+        _run_checker(model, label, path if has_ext else None)
     if has_ext and load_external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))

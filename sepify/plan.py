@@ -78,8 +78,9 @@ class Policy:
 
     @classmethod
     def from_args(cls, *, lossless=False, tol=None, rank=None, budget=None, **kw) -> "Policy":
+        # "is not None": 0 is a value the user gave (and Policy refuses where it makes no sense).
         chosen = [m for m, v in (("lossless", lossless), ("tol", tol), ("rank", rank), ("budget", budget))
-                  if v not in (None, False)]
+                  if v is not None and v is not False]
         if len(chosen) > 1:
             raise UsageError(f"choose one policy, not {' and '.join('--' + c for c in chosen)}")
         mode = chosen[0] if chosen else "lossless"

@@ -10,7 +10,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .audit import AuditReport, NodeAudit
+from .audit import AuditReport, NodeAudit, _json_default
 
 CSV_FIELDS = [
     "model", "name", "op_type", "group", "kernel_shape", "strides", "pads", "dilations", "input_shape",
@@ -123,10 +123,18 @@ def render_audit_text(reports: Sequence[AuditReport], sort: str = "macs", top: i
     return buf.getvalue()
 
 
-def render_audit_json(reports: Sequence[AuditReport]) -> str:
+def _report_dict(r: AuditReport, sort: str, top: int | None) -> dict:
+    d = r.to_dict()
+    if sort != "graph" or top:
+        d["nodes"] = [n.to_dict() for n in sort_nodes(r.nodes, sort, top)]
+    return d
+
+
+def render_audit_json(reports: Sequence[AuditReport], sort: str = "graph", top: int | None = None) -> str:
     if len(reports) == 1:
-        return reports[0].to_json()
-    return json.dumps({"schema_version": reports[0].schema_version, "models": [r.to_dict() for r in reports]}, indent=2)
+        return json.dumps(_report_dict(reports[0], sort, top), indent=2, default=_json_default)
+    return json.dumps({"schema_version": reports[0].schema_version,
+                       "models": [_report_dict(r, sort, top) for r in reports]}, indent=2, default=_json_default)
 
 
 def _csv_row(r: AuditReport, n: NodeAudit) -> dict:
@@ -176,7 +184,7 @@ def render_audit_markdown(reports: Sequence[AuditReport], sort: str = "macs", to
 
 def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", top: int | None = None) -> str:
     if fmt == "json":
-        return render_audit_json(reports)
+        return render_audit_json(reports, sort, top)
     if fmt == "csv":
         return render_audit_csv(reports, sort, top)
     if fmt == "md":

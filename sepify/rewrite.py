@@ -142,10 +142,9 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
     realized: list[tuple[Any, list[Stage], NodeRewrite]] = []
     for np_ in the_plan.rewrites:
         spec = specs[np_.qualified_name]
+        _check_edit(np_, spec, view)
         weight = view.constant(spec.w_name, spec.ref).value
         geo = spec.geometry()
-        if np_.scheme is None or np_.rank is None or np_.rank < 1:
-            raise UsageError(f"plan for {np_.qualified_name}: rewrite needs a scheme and a rank ≥ 1")
         stages = _cast(realize(weight, geo, np_, np_.exact_tolerance or 0.0), weight.dtype)
         err = relative_error(weight, stages, geo)
         if the_plan.policy.mode == "lossless" and np_.exact_tolerance is not None and err > np_.exact_tolerance:
@@ -164,6 +163,26 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
     return _surgery(source, realized, the_plan.policy, lowering), report
 
 
+def _check_edit(np_, spec, view) -> None:
+    """A hand-edited plan entry must still describe a rewrite sepify can build."""
+    from .audit import node_level_reason, scheme_reason
+    from .factorize import SCHEMES
+
+    where = f"plan for {np_.qualified_name}"
+    if np_.scheme not in SCHEMES:
+        raise UsageError(f"{where}: unknown scheme {np_.scheme!r} (one of {', '.join(SCHEMES)})")
+    if not isinstance(np_.rank, int) or np_.rank < 1:
+        raise UsageError(f"{where}: rewrite needs a rank ≥ 1, not {np_.rank!r}")
+    source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
+    const = view.constant(spec.w_name, spec.ref) if source not in ("graph_input", "computed", "missing") else None
+    reason = node_level_reason(spec, source, const.value if const is not None else None,
+                               bool(const and const.via_dequantize))
+    if reason is None:
+        reason = scheme_reason(spec.geometry(), np_.scheme)
+    if reason is not None:
+        raise UsageError(f"{where}: cannot rewrite with {np_.scheme} ({reason})")
+
+
 def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = "branches") -> onnx.ModelProto:
     names = _Names(source)
     graph = gs.import_onnx(source)
@@ -179,6 +198,7 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = 
         auto_pad = spec.auto_pad if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
         base = spec.ref.node.name or y.name
         branches = branch_lowering(stages) if lowering == "branches" else [stages]
+        owner = _owning_graph(graph, node)
         key = (spec.w_name, record.scheme, record.rank, record.chained, lowering,
                tuple((s.kernel, s.group) for s in stages))
         weights = factor_cache.get(key)
@@ -218,11 +238,11 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = 
             new_nodes.append(gs.Node(op, names.fresh(f"{base}/sep_sum"), {}, branch_outputs, [y]))
         node.outputs.clear()
         node.inputs.clear()
-        owner = _owning_graph(graph, node)
         owner.nodes.extend(new_nodes)
         record.new_nodes = [n.name for n in new_nodes]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
+    _drop_shadowing_initializers(out.graph, set())
     out.ir_version = min(source.ir_version, ort_max_ir_version())
     del out.opset_import[:]
     out.opset_import.extend(source.opset_import)
@@ -246,6 +266,21 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = 
     }
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps({"history": [*history, entry]}, sort_keys=True))
     return out
+
+
+def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """graphsurgeon exports a constant read inside a subgraph as an initializer of that subgraph
+    even when an enclosing graph already holds it; ONNX forbids such shadowing, and it would
+    store the weight twice.  Keep the outermost copy only."""
+    keep = [t for t in graph.initializer if t.name not in outer]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+                _drop_shadowing_initializers(sub, visible)
 
 
 def _owning_graph(graph: gs.Graph, target: gs.Node) -> gs.Graph:

@@ -14,9 +14,24 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
+    from .errors import UsageError
+
+    if target.is_dir():
+        raise UsageError(f"{target}: is a directory; give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes the file owner-only; give it the mode a plain open() would (or the file's own).
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp_path, mode)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -69,7 +84,14 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
                 fh.write(model.SerializeToString())
         return
     data_name = f"{target.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    from .errors import UsageError
+
+    if target.is_dir():
+        raise UsageError(f"{target}: is a directory; give a file name")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     try:
         onnx.save_model(model, str(staging / target.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)

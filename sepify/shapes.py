@@ -281,7 +281,11 @@ def fill_from_profile(view: GraphView, table: ShapeTable, refs) -> None:
 
     Only named nodes can be matched, and only executed branches are seen.
     """
-    wanted = {r.node.name: r for r in refs if r.node.name}
+    counts: dict[str, int] = {}
+    for r in view.nodes:
+        counts[r.node.name] = counts.get(r.node.name, 0) + 1
+    # The profiler names nodes without their scope: only names used once can be trusted.
+    wanted = {r.node.name: r for r in refs if r.node.name and counts.get(r.node.name) == 1}
     if not wanted or view.model.ByteSize() > PROTOBUF_LIMIT:
         return
     import json

@@ -833,10 +833,11 @@ def test_model_params_count_constant_node_weights():
 
 
 def test_model_params_count_subgraph_initializers():
-    """The If model holds w (108) in the main graph and w_else (108) + b_else (4) in the else branch."""
+    """The If model holds w (108) in the main graph and w_else (108) + b_else (4) + the Resize
+    scales sc (4) in the else branch; model_params counts every float tensor, conv_params the convs'."""
     t = sepify.audit(_if_model()).totals
     assert t.conv_params == 108 + 108 + 4  # per node: then conv 108, else conv 108 + 4
-    assert t.model_params == 108 + 108 + 4
+    assert t.model_params == 108 + 108 + 4 + 4
 
 
 def test_shared_weight_counted_once_in_conv_params():
