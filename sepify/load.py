@@ -249,10 +249,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _run_checker(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
+def _run_checker(model: onnx.ModelProto | bytes, label: str, path: Path | None = None) -> None:
     try:
         # With external data the checker resolves locations against the model's folder only
-        # when given the path (a ModelProto makes it look in the working directory).
+        # when given the path (a ModelProto makes it look in the working directory). Bytes
+        # already read spare it a second serialization of the whole model.
         onnx.checker.check_model(str(path) if path is not None else model)
     except Exception as exc:  # noqa: BLE001 - ValidationError or C++ errors
         raise _error(label, f"fails the ONNX checker: {_first_line(exc)}") from None
@@ -277,7 +278,8 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = "<bytes>"
-        model = _parse(bytes(source), label)
+        data = bytes(source)
+        model = _parse(data, label)
         path = None
         base_dir = None
     else:
@@ -300,7 +302,6 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         except OSError as exc:
             raise _error(label, f"cannot read: {exc.strerror or exc}") from None
         model = _parse(data, label)
-        del data
         base_dir = path.resolve().parent
 
     _check_versions(model, label)
@@ -308,7 +309,8 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     _check_inline_sizes(model, label)
     if check:
         # Checked before external data is read: the checker refuses protos over 2 GiB.
-        _run_checker(model, label, path if has_ext else None)
+        _run_checker(data, label, path if has_ext else None)
+    del data
     if has_ext and load_external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
