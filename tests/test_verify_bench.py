@@ -1,0 +1,93 @@
+"""verify / bench through the CLI and the API: exit codes, pass rule, per-layer drift, A/B report."""
+
+import json
+
+import numpy as np
+import pytest
+
+import sepify
+from sepify.bench import benchmark
+from sepify.cli import main
+from sepify.verify import compare_tensors, verify
+
+SAMPLES = "sample_models"
+
+
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory):
+    out = tmp_path_factory.mktemp("v") / "lowrank_sep.onnx"
+    assert main(["rewrite", f"{SAMPLES}/lowrank_separable.onnx", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def lossy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("v") / "vgg_r1.onnx"
+    assert main(["rewrite", f"{SAMPLES}/vgg_small.onnx", "-o", str(out), "--rank", "1"]) == 0
+    return out
+
+
+def test_verify_exit_0_on_lossless_rewrite(lossless, capsys):
+    assert main(["verify", f"{SAMPLES}/lowrank_separable.onnx", str(lossless), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is True
+    (out,) = report["outputs"]
+    assert out["name"] == "y" and out["cosine"] > 0.999999 and out["mismatched"] == 0
+
+
+def test_verify_exit_1_on_lossy_rewrite_under_tight_tolerance(lossy, capsys):
+    assert main(["verify", f"{SAMPLES}/vgg_small.onnx", str(lossy), "--atol", "1e-6", "--rtol", "1e-6"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_exit_2_on_broken_file(tmp_path, lossless, capsys):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(lossless.read_bytes()[:100])
+    assert main(["verify", f"{SAMPLES}/lowrank_separable.onnx", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sepify: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_per_layer_reports_each_rewritten_node(lossless):
+    report = verify(f"{SAMPLES}/lowrank_separable.onnx", lossless, per_layer=True)
+    assert sorted(d.name for d in report.layers) == ["dwpw1.out", "dwpw2.out", "pwdw.out"]
+    assert all(d.passed for d in report.layers)
+
+
+def test_inputs_from_npz_are_used(tmp_path, lossless):
+    x = np.full((1, 16, 32, 32), 0.5, np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    report = verify(f"{SAMPLES}/lowrank_separable.onnx", lossless, inputs=tmp_path / "in.npz")
+    assert report.input_source.endswith("in.npz") and report.passed
+
+
+def test_pass_rule_is_allclose():
+    a = np.array([1.0, 100.0], np.float32)
+    b = a + np.array([0.5e-3, 0.09], np.float32)  # within 1e-4 + 1e-3·|a| for both
+    assert compare_tensors("t", a, b, 1e-4, 1e-3).passed
+    assert not compare_tensors("t", a, a + np.float32(0.2), 1e-4, 1e-3).passed
+    nan = a.copy()
+    nan[0] = np.nan
+    assert not compare_tensors("t", a, nan, 1.0, 1.0).passed
+
+
+def test_class_scores_get_topk_agreement(lossy):
+    report = verify(f"{SAMPLES}/vgg_small.onnx", lossy, atol=10, rtol=10)
+    (logits,) = report.outputs
+    assert logits.top1_agreement is not None and 0.0 <= logits.top5_agreement <= 1.0
+
+
+def test_bench_ab_report(lossless):
+    report = benchmark(f"{SAMPLES}/lowrank_separable.onnx", lossless, runs=6, warmup=1, profile_runs=2)
+    assert report.latency_a.runs == report.latency_b.runs == 6
+    assert report.macs_a == sepify.audit(f"{SAMPLES}/lowrank_separable.onnx").totals.total_macs
+    assert report.mac_reduction == pytest.approx(report.macs_a / report.macs_b) and report.mac_reduction > 3
+    assert report.speedup > 0 and report.efficiency == pytest.approx(report.speedup / report.mac_reduction)
+    assert sorted(n.name for n in report.nodes) == ["dwpw1/conv", "dwpw2/conv", "pwdw/conv"]
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", f"{SAMPLES}/sobel_rgb.onnx", "--runs", "3", "--warmup", "0", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency_a"]["runs"] == 3 and report["model_b"] is None
+    assert main(["bench", f"{SAMPLES}/sobel_rgb.onnx", "--runs", "0"]) == 2
