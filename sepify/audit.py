@@ -219,6 +219,22 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
     return None
 
 
+@dataclass
+class WeightCheck:
+    """Where a conv's weight comes from, its value when constant, and why the node cannot be rewritten."""
+
+    source: str  # initializer | constant_node | constant_subgraph | graph_input | computed | missing
+    weight: np.ndarray | None
+    reason: str | None
+
+
+def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
+    source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
+    const = view.constant(spec.w_name, spec.ref) if source not in ("graph_input", "computed", "missing") else None
+    weight = const.value if const is not None else None
+    return WeightCheck(source, weight, node_level_reason(spec, source, weight, bool(const and const.via_dequantize)))
+
+
 def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
     if scheme in ("dw-pw", "pw-dw") and geo.cin_per_group == 1:
         return "depthwise"
@@ -345,9 +361,8 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
     nodes: list[NodeAudit] = []
     for spec in an.specs:
         ref = spec.ref
-        source = view.weight_origin(spec.w_name, ref) if spec.w_name else "missing"
-        const = view.constant(spec.w_name, ref) if source not in ("graph_input", "computed", "missing") else None
-        weight = const.value if const is not None else None
+        check = check_weight(view, spec)
+        source, weight, reason = check.source, check.weight, check.reason
         w_numel = int(np.prod(spec.weight_shape)) if spec.weight_shape is not None else None
         b_numel = 0
         if spec.b_name:
@@ -357,7 +372,6 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
                 bshape = list(bconst.value.shape) if bconst is not None else [0]
             b_numel = prod(bshape)
         cost = conv_cost(spec, table, w_numel, b_numel)
-        reason = node_level_reason(spec, source, weight, bool(const and const.via_dequantize))
         sep = None
         geo = spec.geometry()
         if reason is None and spectra and weight is not None and geo is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import ModelAnalysis, analyze_model, node_level_reason, scheme_reason
+from .audit import ModelAnalysis, analyze_model, check_weight, scheme_reason
 from .cost import ConvSpec
 from .errors import UsageError
 from .factorize import (
@@ -187,14 +187,10 @@ def _selected(policy: Policy, ref) -> bool:
 
 
 def _state(an: ModelAnalysis, spec: ConvSpec) -> tuple[_NodeState | None, str | None]:
-    view = an.view
-    ref = spec.ref
-    source = view.weight_origin(spec.w_name, ref) if spec.w_name else "missing"
-    const = view.constant(spec.w_name, ref) if source not in ("graph_input", "computed", "missing") else None
-    weight = const.value if const is not None else None
-    reason = node_level_reason(spec, source, weight, bool(const and const.via_dequantize))
-    if reason is not None:
-        return None, reason
+    check = check_weight(an.view, spec)
+    if check.reason is not None:
+        return None, check.reason
+    weight = check.weight
     geo = spec.geometry()
     curves, per_rank = {}, {}
     for scheme in SCHEMES:

@@ -165,7 +165,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
 
 def _check_edit(np_, spec, view) -> None:
     """A hand-edited plan entry must still describe a rewrite sepify can build."""
-    from .audit import node_level_reason, scheme_reason
+    from .audit import check_weight, scheme_reason
     from .factorize import SCHEMES
 
     where = f"plan for {np_.qualified_name}"
@@ -173,10 +173,7 @@ def _check_edit(np_, spec, view) -> None:
         raise UsageError(f"{where}: unknown scheme {np_.scheme!r} (one of {', '.join(SCHEMES)})")
     if not isinstance(np_.rank, int) or np_.rank < 1:
         raise UsageError(f"{where}: rewrite needs a rank ≥ 1, not {np_.rank!r}")
-    source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
-    const = view.constant(spec.w_name, spec.ref) if source not in ("graph_input", "computed", "missing") else None
-    reason = node_level_reason(spec, source, const.value if const is not None else None,
-                               bool(const and const.via_dequantize))
+    reason = check_weight(view, spec).reason
     if reason is None:
         reason = scheme_reason(spec.geometry(), np_.scheme)
     if reason is not None:
