@@ -264,6 +264,13 @@ def _versions() -> str:
             parts.append(f"{pkg} (missing)")
     load = "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     blas = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OPENBLAS_"))
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        rev = ""
+    if rev:
+        parts[0] += f" (repo {rev})"
     return (f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; "
             + ", ".join(parts) + (f"; {blas}" if blas else "") + (f"; {load} at the end" if load else ""))
 
