@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -230,9 +232,15 @@ class WeightCheck:
 
 def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
     source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
-    const = view.constant(spec.w_name, spec.ref) if source not in ("graph_input", "computed", "missing") else None
-    weight = const.value if const is not None else None
-    return WeightCheck(source, weight, node_level_reason(spec, source, weight, bool(const and const.via_dequantize)))
+    if source in ("graph_input", "computed", "missing"):
+        return WeightCheck(source, None, node_level_reason(spec, source, None, False))
+    if source == "initializer":
+        # Decide from attributes first: most weights of a big model (1×1 convs) never need reading.
+        reason = node_level_reason(spec, source, None, False)
+        if reason is not None:
+            return WeightCheck(source, None, reason)
+    const = view.constant(spec.w_name, spec.ref)
+    return WeightCheck(source, const.value, node_level_reason(spec, source, const.value, const.via_dequantize))
 
 
 def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
@@ -359,6 +367,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
     view, table = an.view, an.table
     shared = view.shared_weights()
     nodes: list[NodeAudit] = []
+    jobs: list[tuple[int, np.ndarray, ConvGeometry]] = []
     for spec in an.specs:
         ref = spec.ref
         check = check_weight(view, spec)
@@ -372,13 +381,9 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
                 bshape = list(bconst.value.shape) if bconst is not None else [0]
             b_numel = prod(bshape)
         cost = conv_cost(spec, table, w_numel, b_numel)
-        sep = None
         geo = spec.geometry()
         if reason is None and spectra and weight is not None and geo is not None:
-            sep = analyze_weight(weight, geo, weight.dtype)
-            if not any(a.eligible for a in sep.schemes.values()):
-                reason = ",".join(sorted({a.reason for a in sep.schemes.values() if a.reason}))
-        eligible = reason is None
+            jobs.append((len(nodes), weight, geo))
         nodes.append(
             NodeAudit(
                 name=ref.name,
@@ -406,11 +411,20 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
                 arithmetic_intensity=cost.intensity,
                 share=None,
                 shape_source=spec.shape_source,
-                eligible=eligible,
+                eligible=reason is None,
                 reason=reason,
-                separability=sep,
+                separability=None,
             )
         )
+    # The spectra are LAPACK calls that release the GIL: spread them over the cores.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = pool.map(lambda job: analyze_weight(job[1], job[2], job[1].dtype), jobs)
+        for (index, _, _), sep in zip(jobs, results):
+            node = nodes[index]
+            node.separability = sep
+            if not any(a.eligible for a in sep.schemes.values()):
+                node.reason = ",".join(sorted({a.reason for a in sep.schemes.values() if a.reason}))
+                node.eligible = False
     matmul_total = 0
     for ref in view.nodes:
         if ref.op_type in MATMUL_OPS:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -84,7 +83,7 @@ class GraphView:
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), onnx.defs.onnx_opset_version()
         )
         self._walk(model.graph, scope="", parent_scope=None, parent_node=None)
-        self._nx: nx.DiGraph | None = None
+        self._nx = None
 
     # -- construction -----------------------------------------------------------------
     def _walk(self, graph: onnx.GraphProto, scope: str, parent_scope: _Scope | None, parent_node: NodeRef | None) -> None:
@@ -118,8 +117,10 @@ class GraphView:
     def conv_nodes(self) -> list[NodeRef]:
         return [r for r in self.nodes if r.op_type in CONV_OPS and r.node.domain in ("", "ai.onnx")]
 
-    def nx_graph(self) -> nx.DiGraph:
+    def nx_graph(self):
         """Node-level dataflow graph (subgraph nodes included; outer-scope reads become edges)."""
+        import networkx as nx  # only here: importing it costs more than auditing a small model
+
         if self._nx is None:
             g = nx.DiGraph()
             for i, ref in enumerate(self.nodes):
@@ -134,6 +135,8 @@ class GraphView:
         return self._nx
 
     def topological_order(self) -> list[NodeRef]:
+        import networkx as nx
+
         g = self.nx_graph()
         return [g.nodes[i]["ref"] for i in nx.topological_sort(g)]
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from . import __version__
 from .errors import UsageError
@@ -77,7 +76,9 @@ class RewriteReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _walk_gs(graph: gs.Graph):
+def _walk_gs(graph):
+    import onnx_graphsurgeon as gs
+
     for node in graph.nodes:
         yield node
         for value in node.attrs.values():
@@ -181,13 +182,15 @@ def _check_edit(np_, spec, view) -> None:
 
 
 def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = "branches") -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs  # imported here: it is slow to import and only surgery needs it
+
     names = _Names(source)
     graph = gs.import_onnx(source)
     by_output = {}
     for node in _walk_gs(graph):
         if node.outputs:
             by_output[node.outputs[0].name] = node
-    factor_cache: dict[tuple, list[gs.Constant]] = {}
+    factor_cache: dict[tuple, list] = {}
     for spec, stages, record in realized:
         node = by_output[spec.ref.node.output[0]]
         x, y = node.inputs[0], node.outputs[0]
@@ -280,7 +283,9 @@ def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> Non
                 _drop_shadowing_initializers(sub, visible)
 
 
-def _owning_graph(graph: gs.Graph, target: gs.Node) -> gs.Graph:
+def _owning_graph(graph, target):
+    import onnx_graphsurgeon as gs
+
     if any(n is target for n in graph.nodes):
         return graph
     for node in graph.nodes:

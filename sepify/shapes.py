@@ -148,15 +148,20 @@ def resolve_input_shapes(view: GraphView, user: Mapping[str, Sequence[int]]) -> 
 
 def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """The model with fixed input dims and large weights reduced to dims (cheap to copy and infer)."""
+    # Field by field: copying the whole proto (or taking its initializers out and putting them
+    # back) would copy every weight once more.
     copy = onnx.ModelProto()
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        copy.CopyFrom(model)
-    finally:
-        graph.initializer.extend(saved)
-    for t in saved:
+    copy.ir_version = model.ir_version
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    src, graph = model.graph, copy.graph
+    graph.name = src.name
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    for t in src.initializer:
         if len(t.raw_data) > _STRIP_BYTES or t.data_location == TensorProto.EXTERNAL or len(t.float_data) > _STRIP_BYTES // 4:
             stub = copy.graph.initializer.add()
             stub.name = t.name
