@@ -24,6 +24,7 @@ from .factorize import (
     scheme_matrices,
     scheme_stages,
     singular_values,
+    spatial_orders,
     stages_macs,
 )
 from .geometry import ConvGeometry, prod
@@ -51,6 +52,7 @@ class SchemeAnalysis:
     exact_saves_macs: bool = False
     curve_errors: list[float] = field(default_factory=list)  # error at rank 0, 1, 2, …
     macs_per_rank: int | None = None
+    vertical_first: bool | None = None  # spatial: kh×1 stage first
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -254,14 +256,21 @@ def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
     return None
 
 
-def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float) -> SchemeAnalysis:
+def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
+                   vertical_first: bool | None = None) -> SchemeAnalysis:
     reason = scheme_reason(geo, scheme)
     if reason is not None:
         return SchemeAnalysis(scheme, eligible=False, reason=reason)
-    mats = scheme_matrices(w, geo, scheme)
+    if scheme == "spatial" and vertical_first is None:
+        # Cross-channel splits have a different spectrum in each order: an exact split in the
+        # costlier order still beats an inexact one in the cheaper order.
+        options = [analyze_scheme(w, geo, scheme, tol, order) for order in spatial_orders(geo)]
+        exact = [a for a in options if a.exact_saves_macs]
+        return min(exact, key=lambda a: a.macs_per_rank * a.exact_rank) if exact else options[0]
+    mats = scheme_matrices(w, geo, scheme, vertical_first)
     max_rank = min(mats.shape[1], mats.shape[2])
     errors = relative_errors(singular_values(mats))
-    per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1))
+    per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1, vertical_first))
     original = geo.macs
     break_even = max(0, min(max_rank, (original - 1) // per_rank)) if per_rank else max_rank
     ex = exact_rank(errors, tol)
@@ -276,6 +285,7 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float) ->
         break_even_rank=break_even,
         exact_saves_macs=ex <= break_even and ex > 0,
         curve_errors=[float(e) for e in errors[: MAX_CURVE_POINTS + 1]],
+        vertical_first=vertical_first if scheme == "spatial" else None,
         macs_per_rank=per_rank,
     )
     return analysis

@@ -198,6 +198,13 @@ def spatial_stages(geo: ConvGeometry, r: int, per_kernel: bool, vertical_first: 
     ]
 
 
+def spatial_orders(geo: ConvGeometry) -> list[bool]:
+    """The spatial orders whose spectra differ: one for per-kernel splits (a kernel and its
+    transpose have the same singular values), both for cross-channel ones, cheaper first."""
+    first = spatial_vertical_first(geo)
+    return [first] if geo.cin_per_group == 1 else [first, not first]
+
+
 def spatial_vertical_first(geo: ConvGeometry) -> bool:
     """True when kh×1-then-1×kw costs no more than the other order.
 
@@ -211,18 +218,20 @@ def spatial_vertical_first(geo: ConvGeometry) -> bool:
     return v <= h
 
 
-def scheme_stages(geo: ConvGeometry, scheme: str, r: int) -> list[Stage]:
-    """Shape-only stages of ``scheme`` at rank ``r`` (spatial: the cheaper order)."""
+def scheme_stages(geo: ConvGeometry, scheme: str, r: int, vertical_first: bool | None = None) -> list[Stage]:
+    """Shape-only stages of ``scheme`` at rank ``r`` (spatial: in the given order, default the cheaper)."""
     if scheme == "dw-pw":
         return dw_pw_stages(geo, r)
     if scheme == "pw-dw":
         return pw_dw_stages(geo, r)
     if scheme == "spatial":
-        return spatial_stages(geo, r, geo.cin_per_group == 1, spatial_vertical_first(geo))
+        if vertical_first is None:
+            vertical_first = spatial_vertical_first(geo)
+        return spatial_stages(geo, r, geo.cin_per_group == 1, vertical_first)
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
-def scheme_matrices(w: np.ndarray, geo: ConvGeometry, scheme: str) -> np.ndarray:
+def scheme_matrices(w: np.ndarray, geo: ConvGeometry, scheme: str, vertical_first: bool | None = None) -> np.ndarray:
     if scheme == "dw-pw":
         return dw_pw_matrices(w, geo.group)
     if scheme == "pw-dw":
@@ -231,7 +240,9 @@ def scheme_matrices(w: np.ndarray, geo: ConvGeometry, scheme: str) -> np.ndarray
         if geo.cin_per_group == 1:
             return kernel_matrices(w)
         # Horizontal-first factorizes M'[(c,j),(n,i)]: the arrangement with kh and kw swapped.
-        oriented = w if spatial_vertical_first(geo) else w.transpose(0, 1, 3, 2)
+        if vertical_first is None:
+            vertical_first = spatial_vertical_first(geo)
+        oriented = w if vertical_first else w.transpose(0, 1, 3, 2)
         return cross_channel_matrices(oriented, geo.group)
     raise ValueError(f"unknown scheme {scheme!r}")
 
@@ -257,9 +268,10 @@ def truncated_factors(mats: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]
     return left, right
 
 
-def factor(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int) -> list[Stage]:
-    """Stages with weights (float64) whose composition approximates ``w`` at rank ``r``."""
-    stages = scheme_stages(geo, scheme, r)
+def factor(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, vertical_first: bool | None = None) -> list[Stage]:
+    """Stages with weights (float64) whose composition approximates ``w`` at rank ``r``
+    (spatial: in the given order, default the cheaper one)."""
+    stages = scheme_stages(geo, scheme, r, vertical_first)
     w64 = np.asarray(w, dtype=np.float64)
     kshape = tuple(geo.kernel)
     d = geo.rank

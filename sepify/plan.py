@@ -38,6 +38,7 @@ from .factorize import (
     scheme_matrices,
     scheme_stages,
     singular_values,
+    spatial_orders,
     split_kernel_stage,
     stages_macs,
 )
@@ -97,6 +98,7 @@ class Candidate:
     error: float  # relative Frobenius weight error (float64 factors)
     macs: int
     chained: bool = False
+    vertical_first: bool | None = None  # spatial only: None = the cheaper order
 
     @property
     def label(self) -> str:
@@ -116,6 +118,7 @@ class NodePlan:
     scheme: str | None = None
     rank: int | None = None
     chained: bool = False
+    vertical_first: bool | None = None  # spatial: kh×1 first (None: the cheaper order)
     error: float | None = None  # planned relative weight error
     macs_after: int | None = None
     exact_tolerance: float | None = None
@@ -177,6 +180,9 @@ class _NodeState:
     per_rank: dict[str, int]  # scheme -> MACs at rank 1
 
 
+    # Cross-channel spatial splits have a different spectrum in the costlier order; an exact
+    # split there can still beat every other scheme.  (curve, MACs per rank) of that order.
+    spatial_other: tuple[np.ndarray, int] | None = None
 def _selected(policy: Policy, ref) -> bool:
     names = (ref.name, ref.qualified_name)
     if policy.include and not any(re.search(policy.include, n) for n in names):
@@ -200,7 +206,12 @@ def _state(an: ModelAnalysis, spec: ConvSpec) -> tuple[_NodeState | None, str | 
         per_rank[scheme] = stages_macs(geo, scheme_stages(geo, scheme, 1))
     if not curves:
         return None, ",".join(sorted({scheme_reason(geo, s) for s in SCHEMES}))
-    return _NodeState(spec, weight, geo, exact_tolerance(weight.dtype), curves, per_rank), None
+    other = None
+    if "spatial" in curves and len(spatial_orders(geo)) == 2:
+        order = spatial_orders(geo)[1]
+        other = (relative_errors(singular_values(scheme_matrices(weight, geo, "spatial", order))),
+                 stages_macs(geo, scheme_stages(geo, "spatial", 1, order)))
+    return _NodeState(spec, weight, geo, exact_tolerance(weight.dtype), curves, per_rank, other), None
 
 
 def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
@@ -209,12 +220,15 @@ def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     for s in schemes:
         if s not in st.curves:
             continue
-        curve = st.curves[s]
-        for r in range(1, len(curve)):
-            macs = st.per_rank[s] * r
-            if macs >= st.geo.macs:
-                break
-            out.append(Candidate(s, r, float(curve[r]), macs))
+        options = [(st.curves[s], st.per_rank[s], None)]
+        if s == "spatial" and st.spatial_other is not None:
+            options.append((*st.spatial_other, spatial_orders(st.geo)[1]))
+        for curve, per_rank, order in options:
+            for r in range(1, len(curve)):
+                macs = per_rank * r
+                if macs >= st.geo.macs:
+                    break
+                out.append(Candidate(s, r, float(curve[r]), macs, vertical_first=order))
     return out
 
 
@@ -292,6 +306,7 @@ def _apply(np_: NodePlan, st: _NodeState, choice: Candidate | None, policy: Poli
     np_.scheme, np_.rank, np_.chained = choice.scheme, choice.rank, choice.chained
     np_.error, np_.macs_after = choice.error, choice.macs
 
+    np_.vertical_first = choice.vertical_first
 
 def _energy_loss(error: float) -> float:
     return -float(np.log(max(1.0 - error * error, 1e-12)))
@@ -342,7 +357,7 @@ def _allocate_budget(policy: Policy, nodes: list[NodePlan], states: dict[int, _N
 
 def realize(st_weight: np.ndarray, geo: ConvGeometry, np_: NodePlan, tol_exact: float) -> list[Stage]:
     """The stages (float64 weights) for a planned node, chained if the plan says so."""
-    stages = factor(st_weight, geo, np_.scheme, np_.rank)
+    stages = factor(st_weight, geo, np_.scheme, np_.rank, np_.vertical_first if np_.scheme == "spatial" else None)
     if np_.chained:
         chain = split_kernel_stage(stages, geo, tol_exact)
         if chain is not None:

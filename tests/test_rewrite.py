@@ -904,9 +904,6 @@ def test_spatial_order_choice_is_the_cheaper_one():
     assert attr(second, "kernel_shape") == [3, 1] and attr(second, "pads") == [1, 0, 1, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the spatial scheme only examines the cheaper order's "
-                   "cross-channel spectrum; an exact split in the other order is missed (a lost saving, "
-                   "never a wrong output)")
 def test_exact_spatial_split_found_in_the_costlier_order():
     """Cross-channel rank 1 built for vertical-first (W[n,c,i,j] = a[c,i]·b[n,j]) in a geometry that
     favours horizontal-first: 8→8 3×3, strides (1, 4), pads [1, 0, 1, 3] on [1, 8, 10, 16] → out 10×5.
@@ -1254,7 +1251,8 @@ def test_rank_policy_gives_rank_2(scheme, lowering):
         want = [(16, 16, 1, 1), (16, 1, 3, 3)] * 2 if lowering == "branches" else [(32, 16, 1, 1), (16, 2, 3, 3)]
         assert sorted(shapes) == sorted(want)
     else:
-        assert sorted(shapes) == sorted([(2, 16, 3, 1), (16, 2, 1, 3)])
+        # Both orders cost the same here; the one whose cross-channel spectrum is more accurate wins.
+        assert sorted(shapes) in (sorted([(2, 16, 3, 1), (16, 2, 1, 3)]), sorted([(2, 16, 1, 3), (16, 2, 3, 1)]))
     # rank 2 of the best scheme is at least as accurate as rank 1
     _, rep1 = sepify.rewrite(model, Policy(mode="rank", rank=1, scheme=r.scheme))
     assert rep1.rewritten[0].weight_error >= r.weight_error - 1e-9
