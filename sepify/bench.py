@@ -105,6 +105,26 @@ def _timed(session, feeds) -> float:
     return time.perf_counter() - start
 
 
+def round_order(k: int, i: int) -> list[int]:
+    """The order of ``k`` sessions in round ``i``: rotated by one every round, reversed every
+    other ``k`` rounds, so every session takes every position equally often (k = 2: AB, BA, …)."""
+    order = list(range(k))
+    order = order[i % k:] + order[:i % k]
+    return order[::-1] if (i // k) % 2 else order
+
+
+def interleaved_times(sessions, feeds, runs: int, warmup: int = 0) -> list[list[float]]:
+    """Wall times (s) of ``runs`` rounds in which every session runs once, in :func:`round_order`."""
+    for _ in range(warmup):
+        for s in sessions:
+            s.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(runs):
+        for j in round_order(len(sessions), i):
+            times[j].append(_timed(sessions[j], feeds))
+    return times
+
+
 def profile_node_times(model, feeds, runs: int, providers=None, threads=None) -> dict[str, float]:
     """Median kernel time per node name (µs) from onnxruntime's profiler."""
     import onnxruntime as ort
@@ -153,20 +173,8 @@ def benchmark(
     feeds, _ = model_inputs(la, inputs, input_shapes, seed)
     sa = make_session(la.model, providers=providers, threads=threads)
     sb = make_session(lb.model, providers=providers, threads=threads) if lb else None
-    for _ in range(warmup):
-        sa.run(None, feeds)
-        if sb:
-            sb.run(None, feeds)
-    ta, tb = [], []
-    for i in range(runs):
-        if sb is None:
-            ta.append(_timed(sa, feeds))
-        elif i % 2 == 0:
-            ta.append(_timed(sa, feeds))
-            tb.append(_timed(sb, feeds))
-        else:
-            tb.append(_timed(sb, feeds))
-            ta.append(_timed(sa, feeds))
+    ta, *rest = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup)
+    tb = rest[0] if rest else []
     report = BenchReport(la.label, Latency.of(ta), threads=threads)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     report.macs_a = audit(la, shapes, spectra=False).totals.total_macs

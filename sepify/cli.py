@@ -60,9 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
     pol.add_argument("--min-macs", type=int, default=0, metavar="N", help="skip layers below N MACs")
     pol.add_argument("--no-chain", action="store_true", help="do not split a dw-pw/pw-dw kernel stage further")
-    r.add_argument("--lowering", choices=("branches", "grouped"), default="branches",
-                   help="rank>1 dw-pw/pw-dw as r summed multiplier-1 branches (default, faster in "
-                        "onnxruntime) or one grouped conv")
+    r.add_argument("--lowering", choices=("branches", "grouped", "concat"), default=None,
+                   help="how a rank>1 dw-pw/pw-dw is written (same math): r summed multiplier-1 branches "
+                        "(default), one grouped conv, or concat (dw-pw: r depthwise, Concat, one pointwise; "
+                        "pw-dw: one pointwise, Split, r depthwise, Sum); with --only-faster: the only one tried")
+    lat = r.add_argument_group("latency-aware selection")
+    lat.add_argument("--only-faster", action="store_true",
+                     help="time each planned rewrite against its original conv in onnxruntime (isolated, real "
+                          "shapes) and keep it only if faster, written in its fastest lowering")
+    lat.add_argument("--threads", type=int, default=None, metavar="T",
+                     help="onnxruntime intra-op threads for --only-faster and --bench (default: onnxruntime's)")
+    lat.add_argument("--latency-runs", type=int, default=None, metavar="N",
+                     help="interleaved rounds per node for --only-faster (default: as many as fit 1 s, 10-50)")
     r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     r.add_argument("--report", metavar="FILE.json", help="write the rewrite report as JSON")
     r.add_argument("--format", choices=("table", "json"), default="table", help="how to print the plan")
@@ -139,6 +148,10 @@ def cmd_rewrite(args) -> int:
     from .save import save_model, same_file, write_text_atomic
 
     policy = _policy_from_args(args)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be ≥ 1")
+    if args.latency_runs is not None and args.latency_runs < 1:
+        raise UsageError("--latency-runs must be ≥ 1")
     if not args.dry_run:
         if args.in_place:
             if args.output and not same_file(args.output, args.model):
@@ -149,12 +162,18 @@ def cmd_rewrite(args) -> int:
         elif same_file(args.output, args.model):
             raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
     loaded = load_model(args.model)
-    model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering)
+    model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering,
+                            only_faster=args.only_faster, threads=args.threads, latency_runs=args.latency_runs)
     if not args.dry_run:
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
     if args.report:
         write_text_atomic(args.report, report.to_json())
-    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_rewrite(report, args.output if not args.dry_run else None))
+    if args.format == "json":
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        from .latency import render_latency
+
+        sys.stdout.write(render_rewrite(report, args.output if not args.dry_run else None) + render_latency(report))
     status = EXIT_OK
     if (args.verify or args.bench) and not args.dry_run:
         from .report import render_bench, render_drift
@@ -168,7 +187,8 @@ def cmd_rewrite(args) -> int:
         if args.bench:
             from .bench import benchmark
 
-            sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None)))
+            sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
+                                                    threads=args.threads)))
     return status
 
 

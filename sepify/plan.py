@@ -123,6 +123,8 @@ class NodePlan:
     macs_after: int | None = None
     exact_tolerance: float | None = None
     dtype: str | None = None
+    lowering: str | None = None  # "branches" | "grouped" | "concat"; None: rewrite()'s choice
+    latency: dict[str, Any] | None = None  # onnxruntime timings (sepify.latency.measure_plan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

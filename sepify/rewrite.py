@@ -18,7 +18,7 @@ import onnx
 
 from . import __version__
 from .errors import UsageError
-from .factorize import Stage, branch_lowering, relative_error, stages_macs
+from .factorize import LOWERINGS, Lowered, Stage, lower, lowering_kinds, relative_error, stages_macs
 from .load import ModelSource, ort_max_ir_version
 from .plan import Plan, Policy, plan as make_plan, realize
 
@@ -37,6 +37,8 @@ class NodeRewrite:
     macs_before: int
     macs_after: int
     new_nodes: list[str] = field(default_factory=list)
+    lowering: str | None = None  # how a rank-r dw-pw/pw-dw chain was written; None: only one way
+    latency: dict[str, Any] | None = None  # measured by --only-faster (see sepify.latency)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,19 +117,28 @@ def _cast(stages: list[Stage], dtype: np.dtype) -> list[Stage]:
                   np.ascontiguousarray(np.asarray(s.weight).astype(dtype)), s.role) for s in stages]
 
 
-LOWERINGS = ("branches", "grouped")
+DEFAULT_LOWERING = "branches"
 
 
 def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None,
-            *, lowering: str = "branches"):
+            *, lowering: str | None = None, only_faster: bool = False, threads: int | None = None,
+            latency_runs: int | None = None, providers=None):
     """Rewrite ``model`` under ``policy`` (or an edited :class:`Plan`). Returns ``(ModelProto, RewriteReport)``.
 
     When nothing qualifies, the original ModelProto is returned unchanged (byte for byte).
-    ``lowering`` says how a rank-r > 1 dw-pw / pw-dw is written: ``branches`` (default: r
-    multiplier-1 chains summed by Add, which onnxruntime runs on its fast depthwise path) or
-    ``grouped`` (one depthwise conv with channel multiplier r / one r-input grouped conv).
+    ``lowering`` says how a rank-r > 1 dw-pw / pw-dw is written (same math and MACs each way):
+    ``branches`` (the default: r multiplier-1 chains summed by Add, which onnxruntime runs on its
+    fast depthwise path), ``grouped`` (one depthwise conv with channel multiplier r / one r-input
+    grouped conv) or ``concat`` (dw-pw: r depthwise convs, Concat, one pointwise; pw-dw: one
+    pointwise, Split, r depthwise convs, Sum).  A plan node's own ``lowering`` wins over it.
+
+    ``only_faster``: time every planned rewrite against its original conv in onnxruntime (isolated
+    single-node models at the real shapes, ``threads`` intra-op threads; see
+    :func:`sepify.latency.measure_plan`), keep only the rewrites that are faster, and write each
+    with its fastest lowering (only ``lowering`` when one is given).  The times are in the
+    report (``rewritten[i].latency``, and ``kept`` entries with reason ``not_faster``).
     """
-    if lowering not in LOWERINGS:
+    if lowering is not None and lowering not in LOWERINGS:
         raise UsageError(f"unknown lowering {lowering!r} (one of {', '.join(LOWERINGS)})")
     if isinstance(model, Plan) and policy is None:
         model, policy = None, model
@@ -135,10 +146,16 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
     an = the_plan.analysis
     if an is None:
         raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
+    if only_faster:
+        from .latency import measure_plan
+
+        the_plan = measure_plan(the_plan, threads=threads, runs=latency_runs, providers=providers,
+                                lowerings=[lowering] if lowering else None)
     source = an.loaded.model
     view = an.view
     specs = {s.ref.qualified_name: s for s in an.specs}
-    kept = [{"name": n.qualified_name, "reason": n.reason or "kept"} for n in the_plan.nodes if n.action != "rewrite"]
+    kept = [{"name": n.qualified_name, "reason": n.reason or "kept", **({"latency": n.latency} if n.latency else {})}
+            for n in the_plan.nodes if n.action != "rewrite"]
 
     realized: list[tuple[Any, list[Stage], NodeRewrite]] = []
     for np_ in the_plan.rewrites:
@@ -151,9 +168,11 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
         if the_plan.policy.mode == "lossless" and np_.exact_tolerance is not None and err > np_.exact_tolerance:
             kept.append({"name": np_.qualified_name, "reason": "exactness_lost_in_rounding"})
             continue
-        realized.append((spec, stages, NodeRewrite(
+        lowered = lower(stages, np_.lowering or lowering or DEFAULT_LOWERING)
+        realized.append((spec, lowered, NodeRewrite(
             np_.name, np_.qualified_name, np_.scheme, np_.rank, np_.chained, err, float(np_.error or 0.0),
-            geo.macs, stages_macs(geo, stages))))
+            geo.macs, stages_macs(geo, stages), lowering=lowered.kind if lowering_kinds(stages) else None,
+            latency=np_.latency)))
 
     before = the_plan.conv_macs
     saved = sum(r.macs_before - r.macs_after for _, _, r in realized)
@@ -161,7 +180,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
                            before, before - saved, changed=bool(realized))
     if not realized:
         return source, report
-    return _surgery(source, realized, the_plan.policy, lowering), report
+    return _surgery(source, realized, the_plan.policy), report
 
 
 def _check_edit(np_, spec, view) -> None:
@@ -174,6 +193,8 @@ def _check_edit(np_, spec, view) -> None:
         raise UsageError(f"{where}: unknown scheme {np_.scheme!r} (one of {', '.join(SCHEMES)})")
     if not isinstance(np_.rank, int) or np_.rank < 1:
         raise UsageError(f"{where}: rewrite needs a rank ≥ 1, not {np_.rank!r}")
+    if np_.lowering is not None and np_.lowering not in LOWERINGS:
+        raise UsageError(f"{where}: unknown lowering {np_.lowering!r} (one of {', '.join(LOWERINGS)})")
     reason = check_weight(view, spec).reason
     if reason is None:
         reason = scheme_reason(spec.geometry(), np_.scheme)
@@ -181,44 +202,49 @@ def _check_edit(np_, spec, view) -> None:
         raise UsageError(f"{where}: cannot rewrite with {np_.scheme} ({reason})")
 
 
-def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = "branches") -> onnx.ModelProto:
+def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelProto:
+    """Replace each ``(spec, Lowered, NodeRewrite)`` of ``realized`` by its lowered chain."""
     import onnx_graphsurgeon as gs  # imported here: it is slow to import and only surgery needs it
 
     names = _Names(source)
     graph = gs.import_onnx(source)
+    opset = next((o.version for o in source.opset_import if o.domain in ("", "ai.onnx")), 1)
     by_output = {}
     for node in _walk_gs(graph):
         if node.outputs:
             by_output[node.outputs[0].name] = node
     factor_cache: dict[tuple, list] = {}
-    for spec, stages, record in realized:
+    for spec, lowered, record in realized:
         node = by_output[spec.ref.node.output[0]]
         x, y = node.inputs[0], node.outputs[0]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         auto_pad = spec.auto_pad if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
         base = spec.ref.node.name or y.name
-        branches = branch_lowering(stages) if lowering == "branches" else [stages]
         owner = _owning_graph(graph, node)
-        key = (spec.w_name, record.scheme, record.rank, record.chained, lowering,
-               tuple((s.kernel, s.group) for s in stages))
+        geo = spec.geometry()
+        # Names: a single chain keeps sep_{i}, r summed chains sep_{b}_{i}; a head / tail shared by
+        # all branches is sep_h{i} / sep_t{i}.  Every new node's name contains "/sep_".
+        multi = len(lowered.branches) > 1
+        head_tags = [f"h{i}" for i in range(len(lowered.head))]
+        branch_tags = [[f"{b}_{i}" if multi else f"{i}" for i in range(len(branch))]
+                       for b, branch in enumerate(lowered.branches)]
+        tail_tags = [f"t{i}" for i in range(len(lowered.tail))]
+        parts = list(zip(head_tags, lowered.head)) + [
+            (t, s) for tags, branch in zip(branch_tags, lowered.branches) for t, s in zip(tags, branch)
+        ] + list(zip(tail_tags, lowered.tail))
+        key = (spec.w_name, record.scheme, record.rank, record.chained, lowered.kind,
+               tuple((tag, s.kernel, s.group) for tag, s in parts))
         weights = factor_cache.get(key)
         if weights is None:
-            weights = [[gs.Constant(names.fresh(f"{spec.w_name}/sep_{b}_{i}_{s.role}" if len(branches) > 1
-                                                else f"{spec.w_name}/sep_{i}_{s.role}"), s.weight)
-                        for i, s in enumerate(branch)] for b, branch in enumerate(branches)]
+            weights = {tag: gs.Constant(names.fresh(f"{spec.w_name}/sep_{tag}_{s.role}"), s.weight) for tag, s in parts}
             factor_cache[key] = weights
-        geo = spec.geometry()
+        bias_stage = lowered.bias_stage()
         new_nodes = []
-        branch_outputs = []
-        for b, (branch, branch_weights) in enumerate(zip(branches, weights)):
-            tag = f"sep_{b}_" if len(branches) > 1 else "sep_"
-            current = x
-            for i, (stage, w) in enumerate(zip(branch, branch_weights)):
-                last = i == len(branch) - 1
-                if last and len(branches) == 1:
-                    out = y
-                else:
-                    out = gs.Variable(names.fresh(f"{y.name}/{tag}{i}"))
+
+        def chain(stages: list[Stage], tags: list[str], current, final: bool):
+            """Conv nodes for ``stages`` reading ``current``; the last writes ``y`` when ``final``."""
+            for i, (stage, tag) in enumerate(zip(stages, tags)):
+                out = y if final and i == len(stages) - 1 else gs.Variable(names.fresh(f"{y.name}/sep_{tag}"))
                 attrs: dict[str, Any] = {"kernel_shape": list(stage.kernel), "group": stage.group}
                 a = stage.attributes(geo)
                 attrs["strides"] = a["strides"]
@@ -229,13 +255,29 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = 
                     attrs["auto_pad"] = auto_pad
                 else:
                     attrs["pads"] = a["pads"]
-                inputs = [current, w] + ([bias] if last and b == 0 and bias is not None else [])
-                new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/{tag}{i}_{stage.role}"), attrs, inputs, [out]))
+                inputs = [current, weights[tag]] + ([bias] if stage is bias_stage and bias is not None else [])
+                new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/sep_{tag}_{stage.role}"), attrs, inputs, [out]))
                 current = out
-            branch_outputs.append(current)
-        if len(branches) > 1:
-            op = "Add" if len(branch_outputs) == 2 else "Sum"
-            new_nodes.append(gs.Node(op, names.fresh(f"{base}/sep_sum"), {}, branch_outputs, [y]))
+            return current
+
+        current = chain(lowered.head, head_tags, x, False)
+        if lowered.split:
+            inputs = [gs.Variable(names.fresh(f"{y.name}/sep_split_{b}")) for b in range(len(lowered.branches))]
+            attrs = {"axis": 1, **({"num_outputs": len(inputs)} if opset >= 18 else {})}  # equal slices
+            new_nodes.append(gs.Node("Split", names.fresh(f"{base}/sep_split"), attrs, [current], inputs))
+        else:
+            inputs = [current] * len(lowered.branches)
+        outs = [chain(branch, tags, inp, not multi and not lowered.tail)
+                for branch, tags, inp in zip(lowered.branches, branch_tags, inputs)]
+        if multi:
+            joined = gs.Variable(names.fresh(f"{y.name}/sep_{lowered.join}")) if lowered.tail else y
+            if lowered.join == "concat":
+                new_nodes.append(gs.Node("Concat", names.fresh(f"{base}/sep_concat"), {"axis": 1}, outs, [joined]))
+            else:
+                op = "Add" if len(outs) == 2 else "Sum"
+                new_nodes.append(gs.Node(op, names.fresh(f"{base}/sep_sum"), {}, outs, [joined]))
+            outs = [joined]
+        chain(lowered.tail, tail_tags, outs[0], True)
         node.outputs.clear()
         node.inputs.clear()
         owner.nodes.extend(new_nodes)
@@ -262,7 +304,8 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy, lowering: str = 
         "sepify_version": __version__,
         "policy": policy.to_dict(),
         "nodes": [{"node": r.qualified_name, "scheme": r.scheme + ("+spatial" if r.chained else ""), "rank": r.rank,
-                   "weight_error": r.weight_error} for _, _, r in realized],
+                   "weight_error": r.weight_error, **({"lowering": r.lowering} if r.lowering else {})}
+                  for _, _, r in realized],
     }
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps({"history": [*history, entry]}, sort_keys=True))
     return out

@@ -1,0 +1,261 @@
+"""Latency-aware rewriting: time each planned rewrite against its original conv in onnxruntime.
+
+For every node a plan rewrites, small models are built at the node's real input shape and dtype
+with its real weights: the original conv alone, and its factorized chain written in each
+lowering that gives a distinct graph (:func:`sepify.factorize.lowering_kinds`; a rank-1 or
+chained rewrite has one).  The rewritten models come from the same graph surgery
+:func:`sepify.rewrite.rewrite` uses, so what is timed is what would be written.  When the conv's
+only consumer is an activation onnxruntime fuses into convolutions (Relu, Clip, …), it is part of
+every model: a fusion the rewrite keeps or loses is part of the measurement.
+
+The models are timed in interleaved rounds (every model once per round, the order rotating) in
+sessions with intra-op spinning off and ``threads`` intra-op threads.  A lowering's speedup is the
+median over rounds of ``t_original / t_lowering`` measured in the same round — robust to load
+that comes and goes on a shared machine.  The rewrite is kept when the best lowering's speedup
+exceeds ``min_speedup`` (default 1: faster at all), and written in that lowering.
+
+Rounds: ``runs`` if given, else as many as fit in ``budget_s`` seconds (after the warm-up),
+between :data:`MIN_RUNS` and :data:`MAX_RUNS` — fewer for big layers.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import UsageError
+from .factorize import LOWERINGS, Lowered, lower, lowering_kinds
+from .load import ort_max_ir_version
+from .plan import Plan, Policy, realize
+
+MIN_RUNS = 10
+MAX_RUNS = 50
+DEFAULT_BUDGET_S = 1.0
+DEFAULT_WARMUP = 3
+SINGLE = "single"  # the label of a chain that can be written only one way
+# Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
+FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
+
+
+@dataclass
+class NodeLatency:
+    """Onnxruntime timings of one planned rewrite (isolated models, medians in µs)."""
+
+    node: str
+    threads: int | None
+    runs: int
+    original_us: float
+    lowerings_us: dict[str, float]  # per lowering ("single" when there is one way to write it)
+    speedups: dict[str, float]  # per lowering: median over rounds of t_original / t_lowering
+    chosen: str  # the lowering with the best speedup
+    speedup: float
+    min_speedup: float
+    activation: str | None = None  # fused consumer included in every model
+
+    @property
+    def faster(self) -> bool:
+        return self.speedup > self.min_speedup
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["faster"] = self.faster
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolated models
+# ----------------------------------------------------------------------------------------------
+def _fused_activation(an, spec) -> onnx.NodeProto | None:
+    """The conv's only consumer when it is an activation onnxruntime fuses into convs (constant extra inputs)."""
+    ref = spec.ref
+    y = ref.node.output[0]
+    users = an.view.consumers.get(y, [])
+    if len(users) != 1 or y in {o.name for o in ref.graph.output}:
+        return None
+    act = users[0]
+    if act.op_type not in FUSED_ACTIVATIONS or act.node.domain not in ("", "ai.onnx") or act.graph is not ref.graph:
+        return None
+    for name in act.node.input[1:]:
+        if name and an.view.constant(name, act) is None:
+            return None
+    return act
+
+
+def isolated_model(an, spec, *, activation: bool = True) -> onnx.ModelProto:
+    """The conv of ``spec`` alone (plus its fused activation) at its real input shape and dtype,
+    with its real weight; the bias (if any) from the model, or zeros when it is not constant."""
+    view = an.view
+    ref = spec.ref
+    node = onnx.NodeProto()
+    node.CopyFrom(ref.node)
+    elem = spec.dtype or onnx.TensorProto.FLOAT
+    np_dtype = helper.tensor_dtype_to_np_dtype(elem)
+    weight = view.constant(spec.w_name, ref).value
+    inits = [numpy_helper.from_array(np.asarray(weight), spec.w_name)]
+    if spec.b_name:
+        const = view.constant(spec.b_name, ref)
+        bias = const.value if const is not None else np.zeros(spec.output_shape[1], np_dtype)
+        inits.append(numpy_helper.from_array(np.asarray(bias), spec.b_name))
+    nodes = [node]
+    out_name = node.output[0]
+    act = _fused_activation(an, spec) if activation else None
+    if act is not None:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(act.node)
+        nodes.append(copy)
+        for name in act.node.input[1:]:
+            if name and name not in {t.name for t in inits}:
+                inits.append(numpy_helper.from_array(np.asarray(view.constant(name, act).value), name))
+        out_name = act.node.output[0]
+    graph = helper.make_graph(
+        nodes, f"isolated:{ref.qualified_name}",
+        [helper.make_tensor_value_info(spec.x_name, elem, list(spec.input_shape))],
+        [helper.make_tensor_value_info(out_name, elem, list(spec.output_shape))], inits)
+    opset = an.view.opset
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sepify-latency")
+    model.ir_version = min(an.loaded.model.ir_version, ort_max_ir_version())
+    return model
+
+
+def lowered_model(original: onnx.ModelProto, spec, lowered: Lowered) -> onnx.ModelProto:
+    """``original`` (from :func:`isolated_model`) with its conv replaced by ``lowered``, through the
+    same surgery the rewrite uses."""
+    from .rewrite import NodeRewrite, _surgery
+
+    record = NodeRewrite(spec.ref.name, spec.ref.qualified_name, "", 0, False, 0.0, 0.0, 0, 0)
+    return _surgery(original, [(spec, lowered, record)], Policy())
+
+
+def candidate_lowerings(stages, lowerings: Sequence[str] | None = None) -> dict[str, Lowered]:
+    """The distinct lowered graphs of ``stages``, by the lowering actually used (``lowerings``
+    restricts the choice; a chain written only one way gives ``{"single": …}``)."""
+    kinds = lowering_kinds(stages)
+    if not kinds:
+        return {SINGLE: lower(stages, "grouped")}
+    out: dict[str, Lowered] = {}
+    for k in lowerings or LOWERINGS:
+        lw = lower(stages, k)
+        out.setdefault(lw.kind, lw)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None = None, runs: int | None = None,
+                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None) -> list[list[float]]:
+    """Interleaved wall times (s) of ``models``; ``runs`` rounds, or as many as fit ``budget_s``."""
+    from .bench import _timed, interleaved_times
+    from .verify import make_session
+
+    sessions = [make_session(m, providers=providers, threads=threads) for m in models]
+    for _ in range(max(warmup, 1) - 1):
+        for s in sessions:
+            s.run(None, feeds)
+    probe = sum(_timed(s, feeds) for s in sessions)  # the last warm-up round sizes the experiment
+    if runs is None:
+        runs = int(np.clip(budget_s / max(probe, 1e-9), MIN_RUNS, MAX_RUNS))
+    return interleaved_times(sessions, feeds, runs)
+
+
+def measure_node(an, spec, stages, *, lowerings: Sequence[str] | None = None, threads: int | None = None,
+                 runs: int | None = None, warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S,
+                 min_speedup: float = 1.0, providers=None, seed: int = 0) -> NodeLatency:
+    """Time the conv of ``spec`` against ``stages`` (cast factors) in each candidate lowering."""
+    original = isolated_model(an, spec)
+    cands = candidate_lowerings(stages, lowerings)
+    models = [original] + [lowered_model(original, spec, lw) for lw in cands.values()]
+    np_dtype = helper.tensor_dtype_to_np_dtype(spec.dtype or onnx.TensorProto.FLOAT)
+    feeds = {spec.x_name: np.random.default_rng(seed).standard_normal(spec.input_shape).astype(np_dtype)}
+    times = [np.asarray(t) for t in time_models(models, feeds, threads=threads, runs=runs, warmup=warmup,
+                                                 budget_s=budget_s, providers=providers)]
+    t0 = times[0]
+    medians = {k: float(np.median(t) * 1e6) for k, t in zip(cands, times[1:])}
+    speedups = {k: float(np.median(t0 / t)) for k, t in zip(cands, times[1:])}
+    chosen = max(speedups, key=lambda k: speedups[k])
+    act = _fused_activation(an, spec)
+    return NodeLatency(spec.ref.qualified_name, threads, len(t0), float(np.median(t0) * 1e6), medians, speedups,
+                       chosen, speedups[chosen], min_speedup, act.op_type if act is not None else None)
+
+
+def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = None,
+                 lowerings: Sequence[str] | None = None, min_speedup: float = 1.0,
+                 warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None,
+                 seed: int = 0) -> Plan:
+    """A copy of ``plan`` in which every rewrite is timed (:func:`measure_node`): its ``latency``
+    holds the figures, its ``lowering`` the fastest measured lowering, and a rewrite no lowering
+    makes faster than ``min_speedup`` becomes ``action="keep"`` with reason ``not_faster``."""
+    from .rewrite import _cast, _check_edit
+
+    an = plan.analysis
+    if an is None:
+        raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
+    if threads is not None and threads < 1:
+        raise UsageError("threads must be ≥ 1")
+    if runs is not None and runs < 1:
+        raise UsageError("latency runs must be ≥ 1")
+    for k in lowerings or ():
+        if k not in LOWERINGS:
+            raise UsageError(f"unknown lowering {k!r} (one of {', '.join(LOWERINGS)})")
+    specs = {s.ref.qualified_name: s for s in an.specs}
+    nodes = []
+    for np_ in plan.nodes:
+        np_ = replace(np_)
+        nodes.append(np_)
+        if np_.action != "rewrite":
+            continue
+        spec = specs[np_.qualified_name]
+        _check_edit(np_, spec, an.view)
+        weight = an.view.constant(spec.w_name, spec.ref).value
+        stages = _cast(realize(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0), weight.dtype)
+        wanted = [np_.lowering] if np_.lowering else lowerings
+        lat = measure_node(an, spec, stages, lowerings=wanted, threads=threads, runs=runs, warmup=warmup,
+                           budget_s=budget_s, min_speedup=min_speedup, providers=providers, seed=seed)
+        np_.latency = lat.to_dict()
+        if lat.faster:
+            if lat.chosen != SINGLE:
+                np_.lowering = lat.chosen
+        else:
+            np_.action, np_.reason = "keep", "not_faster"
+    return Plan(plan.policy, nodes, plan.analysis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+def latency_rows(report) -> list[dict[str, Any]]:
+    """Timed nodes of a RewriteReport: rewritten ones and those kept as not faster."""
+    rows = [r.latency for r in report.rewritten if r.latency]
+    rows += [k["latency"] for k in report.kept if k.get("latency")]
+    return rows
+
+
+def render_latency(report, width: int = 160) -> str:
+    """A table of the measured rewrites: original vs each lowering, speedup, decision."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = latency_rows(report)
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    threads = rows[0].get("threads")
+    table = Table(title=f"onnxruntime latency per node (isolated, {threads or 'default'} thread(s), medians)")
+    for col in ("node", "original", "lowerings (µs)", "best", "speedup", "runs", "rewritten"):
+        table.add_column(col, justify="left" if col in ("node", "lowerings (µs)", "best") else "right", overflow="fold")
+    for d in rows:
+        lows = ", ".join(f"{k} {v:.0f}" for k, v in d["lowerings_us"].items())
+        table.add_row(d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
+                      lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no")
+    console.print(table)
+    return buf.getvalue()
+
+
+__all__ = ["NodeLatency", "isolated_model", "lowered_model", "measure_node", "measure_plan", "render_latency",
+           "time_models"]
