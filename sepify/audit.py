@@ -211,15 +211,14 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
         return "quantized_weight"
     if spec.weight_dtype not in SUPPORTED_DTYPES:
         return "unsupported_dtype"
+    if weight is not None and not np.all(np.isfinite(weight)):
+        return "nonfinite_weight"
+    if spec.fits_input() is False:
+        return "weight_shape_mismatch"
     if spec.geometry() is None:
         return "shape_unknown"
     if spec.kernel is not None and prod(spec.kernel) == 1:
         return "pointwise_kernel"
-    if weight is not None and not np.all(np.isfinite(weight)):
-        return "nonfinite_weight"
-    if spec.weight_shape is not None and spec.input_shape is not None:
-        if spec.weight_shape[1] * spec.group != spec.input_shape[1] or spec.weight_shape[0] % spec.group:
-            return "weight_shape_mismatch"
     return None
 
 
@@ -362,7 +361,10 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelA
             fill_from_profile(view, table, still)
             specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
     for s in specs:
-        if s.shape_source == "unknown" or s.weight_shape is None:
+        if s.fits_input() is False:
+            warnings.append(f"{s.ref.qualified_name}: weight {s.weight_shape} does not fit input {s.input_shape}; "
+                            "its cost is not counted")
+        elif s.shape_source == "unknown" or s.weight_shape is None:
             warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 

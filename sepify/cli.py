@@ -145,7 +145,7 @@ def cmd_rewrite(args) -> int:
     from .load import load_model
     from .report import render_rewrite
     from .rewrite import rewrite
-    from .save import save_model, same_file, write_text_atomic
+    from .save import check_writable, save_model, same_file, write_text_atomic
 
     policy = _policy_from_args(args)
     if args.threads is not None and args.threads < 1:
@@ -161,9 +161,17 @@ def cmd_rewrite(args) -> int:
             raise UsageError("rewrite needs -o OUT (or --in-place, or --dry-run)")
         elif same_file(args.output, args.model):
             raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
-    loaded = load_model(args.model)
-    model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering,
-                            only_faster=args.only_faster, threads=args.threads, latency_runs=args.latency_runs)
+    for target in ([] if args.dry_run else [args.output]) + ([args.report] if args.report else []):
+        check_writable(target)  # before any work: a bad target must not leave a model written
+    try:
+        loaded = load_model(args.model)
+        model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering,
+                                only_faster=args.only_faster, threads=args.threads, latency_runs=args.latency_runs)
+    except SepifyError as exc:
+        named = naming_file(exc, args.model)
+        if named is exc:
+            raise
+        raise named from exc
     if not args.dry_run:
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
     if args.report:
@@ -219,6 +227,8 @@ def cmd_audit(args) -> int:
             reports.append(audit(path, args.input_shape or None, spectra=not args.no_spectra))
         except SepifyError as exc:
             failed += 1
+            if args.debug:
+                traceback.print_exc()
             _print_error(exc, path)
     if reports:
         text = render_audit(reports, args.format, args.sort, args.top)
@@ -229,6 +239,15 @@ def cmd_audit(args) -> int:
         else:
             sys.stdout.write(text)
     return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def naming_file(exc: SepifyError, path) -> SepifyError:
+    """``exc`` with its message prefixed by ``path`` (unless it already names it), same type and exit code."""
+    if str(path) in str(exc):
+        return exc
+    named = type(exc)(f"{path}: {exc}")
+    named.exit_code = exc.exit_code
+    return named
 
 
 def _print_error(exc: BaseException, path: Path | None = None) -> None:

@@ -74,6 +74,23 @@ class ConvSpec:
     def transposed(self) -> bool:
         return self.ref.op_type == "ConvTranspose"
 
+    def fits_input(self) -> bool | None:
+        """Whether the weight fits the input (None while either shape is unknown): equal ranks,
+        input channels = weight dim 1 × group (ConvTranspose: weight dim 0), output channels
+        divisible by group, and a (dilated) kernel no larger than the padded input."""
+        x, w = self.input_shape, self.weight_shape
+        if x is None or w is None:
+            return None
+        if len(w) != len(x) or len(x) < 3 or self.group < 1:
+            return False
+        if self.transposed:
+            channels_ok = w[0] == x[1] and w[0] % self.group == 0
+        else:
+            channels_ok = w[1] * self.group == x[1] and w[0] % self.group == 0
+        if not channels_ok:
+            return False
+        return self.output_shape is None or all(d > 0 for d in self.output_shape)
+
     def geometry(self) -> ConvGeometry | None:
         if self.input_shape is None or self.output_shape is None or self.weight_shape is None or self.transposed:
             return None
@@ -123,10 +140,11 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
     pads = None
     if d and kernel is not None and len(kernel) == d:
         raw_pads = attr(node, "pads", None)
+        x_fits = x_shape if x_shape is not None and len(x_shape) == d + 2 else None  # rank mismatch: no pads
         if node.op_type == "ConvTranspose":
             output_padding = list(attr(node, "output_padding", None) or [0] * d)
-            pads = _transpose_pads(node, x_shape, kernel, strides, dilations, output_padding, raw_pads, auto_pad)
-        elif x_shape is not None:
+            pads = _transpose_pads(node, x_fits, kernel, strides, dilations, output_padding, raw_pads, auto_pad)
+        elif x_fits is not None:
             pads = explicit_pads(x_shape[2:], kernel, strides, dilations, raw_pads, auto_pad)
         elif auto_pad in ("NOTSET", "", "VALID"):
             pads = explicit_pads([0] * d, kernel, strides, dilations, raw_pads, auto_pad)
@@ -198,8 +216,8 @@ class Cost:
 
 def conv_cost(spec: ConvSpec, table: ShapeTable, weight_numel: int | None, bias_numel: int) -> Cost:
     params = (weight_numel + bias_numel) if weight_numel is not None else None
-    if spec.input_shape is None or spec.output_shape is None or spec.weight_shape is None:
-        return Cost(params, None, None, None, None)
+    if spec.input_shape is None or spec.output_shape is None or spec.weight_shape is None or not spec.fits_input():
+        return Cost(params, None, None, None, None)  # unknown, or a weight that does not fit: no cost to count
     k = prod(spec.kernel)
     if spec.transposed:
         macs = prod(spec.input_shape) * spec.weight_shape[1] * k

@@ -33,6 +33,7 @@ class LoadedModel:
     path: Path | None = None
     base_dir: Path | None = None
     has_external_data: bool = False
+    external_files: tuple[Path, ...] = ()  # the external data files read (resolved), for save's overwrite guard
 
 
 def _error(label: str, message: str) -> ModelLoadError:
@@ -72,13 +73,15 @@ def ort_max_opset() -> int:
         return onnx.defs.onnx_opset_version()
 
 
-def iter_all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Initializers and tensor attributes, in every (sub)graph — the tensors that can hold weights."""
+def iter_all_tensors(model: onnx.ModelProto, *, sparse: bool = True) -> Iterator[TensorProto]:
+    """Initializers and tensor attributes, in every (sub)graph — the tensors that can hold weights
+    (with ``sparse``, the values of sparse initializers too)."""
 
     def walk_graph(graph: onnx.GraphProto) -> Iterator[TensorProto]:
         yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
+        if sparse:
+            for sp in graph.sparse_initializer:
+                yield sp.values
         for node in graph.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
@@ -173,14 +176,13 @@ def _is_escaping(location: str) -> bool:
     return ".." in parts
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
-    """Validate every external-data reference before anything is read. Returns True if there are any."""
-    found = False
+def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> list[Path]:
+    """Validate every external-data reference before anything is read. Returns the files referenced."""
+    found: dict[str, None] = {}
     base_real = os.path.realpath(base_dir) if base_dir is not None else None
     for tensor in iter_all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
-        found = True
         try:
             info = ExternalDataInfo(tensor)
             location = info.location
@@ -202,6 +204,7 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
                                 "outside the model's folder (symlink); refused")
         if not os.path.isfile(full):
             raise _error(label, f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        found[full] = None
         size = os.path.getsize(full)
         need = tensor_nbytes(tensor)
         length = declared_length if declared_length else (need if need is not None else size - offset)
@@ -211,7 +214,116 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
         if offset < 0 or offset + length > size:
             raise _error(label, f"tensor {tensor.name!r}: external data {location!r} is truncated "
                                 f"(needs bytes {offset}..{offset + length}, file has {size})")
-    return found
+    return [Path(f) for f in found]
+
+
+# Conv-like ops: positions of the weight and bias inputs.
+_CONV_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "ConvInteger": (1, None), "QLinearConv": (3, 8)}
+_AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+_INTS_ATTRS = {"kernel_shape": 1, "strides": 1, "dilations": 1, "pads": 0, "output_padding": 0, "output_shape": 1}
+
+
+def _constant_dims(node: onnx.NodeProto) -> list[int] | None:
+    """Dims of a Constant node's value (None for sparse or unknown forms)."""
+    for a in node.attribute:
+        if a.name == "value" and a.HasField("t"):
+            return list(a.t.dims)
+        if a.name in ("value_float", "value_int", "value_string"):
+            return []
+        if a.name in ("value_floats", "value_ints"):
+            return [len(a.floats) if a.name == "value_floats" else len(a.ints)]
+    return None
+
+
+def _check_conv_node(node: onnx.NodeProto, dims_of: dict[str, list[int] | None], label: str) -> None:
+    """Refuse a Conv-like node whose attributes or constant weight/bias dims break the ONNX spec.
+
+    These are models no runtime can execute (onnxruntime refuses each of them); refusing them
+    here, with the node named, spares every later stage from defending against them.  What
+    depends on the input's shape (channels, a kernel larger than the padded input) is not
+    decided here: the audit reports such a node as ``weight_shape_mismatch``.
+    """
+    op = node.op_type
+    who = f"node {node.name!r}" if node.name else f"the {op} node producing {list(node.output)[:1]}"
+
+    def bad(problem: str) -> ModelLoadError:
+        return _error(label, f"{who} ({op}): {problem}")
+
+    ints: dict[str, list[int]] = {}
+    group = 1
+    auto_pad = "NOTSET"
+    for a in node.attribute:
+        if a.name in _INTS_ATTRS:
+            if a.type != onnx.AttributeProto.INTS:
+                raise bad(f"attribute {a.name} must be a list of integers")
+            ints[a.name] = list(a.ints)
+            low = _INTS_ATTRS[a.name]
+            if any(v < low for v in a.ints):
+                raise bad(f"{a.name} {list(a.ints)} must all be ≥ {low}")
+        elif a.name == "group":
+            if a.type != onnx.AttributeProto.INT or a.i < 1:
+                raise bad(f"group must be a positive integer, not {a.i if a.type == onnx.AttributeProto.INT else '?'}")
+            group = a.i
+        elif a.name == "auto_pad":
+            try:
+                auto_pad = a.s.decode("ascii") or "NOTSET"
+            except UnicodeDecodeError:
+                auto_pad = repr(a.s)
+            if a.type != onnx.AttributeProto.STRING or auto_pad not in _AUTO_PADS:
+                raise bad(f"auto_pad {auto_pad!r} is not one of {', '.join(_AUTO_PADS)}")
+    w_index, b_index = _CONV_INPUTS[op]
+    inputs = list(node.input)
+    w_dims = dims_of.get(inputs[w_index]) if len(inputs) > w_index and inputs[w_index] else None
+    ranks: dict[str, int] = {}
+    if w_dims is not None:
+        if len(w_dims) < 3:
+            raise bad(f"weight {inputs[w_index]!r} has dims {w_dims}; a convolution weight needs at least 3")
+        if any(d <= 0 for d in w_dims):
+            raise bad(f"weight {inputs[w_index]!r} has dims {w_dims}; every dim must be positive")
+        ranks[f"weight {inputs[w_index]!r} (dims {w_dims})"] = len(w_dims) - 2
+        if w_dims[0] % group:
+            raise bad(f"weight {inputs[w_index]!r} dim 0 ({w_dims[0]}) is not divisible by group {group}")
+        if "kernel_shape" in ints and ints["kernel_shape"] != w_dims[2:]:
+            raise bad(f"kernel_shape {ints['kernel_shape']} does not match weight {inputs[w_index]!r} dims {w_dims}")
+    for key in ("kernel_shape", "strides", "dilations", "output_padding"):
+        if key in ints:
+            ranks[f"{key} {ints[key]}"] = len(ints[key])
+    if "pads" in ints:
+        if len(ints["pads"]) % 2:
+            raise bad(f"pads {ints['pads']} must hold a begin and an end per spatial axis")
+        ranks[f"pads {ints['pads']}"] = len(ints["pads"]) // 2
+    if len(set(ranks.values())) > 1:
+        raise bad("spatial ranks disagree: " + ", ".join(f"{k} → {v}" for k, v in ranks.items()))
+    if ranks and next(iter(ranks.values())) < 1:
+        raise bad("a convolution needs at least one spatial axis")
+    if w_dims is not None and b_index is not None and len(inputs) > b_index and inputs[b_index]:
+        b_dims = dims_of.get(inputs[b_index])
+        c_out = w_dims[1] * group if op == "ConvTranspose" else w_dims[0]
+        if b_dims is not None and b_dims != [c_out]:
+            raise bad(f"bias {inputs[b_index]!r} has dims {b_dims}, expected [{c_out}] (one per output channel)")
+
+
+def _check_conv_nodes(model: onnx.ModelProto, label: str) -> None:
+    """Structural checks of every Conv-like node, in every (sub)graph, with the dims of the constant
+    weights visible from its scope."""
+
+    def walk(graph: onnx.GraphProto, outer: dict[str, list[int] | None]) -> None:
+        dims_of = dict(outer)
+        for vi in graph.input:
+            dims_of[vi.name] = None  # a runtime value shadows an outer constant
+        for t in graph.initializer:
+            dims_of[t.name] = list(t.dims)
+        for node in graph.node:
+            if node.op_type in _CONV_INPUTS and node.domain in ("", "ai.onnx"):
+                _check_conv_node(node, dims_of, label)
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+                    walk(sub, dims_of)
+            const = _constant_dims(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+            for out in node.output:
+                dims_of[out] = const
+
+    walk(model.graph, {})
 
 
 def _check_versions(model: onnx.ModelProto, label: str) -> None:
@@ -244,9 +356,16 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     return model
 
 
+MAX_MESSAGE = 300  # characters of a third-party error message quoted in a one-line error
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The exception's message on one line (onnx's checker spreads one message over several lines,
+    e.g. a node dump), shortened to ``MAX_MESSAGE`` characters."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
 def _run_checker(model: onnx.ModelProto | bytes, label: str, path: Path | None = None) -> None:
@@ -270,10 +389,11 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         label = "<ModelProto>"
         model = source
         _check_versions(model, label)
-        has_ext = _check_external_data(model, None, label) if load_external else False
+        has_ext = bool(_check_external_data(model, None, label)) if load_external else False
         _check_inline_sizes(model, label)
         if check:
             _run_checker(model, label)
+        _check_conv_nodes(model, label)
         return LoadedModel(model=model, label=label, has_external_data=has_ext)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -305,15 +425,18 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         base_dir = path.resolve().parent
 
     _check_versions(model, label)
-    has_ext = _check_external_data(model, base_dir, label)
+    external_files = _check_external_data(model, base_dir, label)
+    has_ext = bool(external_files)
     _check_inline_sizes(model, label)
     if check:
         # Checked before external data is read: the checker refuses protos over 2 GiB.
         _run_checker(data, label, path if has_ext else None)
     del data
+    _check_conv_nodes(model, label)
     if has_ext and load_external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
         except Exception as exc:  # noqa: BLE001
             raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
-    return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext)
+    return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext,
+                       external_files=tuple(external_files))

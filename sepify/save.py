@@ -8,14 +8,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UsageError
+from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
-    from .errors import UsageError
-
     if target.is_dir():
         raise UsageError(f"{target}: is a directory; give a file name")
     try:
@@ -25,16 +26,12 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file owner-only; give it the mode a plain open() would (or the file's own).
-    try:
-        mode = target.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    os.chmod(tmp_path, mode)
+    os.chmod(tmp_path, _mode_for(target))
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:  # disk full, quota, a folder gone: bad environment, not a bug
+        raise UsageError(f"{target}: cannot write ({exc.strerror or exc}); nothing written") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -57,46 +54,138 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def check_writable(target: str | os.PathLike) -> None:
+    """Refuse, before any work, a target that cannot be written: a directory, a missing folder,
+    a folder without write permission."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"{target}: is a directory; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"{target}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{target}: cannot write in {str(folder)!r} (permission denied)")
+
+
+def external_data_name(target: str | os.PathLike) -> str:
+    """The external data file written beside ``target``: ``<target name>.data``."""
+    return f"{Path(target).name}.data"
+
+
+def _refuse_overwriting_inputs(target: Path, data_file: Path | None, source) -> None:
+    """Never clobber a file the input model is made of, unless writing over the model itself
+    (``--in-place``, where its own data file is meant to be replaced too)."""
+    if source is None:
+        return
+    inputs = list(getattr(source, "external_files", ()) or ())
+    in_place = getattr(source, "path", None) is not None and same_file(target, source.path)
+    for f in inputs:
+        if same_file(target, f):
+            raise UsageError(f"{target}: is the external data file of the input model {source.label}; "
+                             "choose another output")
+        if data_file is not None and not in_place and same_file(data_file, f):
+            raise UsageError(f"{target}: its external data {data_file.name} would overwrite the input model's "
+                             f"external data ({f}); choose another output")
+
+
+EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the external data file
+
+
 def save_model(model, target: str | os.PathLike, *, external: bool | None = None, source=None) -> None:
     """Write ``model`` atomically so that the onnxruntime sepify depends on can load it.
 
-    The IR version is clamped to what that onnxruntime accepts.  ``external=None`` means
-    "only if needed" (over protobuf's 2 GiB limit); external data goes to ``<target name>.data``
-    beside the model.  Both files are written in a temporary folder next to ``target`` and
-    moved into place only when complete.  The proto is modified (IR version; weights moved
-    out when saving externally).
+    The IR version is clamped to what that onnxruntime accepts.  ``external=None`` means "only if
+    needed" (the proto is over protobuf's 2 GiB limit); with external data every tensor of at
+    least ``EXTERNAL_THRESHOLD`` bytes goes to ``<target name>.data`` beside the model, one after
+    the other in graph order (so equal models give equal bytes).  Both files are written in a
+    temporary folder next to ``target`` and moved into place only when complete; nothing is left
+    behind on failure.  ``source`` (the :class:`~sepify.load.LoadedModel` the model came from)
+    guards the input's files: neither ``target`` nor its data file may overwrite the input's
+    external data unless ``target`` is the input model itself (in place).
+
+    The proto is modified: IR version clamped; when saving externally its weights are moved out
+    to the data file one by one (so the whole model is never held twice) and it then refers to it.
     """
     import shutil
 
-    import onnx
-
-    from .load import PROTOBUF_LIMIT, ort_max_ir_version
-
-    del source
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
+    check_writable(target)
     model.ir_version = min(model.ir_version, ort_max_ir_version())
     if external is None:
         external = model.ByteSize() > PROTOBUF_LIMIT
+    data_name = external_data_name(target)
+    _refuse_overwriting_inputs(target, folder / data_name if external else None, source)
     if not external:
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(model.SerializeToString())
         return
-    data_name = f"{target.name}.data"
-    from .errors import UsageError
-
-    if target.is_dir():
-        raise UsageError(f"{target}: is a directory; give a file name")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
         raise UsageError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     try:
-        onnx.save_model(model, str(staging / target.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        if (staging / data_name).exists():
+        wrote_data = _write_external(model, staging / data_name, data_name)
+        with open(staging / target.name, "wb") as fh:
+            fh.write(model.SerializeToString())
+        mode = _mode_for(target)
+        for name in ([data_name] if wrote_data else []) + [target.name]:
+            os.chmod(staging / name, mode)
+        if wrote_data:
             os.replace(staging / data_name, folder / data_name)
         os.replace(staging / target.name, target)
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write ({exc.strerror or exc}); nothing written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mode_for(target: Path) -> int:
+    """The mode a plain open() would give a new file (or the existing file's own)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_external(model, data_path: Path, location: str) -> bool:
+    """Move every tensor with at least ``EXTERNAL_THRESHOLD`` bytes of ``raw_data`` into ``data_path``
+    (each at a 4 KiB-aligned offset, as onnx does), pointing the tensor at ``location``.
+
+    One tensor's bytes are in flight at a time, and each is dropped from the proto once written,
+    so memory falls while the file grows.  Tensors already external (not loaded) are refused:
+    their bytes are not in the proto.  Returns whether anything was written.
+    """
+    import onnx
+
+    offset = 0
+    with open(data_path, "wb") as fh:
+        for tensor in iter_all_tensors(model, sparse=False):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"tensor {tensor.name!r} still refers to external data; load it first")
+            if not tensor.HasField("raw_data"):
+                continue
+            data = tensor.raw_data
+            if len(data) < EXTERNAL_THRESHOLD:
+                continue
+            pad = -offset % 4096
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(data)
+            length = len(data)
+            del data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += length
+    if offset == 0:
+        data_path.unlink()
+        return False
+    return True

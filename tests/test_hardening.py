@@ -1,0 +1,721 @@
+"""Hardening (issue 6): bad input, safe writes, determinism.
+
+Every bad input of the issue is built here and run through **both** ``sepify audit`` and
+``sepify rewrite``: exit code 2, exactly one stderr line ``sepify: error: <file>: …`` (checked at
+the file-descriptor level, so onnxruntime's C++ logging would show up too), no traceback, and
+nothing written — no output file, no report, no temp file — while the input stays untouched.
+Some inputs are not refused but reported: NaN/Inf weights and a weight that does not fit its
+input get a reason in the audit and are skipped by the rewrite, which still rewrites the rest.
+
+(tests/test_load.py covers the loader's refusals one by one through the Python API, and
+tests/test_cli_*.py bad arguments; this file is the command-line corpus over both commands.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import sepify.load
+import sepify.save
+from sepify.cli import main
+from sepify.load import ort_max_ir_version
+
+from conftest import init, make_conv_model, make_model, rand, vi
+from test_rewrite import assert_matches, lowrank_weight, random_conv_stack, random_feeds, session
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+LOWRANK = SAMPLES / "lowrank_separable.onnx"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _conv_model() -> onnx.ModelProto:
+    return make_conv_model([1, 3, 8, 8], [4, 3, 3, 3], bias=True, pads=[1, 1, 1, 1])
+
+
+def _save_external(model: onnx.ModelProto, path: Path, location: str = "weights.bin") -> Path:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+def _edit_external(path: Path, **entries: str) -> None:
+    """Set external-data entries (location/offset/length) of weight 'w' in a saved model."""
+    model = onnx.load(str(path), load_external_data=False)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    for e in w.external_data:
+        if e.key in entries:
+            e.value = entries[e.key]
+    path.write_bytes(model.SerializeToString())
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    def content(p: Path) -> bytes | None:
+        if not p.is_file():
+            return None
+        with open(p, "rb") as fh:  # not Path.read_bytes, which a test may patch
+            return fh.read()
+
+    return {str(p.relative_to(folder)): content(p) for p in sorted(folder.rglob("*"))}
+
+
+def _one_error_line(err: str, out: str = "") -> str:
+    assert "Traceback" not in err and "Traceback" not in out, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {err!r}"
+    assert lines[0].startswith("sepify: error: "), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The bad-input corpus: name -> builder(folder) -> path of the bad input
+# ----------------------------------------------------------------------------------------------
+BAD: dict[str, Callable[[Path], Path]] = {}
+
+
+def bad(name: str):
+    def register(fn):
+        BAD[name] = fn
+        return fn
+    return register
+
+
+def _bytes_file(folder: Path, name: str, data: bytes) -> Path:
+    p = folder / name
+    p.write_bytes(data)
+    return p
+
+
+def _model_file(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
+    return _bytes_file(folder, name, model.SerializeToString())
+
+
+@bad("empty_file")
+def _(f):
+    return _bytes_file(f, "empty.onnx", b"")
+
+
+@bad("random_bytes")
+def _(f):
+    return _bytes_file(f, "random.onnx", np.random.default_rng(6).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+
+
+@bad("truncated_model")
+def _(f):
+    data = LOWRANK.read_bytes()
+    return _bytes_file(f, "truncated.onnx", data[: len(data) * 2 // 3])
+
+
+@bad("text_file")
+def _(f):
+    return _bytes_file(f, "notes.onnx", b"This is a README, not a model.\nSecond line.\n")
+
+
+@bad("json_file")
+def _(f):
+    return _bytes_file(f, "model.json", json.dumps({"ir_version": 10, "graph": {"node": [{"op_type": "Conv"}]}}).encode())
+
+
+@bad("directory")
+def _(f):
+    d = f / "folder.onnx"
+    d.mkdir()
+    return d
+
+
+@bad("missing_path")
+def _(f):
+    return f / "does_not_exist.onnx"
+
+
+@bad("unreadable_path")
+def _(f):
+    p = _model_file(f, _conv_model(), "locked.onnx")
+    p.chmod(0)
+    return p
+
+
+@bad("protobuf_not_a_model")
+def _(f):
+    return _bytes_file(f, "tensor.onnx", numpy_helper.from_array(rand([4, 3, 3, 3]), "t").SerializeToString())
+
+
+@bad("graph_proto_not_a_model")
+def _(f):
+    return _bytes_file(f, "graph.onnx", _conv_model().graph.SerializeToString())
+
+
+@bad("fails_checker")
+def _(f):
+    m = _conv_model()
+    m.graph.node.append(helper.make_node("Relu", ["nowhere"], ["z"], name="dangling"))
+    m.graph.output.append(vi("z", [1, 4, 8, 8]))
+    return _model_file(f, m)
+
+
+@bad("weight_produced_by_nothing")
+def _(f):
+    m = _conv_model()
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == "w"))
+    return _model_file(f, m)
+
+
+@bad("opset_99")
+def _(f):
+    m = _conv_model()
+    m.opset_import[0].version = 99
+    return _model_file(f, m)
+
+
+@bad("ir_version_newer_than_onnx")
+def _(f):
+    m = _conv_model()
+    m.ir_version = onnx.IR_VERSION + 1
+    return _model_file(f, m)
+
+
+@bad("ir_version_99")
+def _(f):
+    m = _conv_model()
+    m.ir_version = 99
+    return _model_file(f, m)
+
+
+@bad("external_data_missing")
+def _(f):
+    p = _save_external(_conv_model(), f / "m.onnx")
+    (f / "weights.bin").unlink()
+    return p
+
+
+@bad("external_data_truncated")
+def _(f):
+    p = _save_external(_conv_model(), f / "m.onnx")
+    data = (f / "weights.bin").read_bytes()
+    (f / "weights.bin").write_bytes(data[:20])
+    return p
+
+
+@bad("external_location_absolute")
+def _(f):
+    p = _save_external(_conv_model(), f / "m.onnx")
+    _edit_external(p, location=str((f / "weights.bin").resolve()))
+    return p
+
+
+@bad("external_location_etc_passwd")
+def _(f):
+    p = _save_external(_conv_model(), f / "m.onnx")
+    _edit_external(p, location="/etc/passwd")
+    return p
+
+
+@bad("external_location_dotdot")
+def _(f):
+    sub = f / "model"
+    sub.mkdir()
+    p = _save_external(_conv_model(), sub / "m.onnx")
+    shutil.copy(sub / "weights.bin", f / "weights.bin")  # a real file is there: still refused
+    _edit_external(p, location="../weights.bin")
+    return p
+
+
+@bad("external_location_symlink_out")
+def _(f):
+    sub = f / "model"
+    sub.mkdir()
+    p = _save_external(_conv_model(), sub / "m.onnx", location="data.bin")
+    shutil.copy(sub / "data.bin", f / "outside.bin")
+    (sub / "link.bin").symlink_to(f / "outside.bin")
+    _edit_external(p, location="link.bin")
+    return p
+
+
+@bad("dims_bomb_inline")
+def _(f):
+    m = _conv_model()
+    w = next(t for t in m.graph.initializer if t.name == "w")
+    del w.dims[:]
+    w.dims.extend([100000, 100000, 100, 3])  # 1.2e13 bytes declared, 432 held
+    return _model_file(f, m)
+
+
+@bad("dims_bomb_external")
+def _(f):
+    p = _save_external(_conv_model(), f / "m.onnx")
+    m = onnx.load(str(p), load_external_data=False)
+    w = next(t for t in m.graph.initializer if t.name == "w")
+    del w.dims[:]
+    w.dims.extend([100000, 100000, 3, 3])
+    for e in list(w.external_data):
+        if e.key == "length":
+            w.external_data.remove(e)
+    p.write_bytes(m.SerializeToString())
+    return p
+
+
+def _conv_attrs_model(**attrs) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)]
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", ["N", "C", "H", "W"])],
+                      [init("w", rand([4, 3, 3, 3])), init("b", rand([4], 1))], check=False)
+
+
+for _name, _attrs in {
+    "conv_strides_zero": {"strides": [0, 1]},
+    "conv_dilations_negative": {"dilations": [1, -2]},
+    "conv_pads_negative": {"pads": [-9, 0, 0, 0]},
+    "conv_pads_wrong_length": {"pads": [1, 1]},
+    "conv_kernel_shape_not_the_weights": {"kernel_shape": [5, 5]},
+    "conv_group_not_dividing_weight": {"group": 3},
+    "conv_group_zero": {"group": 0},
+    "conv_auto_pad_bogus": {"auto_pad": "SAME_BOGUS"},
+}.items():
+    BAD[_name] = (lambda attrs: lambda f: _model_file(f, _conv_attrs_model(**attrs)))(_attrs)
+
+
+@bad("conv_bias_wrong_length")
+def _(f):
+    m = _conv_attrs_model()
+    b = next(t for t in m.graph.initializer if t.name == "b")
+    b.CopyFrom(init("b", rand([7], 1)))
+    return _model_file(f, m)
+
+
+@bad("conv_weight_with_a_zero_dim")
+def _(f):
+    m = _conv_attrs_model()
+    w = next(t for t in m.graph.initializer if t.name == "w")
+    w.CopyFrom(init("w", np.zeros([4, 3, 0, 3], np.float32)))
+    return _model_file(f, m)
+
+
+@bad("unresolvable_symbolic_dims")
+def _(f):
+    return _model_file(f, make_conv_model(["N", 3, "H", "W"], [4, 3, 3, 3], y_shape=["N", 4, "OH", "OW"]))
+
+
+def _run_bad(kind: str, command: str, tmp_path: Path, capfd, monkeypatch, *extra: str) -> tuple[int, str, str, Path]:
+    src = tmp_path / "in"
+    dst = tmp_path / "out"
+    src.mkdir()
+    dst.mkdir()
+    path = BAD[kind](src)
+    before = _snapshot(src)
+    if kind == "unreadable_path" and os.geteuid() == 0:  # root reads mode-000 files: simulate the refusal
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    if command == "audit":
+        argv = ["audit", str(path), "--format", "json", "-o", str(dst / "report.json")]
+    else:
+        argv = ["rewrite", str(path), "-o", str(dst / "m.onnx"), "--report", str(dst / "r.json")]
+    capfd.readouterr()
+    code = main([*extra, *argv])
+    out, err = capfd.readouterr()
+    assert list(dst.iterdir()) == [], f"{kind}: {command} left {[p.name for p in dst.iterdir()]}"
+    assert _snapshot(src) == before, f"{kind}: {command} changed its input folder"
+    return code, out, err, path
+
+
+@pytest.mark.parametrize("command", ["audit", "rewrite"])
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(kind, command, tmp_path, capfd, monkeypatch):
+    code, out, err, path = _run_bad(kind, command, tmp_path, capfd, monkeypatch)
+    assert code == 2, (kind, command, code, err)
+    line = _one_error_line(err, out)
+    assert line.startswith(f"sepify: error: {path}: "), line
+    assert out == ""
+
+
+@pytest.mark.parametrize("command", ["audit", "rewrite"])
+@pytest.mark.parametrize("kind", ["truncated_model", "conv_strides_zero", "external_location_dotdot",
+                                  "unresolvable_symbolic_dims"])
+def test_debug_adds_the_traceback_and_keeps_exit_2(kind, command, tmp_path, capfd, monkeypatch):
+    code, out, err, path = _run_bad(kind, command, tmp_path, capfd, monkeypatch, "--debug")
+    assert code == 2
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith(f"sepify: error: {path}: ")
+
+
+def test_bad_input_through_the_installed_command(tmp_path):
+    """The real ``sepify`` process: one stderr line, nothing from onnx/onnxruntime's C++ side."""
+    path = BAD["conv_kernel_shape_not_the_weights"](tmp_path)
+    for argv in (["audit", str(path)], ["rewrite", str(path), "-o", str(tmp_path / "o.onnx")]):
+        proc = subprocess.run([sys.executable, "-c", "import sys; from sepify.cli import main; sys.exit(main())", *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert _one_error_line(proc.stderr, proc.stdout).startswith(f"sepify: error: {path}: node 'conv' (Conv): ")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_malformed_conv_messages_say_what_is_wrong(tmp_path):
+    expect = {
+        "conv_strides_zero": "strides [0, 1]",
+        "conv_pads_wrong_length": "pads [1, 1]",
+        "conv_kernel_shape_not_the_weights": "kernel_shape [5, 5] does not match",
+        "conv_group_not_dividing_weight": "not divisible by group 3",
+        "conv_auto_pad_bogus": "'SAME_BOGUS'",
+        "conv_bias_wrong_length": "expected [4]",
+        "weight_produced_by_nothing": "'w'",
+    }
+    for kind, needle in expect.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        with pytest.raises(sepify.SepifyError, match=None) as err:
+            sepify.load.load_model(BAD[kind](folder))
+        assert needle in str(err.value), (kind, str(err.value))
+        assert "\n" not in str(err.value)
+
+
+def test_conv_checks_follow_subgraph_scopes(tmp_path):
+    """A Conv inside an If branch with a malformed attribute is refused; a branch input that
+    shadows an outer initializer is not mistaken for that initializer."""
+    then_graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["t_y"], name="inner", strides=[0, 0])],
+                                   "then", [], [vi("t_y", None)])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e_y"], name="id")], "else", [],
+                                   [vi("e_y", None)])
+    model = make_model([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_graph,
+                                         else_branch=else_graph)],
+                       [vi("x", [1, 3, 8, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
+                       [init("w", rand([4, 3, 3, 3]))], check=False)
+    with pytest.raises(sepify.SepifyError, match="'inner'.*strides"):
+        sepify.load.load_model(model, check=False)  # (the checker wants typed branch outputs)
+    # A Loop body input named like an outer 5x5 initializer is a runtime value (dims unknown): the
+    # body's 3x3 Conv on it is fine; without that input it would read the outer weight, and clash.
+    def loop_model(shadow: bool) -> onnx.ModelProto:
+        body_inputs = [vi("i", [], TensorProto.INT64), vi("c", [], TensorProto.BOOL)] + ([vi("w", None)] if shadow else [])
+        body = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["b_y"], name="body_conv", kernel_shape=[3, 3]),
+                                  helper.make_node("Identity", ["c"], ["c_out"], name="c_id")],
+                                 "body", body_inputs, [vi("c_out", [], TensorProto.BOOL), vi("b_y", None)])
+        loop = helper.make_node("Loop", ["", "cond"] + (["w"] if shadow else []), ["y"] + (["w_final"] if shadow else []),
+                                name="loop", body=body)
+        return make_model([loop], [vi("x", [1, 3, 8, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
+                          [init("w", rand([4, 3, 5, 5]))], check=False)
+
+    sepify.load._check_conv_nodes(loop_model(shadow=True), "<m>")
+    with pytest.raises(sepify.SepifyError, match="'body_conv'.*kernel_shape"):
+        sepify.load._check_conv_nodes(loop_model(shadow=False), "<m>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reported, not refused: NaN/Inf weights, a weight that does not fit its input
+# ----------------------------------------------------------------------------------------------
+def _two_branch_model(bad_w: np.ndarray, bad_attrs: dict | None = None, bad_x: str = "x") -> onnx.ModelProto:
+    """x [1,8,10,10] -> 'bad' conv (given weight) -> y_bad;  x -> 'good' exact dw-pw conv -> y_good."""
+    good_w = lowrank_weight("dw-pw", 1, 8, 16, 1, (3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", [bad_x, "w_bad"], ["y_bad"], name="bad", **(bad_attrs or {})),
+             helper.make_node("Conv", ["x", "w_good"], ["y_good"], name="good", pads=[1, 1, 1, 1])]
+    inputs = [vi("x", [1, 8, 10, 10])] + ([vi(bad_x, [1, 8, 10])] if bad_x != "x" else [])
+    return make_model(nodes, inputs, [vi("y_bad", ["a", "b", "c", "d"][: 4 if bad_x == "x" else 3]),
+                                      vi("y_good", [1, 16, 10, 10])],
+                      [init("w_bad", bad_w), init("w_good", good_w)], check=False)
+
+
+def _audit_and_rewrite(path: Path, capfd) -> tuple[dict, dict, Path]:
+    out_path = path.with_name("out.onnx")
+    assert main(["audit", str(path), "--format", "json"]) == 0
+    out, err = capfd.readouterr()
+    assert err == ""
+    audit = json.loads(out)
+    assert main(["rewrite", str(path), "-o", str(out_path), "--format", "json"]) == 0
+    out, err = capfd.readouterr()
+    assert err == ""
+    return audit, json.loads(out), out_path
+
+
+def _check_good_rewritten(path: Path, report: dict, out_path: Path, bad_reason: str) -> None:
+    assert [r["qualified_name"] for r in report["rewritten"]] == ["good"]
+    assert {k["name"]: k["reason"] for k in report["kept"]} == {"bad": bad_reason}
+    onnx.checker.check_model(str(out_path))
+    rewritten = onnx.load(str(out_path))
+    assert any(n.name == "bad" for n in rewritten.graph.node)  # kept as it was
+    assert not any(n.name == "good" for n in rewritten.graph.node)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("kernel", [3, 1], ids=["3x3", "1x1"])
+def test_nonfinite_weights_are_reported_and_skipped(tmp_path, capfd, value, kernel):
+    w = rand([4, 8, kernel, kernel])
+    w[1, 2, 0, 0] = value
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_two_branch_model(w).SerializeToString())
+    audit, report, out_path = _audit_and_rewrite(path, capfd)
+    # A 1x1 conv is never rewritten, so its weight is never read (audit speed): it says pointwise_kernel.
+    reason = "nonfinite_weight" if kernel > 1 else "pointwise_kernel"
+    nodes = {n["name"]: n for n in audit["nodes"]}
+    assert nodes["bad"]["reason"] == reason and nodes["bad"]["eligible"] is False
+    assert nodes["bad"]["separability"] is None
+    assert nodes["bad"]["macs"] == 4 * 8 * (10 - kernel + 1) ** 2 * kernel * kernel  # still costed
+    assert nodes["good"]["eligible"] is True
+    _check_good_rewritten(path, report, out_path, reason)
+    # the rewrite also skips it under lossy policies
+    assert main(["rewrite", str(path), "-o", str(out_path), "--rank", "1", "--format", "json"]) == 0
+    kept = {k["name"]: k["reason"] for k in json.loads(capfd.readouterr().out)["kept"]}
+    assert kept["bad"] == reason
+
+
+@pytest.mark.parametrize("case", ["channels", "kernel_larger_than_input", "weight_rank", "input_rank"])
+def test_weight_not_fitting_its_input_is_reported_and_skipped(tmp_path, capfd, case):
+    """A weight that contradicts the input's shape: audit says weight_shape_mismatch (no MACs counted,
+    a warning), rewrite keeps the node and still rewrites the rest; neither crashes."""
+    if case == "channels":
+        model = _two_branch_model(rand([4, 5, 3, 3]))  # x has 8 channels
+    elif case == "kernel_larger_than_input":
+        model = _two_branch_model(rand([4, 8, 13, 13]))  # 13 > 10, no pads
+    elif case == "weight_rank":
+        model = _two_branch_model(rand([4, 8, 3]))  # 1-D kernel on a 2-D input
+    else:
+        model = _two_branch_model(rand([4, 8, 3, 3]), bad_x="x1d")  # 2-D kernel on a 1-D input
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    audit, report, out_path = _audit_and_rewrite(path, capfd)
+    bad_node = next(n for n in audit["nodes"] if n["name"] == "bad")
+    assert bad_node["reason"] == "weight_shape_mismatch" and bad_node["eligible"] is False
+    assert bad_node["macs"] is None and bad_node["flops"] is None
+    assert any(w.startswith("bad: weight") and "does not fit" in w for w in audit["warnings"])
+    assert audit["totals"]["unknown_cost_nodes"] == 1
+    assert audit["totals"]["conv_macs"] == next(n for n in audit["nodes"] if n["name"] == "good")["macs"]
+    _check_good_rewritten(path, report, out_path, "weight_shape_mismatch")
+
+
+# ----------------------------------------------------------------------------------------------
+# IR versions: newer than onnxruntime but known to onnx is accepted; the output is always clamped
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(onnx.IR_VERSION <= ort_max_ir_version(), reason="onnx and onnxruntime accept the same IR")
+@pytest.mark.parametrize("rewritable", [True, False], ids=["rewritten", "unchanged"])
+def test_ir_version_newer_than_onnxruntime_is_accepted_and_clamped(tmp_path, capfd, rewritable):
+    model = onnx.load(str(LOWRANK)) if rewritable else _conv_model()
+    model.ir_version = onnx.IR_VERSION  # what onnx.helper.make_model stamps by default
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(Exception):  # the premise: onnxruntime itself refuses this model
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert main(["audit", str(path), "--format", "json"]) == 0
+    assert json.loads(capfd.readouterr().out)["ir_version"] == onnx.IR_VERSION
+    out_path = tmp_path / "out.onnx"
+    assert main(["rewrite", str(path), "-o", str(out_path), "--verify"]) == 0
+    assert ("3 node(s) rewritten" if rewritable else "0 node(s) rewritten") in capfd.readouterr().out
+    written = onnx.load(str(out_path))
+    assert written.ir_version == ort_max_ir_version()
+    onnx.checker.check_model(written, full_check=True)
+    feeds = random_feeds(model)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    ref.ir_version = ort_max_ir_version()
+    assert_matches(session(ref).run(None, feeds), session(out_path).run(None, feeds))
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe writes
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def external_model(tmp_path) -> Path:
+    """The lowrank sample with its weights in weights.bin, in its own folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    return _save_external(onnx.load(str(LOWRANK)), folder / "m.onnx")
+
+
+def test_external_data_output_is_written_beside_it_as_out_data(tmp_path, capfd, external_model, monkeypatch):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    before = _snapshot(external_model.parent)
+    assert main(["rewrite", str(external_model), "-o", str(dst / "r.onnx")]) == 0
+    assert "3 node(s) rewritten" in capfd.readouterr().out
+    assert sorted(p.name for p in dst.iterdir()) == ["r.onnx", "r.onnx.data"]
+    assert _snapshot(external_model.parent) == before
+    proto = onnx.load(str(dst / "r.onnx"), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"r.onnx.data"}
+    monkeypatch.chdir(tmp_path)  # loads from anywhere: the location is relative to the model
+    onnx.checker.check_model(str(dst / "r.onnx"), full_check=True)
+    feeds = random_feeds(onnx.load(str(LOWRANK)))
+    assert_matches(session(LOWRANK).run(None, feeds), session(dst / "r.onnx").run(None, feeds))
+
+
+def test_in_place_with_external_data_replaces_model_and_its_data(tmp_path, capfd):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _save_external(onnx.load(str(LOWRANK)), folder / "m.onnx", location="m.onnx.data")
+    assert main(["rewrite", str(path), "--in-place"]) == 0
+    capfd.readouterr()
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
+    feeds = random_feeds(onnx.load(str(LOWRANK)))
+    assert_matches(session(LOWRANK).run(None, feeds), session(path).run(None, feeds))
+    assert len(onnx.load(str(path)).graph.node) > len(onnx.load(str(LOWRANK)).graph.node)
+
+
+def test_output_onto_the_inputs_external_data_is_refused(tmp_path, capfd, external_model):
+    folder = external_model.parent
+    before = _snapshot(folder)
+    # -o naming the data file itself
+    code = main(["rewrite", str(external_model), "-o", str(folder / "weights.bin")])
+    line = _one_error_line(capfd.readouterr().err)
+    assert code == 2 and "external data" in line
+    # -o whose OUT.data would be the input's data file
+    other = _save_external(onnx.load(str(LOWRANK)), folder / "n.onnx", location="o.onnx.data")
+    before = _snapshot(folder)
+    code = main(["rewrite", str(other), "-o", str(folder / "o.onnx")])
+    line = _one_error_line(capfd.readouterr().err)
+    assert code == 2 and "o.onnx.data" in line
+    assert _snapshot(folder) == before
+
+
+def test_minus_o_equal_to_input_refused_even_through_a_symlinked_folder(tmp_path, capfd):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    shutil.copy(LOWRANK, path)
+    (tmp_path / "alias").symlink_to(folder, target_is_directory=True)
+    code = main(["rewrite", str(path), "-o", str(tmp_path / "alias" / "m.onnx")])
+    assert code == 2 and "--in-place" in _one_error_line(capfd.readouterr().err)
+    assert path.read_bytes() == LOWRANK.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
+
+
+def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, capfd, monkeypatch):
+    """external=None (the CLI's default for inline inputs) switches to external data when the proto
+    is over the limit; the limit is lowered here so that a small model crosses it."""
+    monkeypatch.setattr(sepify.save, "PROTOBUF_LIMIT", 10_000)
+    src = tmp_path / "m.onnx"
+    shutil.copy(LOWRANK, src)  # 92 KB inline
+    assert main(["rewrite", str(src), "-o", str(tmp_path / "big.onnx")]) == 0
+    capfd.readouterr()
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert (tmp_path / "big.onnx").stat().st_size < 10_000
+    feeds = random_feeds(onnx.load(str(LOWRANK)))
+    assert_matches(session(LOWRANK).run(None, feeds), session(tmp_path / "big.onnx").run(None, feeds))
+    # below the limit: one file
+    monkeypatch.setattr(sepify.save, "PROTOBUF_LIMIT", 2**31 - 1)
+    assert main(["rewrite", str(src), "-o", str(tmp_path / "small.onnx")]) == 0
+    capfd.readouterr()
+    assert not (tmp_path / "small.onnx.data").exists()
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_a_failing_write_leaves_the_old_output_and_no_temp_files(tmp_path, capfd, monkeypatch, external):
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    if external:
+        _save_external(onnx.load(str(LOWRANK)), src)
+    else:
+        shutil.copy(LOWRANK, src)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "r.onnx").write_bytes(b"previous output")
+    real_replace = os.replace
+
+    def failing_replace(a, b):
+        if Path(b).name == "r.onnx":
+            raise OSError(28, "No space left on device")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(sepify.save.os, "replace", failing_replace)
+    code = main(["rewrite", str(src), "-o", str(dst / "r.onnx")])
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "No space left on device" in _one_error_line(err, out)
+    names = sorted(p.name for p in dst.iterdir())
+    assert names in (["r.onnx"], ["r.onnx", "r.onnx.data"]), names  # the data file may already be in place
+    assert (dst / "r.onnx").read_bytes() == b"previous output"
+
+
+@pytest.mark.parametrize("bad_report", ["missing_folder", "directory"])
+def test_bad_report_target_writes_no_model(tmp_path, capfd, bad_report):
+    src = tmp_path / "m.onnx"
+    shutil.copy(LOWRANK, src)
+    report = tmp_path / "nope" / "r.json" if bad_report == "missing_folder" else tmp_path
+    code = main(["rewrite", str(src), "-o", str(tmp_path / "out.onnx"), "--report", str(report)])
+    assert code == 2
+    _one_error_line(capfd.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism: same model + flags -> the same bytes
+# ----------------------------------------------------------------------------------------------
+POLICIES = {
+    "lossless": ("lowrank", []),
+    "tol": ("random", ["--tol", "0.3"]),
+    "rank": ("random", ["--rank", "2", "--scheme", "dw-pw"]),
+    "budget": ("random", ["--budget", "0.5"]),
+    "grouped": ("random", ["--rank", "3", "--lowering", "grouped"]),
+    "spatial": ("random", ["--tol", "0.5", "--scheme", "spatial", "--no-chain"]),
+}
+
+
+def _policy_source(tmp_path: Path, which: str, external: bool = False) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir(exist_ok=True)
+    model = onnx.load(str(LOWRANK)) if which == "lowrank" else random_conv_stack()
+    if external:
+        return _save_external(model, folder / "m.onnx")
+    path = folder / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _rewrite_into(src: Path, folder: Path, flags: list[str]) -> dict[str, bytes]:
+    folder.mkdir()
+    assert main(["rewrite", str(src), "-o", str(folder / "r.onnx"), "--report", str(folder / "r.json"), *flags]) == 0
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_two_rewrites_give_identical_bytes(tmp_path, capfd, policy):
+    which, flags = POLICIES[policy]
+    src = _policy_source(tmp_path, which)
+    a = _rewrite_into(src, tmp_path / "a", flags)
+    b = _rewrite_into(src, tmp_path / "b", flags)
+    capfd.readouterr()
+    assert a.keys() == {"r.onnx", "r.json"}
+    assert a["r.onnx"] != src.read_bytes()  # something was rewritten
+    assert a == b
+
+
+def test_two_rewrites_with_external_data_give_identical_bytes(tmp_path, capfd):
+    src = _policy_source(tmp_path, "random", external=True)
+    a = _rewrite_into(src, tmp_path / "a", ["--budget", "0.5"])
+    b = _rewrite_into(src, tmp_path / "b", ["--budget", "0.5"])
+    capfd.readouterr()
+    assert a.keys() == {"r.onnx", "r.onnx.data", "r.json"}
+    assert a == b
+
+
+@pytest.mark.parametrize("policy", ["budget", "tol"])
+def test_rewrites_in_separate_processes_give_identical_bytes(tmp_path, policy):
+    """Across processes with different hash seeds (set/dict ordering of strings changes)."""
+    which, flags = POLICIES[policy]
+    src = _policy_source(tmp_path, which)
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"p{seed}"
+        out.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", "import sys; from sepify.cli import main; sys.exit(main())",
+                               "rewrite", str(src), "-o", str(out / "r.onnx"), *flags],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append((out / "r.onnx").read_bytes())
+    assert outputs[0] == outputs[1]
