@@ -25,6 +25,7 @@ from .factorize import (
     scheme_stages,
     singular_values,
     spatial_orders,
+    spectrum,
     stages_macs,
 )
 from .geometry import ConvGeometry, prod
@@ -53,6 +54,10 @@ class SchemeAnalysis:
     curve_errors: list[float] = field(default_factory=list)  # error at rank 0, 1, 2, …
     macs_per_rank: int | None = None
     vertical_first: bool | None = None  # spatial: kh×1 stage first
+    # False: a large matrix certified to have no (near-)exact factorization up to break-even
+    # (exact_rank is then None, "above exact_rank_above"); the errors are estimates (±1e-4).
+    spectrum_complete: bool = True
+    exact_rank_above: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -268,11 +273,13 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         return min(exact, key=lambda a: a.macs_per_rank * a.exact_rank) if exact else options[0]
     mats = scheme_matrices(w, geo, scheme, vertical_first)
     max_rank = min(mats.shape[1], mats.shape[2])
-    errors = relative_errors(singular_values(mats))
     per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1, vertical_first))
     original = geo.macs
     break_even = max(0, min(max_rank, (original - 1) // per_rank)) if per_rank else max_rank
-    ex = exact_rank(errors, tol)
+    spec = spectrum(mats, break_even, max(NEAR_EXACT_TOL, tol))
+    errors = spec.errors
+    # Incomplete spectra come with a certificate that nothing up to break-even is (near-)exact.
+    ex = exact_rank(errors, tol) if spec.complete else None
     analysis = SchemeAnalysis(
         scheme,
         eligible=break_even > 0,
@@ -282,10 +289,12 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         errors={r: float(errors[r]) for r in ERROR_RANKS if r <= max_rank},
         macs={r: per_rank * r for r in ERROR_RANKS if r <= max_rank},
         break_even_rank=break_even,
-        exact_saves_macs=ex <= break_even and ex > 0,
+        exact_saves_macs=ex is not None and 0 < ex <= break_even,
         curve_errors=[float(e) for e in errors[: MAX_CURVE_POINTS + 1]],
-        vertical_first=vertical_first if scheme == "spatial" else None,
         macs_per_rank=per_rank,
+        vertical_first=vertical_first if scheme == "spatial" else None,
+        spectrum_complete=spec.complete,
+        exact_rank_above=spec.exact_above,
     )
     return analysis
 

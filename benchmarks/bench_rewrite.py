@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""Rewritten vs original latency in onnxruntime: speedup against MAC reduction.
+
+Two generated stacks (random He-initialised weights, biases, ReLU; ir_version 10, opset 17;
+nothing is written to the repo):
+
+* ``vgg``    — VGG-style 3×3 convs 64→64→128→128 at 56×56 (batch 1);
+* ``resnet`` — ResNet-style bottleneck blocks (1×1 reduce, 3×3, 1×1 expand ×4, projection
+  shortcut, Add, ReLU), 3×3 widths 64 / 128 / 256 at 56 / 28 / 14 (the 3×3 of blocks 2 and 3
+  has stride 2).  Only the 3×3 convs can be factorized, so the whole-model MAC reduction is
+  smaller here: the 1×1 convs are two thirds of the MACs.
+
+Each is rewritten with ``sepify.rewrite(model, Policy(mode="rank", rank=R, scheme=S),
+lowering=L)`` for R in 1, 2, 4, S in dw-pw, pw-dw and every lowering (rank 1 has only one), plus
+``only_faster=True`` (per-node selection by measurement, :mod:`sepify.latency`), and timed with
+``sepify.bench.benchmark(original, rewritten, runs=N, threads=T)`` — interleaved rounds, intra-op
+spinning off — on 1 and 2 threads.
+
+Columns: MAC reduction (whole model, original/rewritten), median latency of each, speedup =
+ratio of the medians with the 10th–90th percentiles of the per-round ratios, and efficiency =
+speedup / MAC reduction (1.0: latency fell as much as the MACs did).
+
+``--profile`` adds, per configuration, where the time goes: onnxruntime's profiler on the
+optimized graph (NCHWc convs with fused activations and sums) summed by kind of conv.
+
+Usage::
+
+    python benchmarks/bench_rewrite.py                          # everything, 60 rounds
+    python benchmarks/bench_rewrite.py --models vgg --ranks 1 2 --threads 2 --profile
+    python benchmarks/bench_rewrite.py --runs 100 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import sepify  # noqa: E402
+from sepify import Policy  # noqa: E402
+from sepify.bench import benchmark  # noqa: E402
+from sepify.factorize import LOWERINGS  # noqa: E402
+
+OPSET, IR_VERSION = 17, 10
+ONLY_FASTER = "only-faster"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+class _Builder:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def conv(self, name: str, x: str, c_in: int, c_out: int, k: int, stride: int = 1, relu: bool = True) -> str:
+        w = (self.rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k))).astype(np.float32)
+        b = (self.rng.standard_normal(c_out) * 0.01).astype(np.float32)
+        self.inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")]
+        pad = k // 2
+        self.nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.out"], name=name,
+                                           kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4))
+        if not relu:
+            return f"{name}.out"
+        self.nodes.append(helper.make_node("Relu", [f"{name}.out"], [f"{name}.relu"], name=f"{name}/relu"))
+        return f"{name}.relu"
+
+    def model(self, name: str, x_shape, y: str, y_shape) -> onnx.ModelProto:
+        self.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
+        graph = helper.make_graph(self.nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bench_rewrite")
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def vgg_stack(seed: int = 0) -> onnx.ModelProto:
+    b = _Builder(seed)
+    x = "x"
+    for i, (ci, co) in enumerate([(64, 64), (64, 128), (128, 128)]):
+        x = b.conv(f"conv{i}", x, ci, co, 3)
+    return b.model("vgg_stack", [1, 64, 56, 56], x, [1, 128, 56, 56])
+
+
+def resnet_stack(seed: int = 0) -> onnx.ModelProto:
+    b = _Builder(seed)
+    x, c_in, hw = "x", 64, 56
+    for i, (width, stride) in enumerate([(64, 1), (128, 2), (256, 2)]):
+        c_out = 4 * width
+        r = b.conv(f"block{i}/reduce", x, c_in, width, 1)
+        m = b.conv(f"block{i}/conv3x3", r, width, width, 3, stride)
+        e = b.conv(f"block{i}/expand", m, width, c_out, 1, relu=False)
+        s = b.conv(f"block{i}/shortcut", x, c_in, c_out, 1, stride, relu=False)
+        b.nodes.append(helper.make_node("Add", [e, s], [f"block{i}.sum"], name=f"block{i}/add"))
+        b.nodes.append(helper.make_node("Relu", [f"block{i}.sum"], [f"block{i}.out"], name=f"block{i}/relu"))
+        x, c_in, hw = f"block{i}.out", c_out, hw // stride
+    return b.model("resnet_stack", [1, 64, 56, 56], x, [1, c_in, hw, hw])
+
+
+MODELS = {"vgg": vgg_stack, "resnet": resnet_stack}
+
+
+# ----------------------------------------------------------------------------------------------
+# Profile: where the time goes in the graph onnxruntime actually runs
+# ----------------------------------------------------------------------------------------------
+def _kind(node: onnx.NodeProto, weights: dict[str, tuple]) -> str:
+    if node.op_type in ("ReorderInput", "ReorderOutput"):
+        return "reorder"
+    if node.op_type != "Conv":
+        return node.op_type.lower()
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    shape = weights.get(node.input[1])
+    group = attrs.get("group", 1)
+    kernel = attrs.get("kernel_shape") or (list(shape[2:]) if shape else [])
+    if all(k == 1 for k in kernel):
+        kind = "pointwise"
+    elif shape is not None and group > 1 and shape[1] == 1:
+        kind = "depthwise" if shape[0] == group else "depthwise xr"
+    elif group > 1:
+        kind = "grouped"
+    else:
+        kind = "dense kxk"
+    extras = [k for k, v in (("+sum", len(node.input) > 3 and node.input[3]), ("+act", "activation" in attrs)) if v]
+    return kind + "".join(extras)
+
+
+def profile_breakdown(model: onnx.ModelProto, threads: int, runs: int = 30) -> dict[str, float]:
+    """Median kernel µs per kind of node of the optimized graph, summed over nodes."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "prof")
+        opts.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {"x": np.random.default_rng(0).standard_normal(sess.get_inputs()[0].shape).astype(np.float32)}
+        for _ in range(runs):
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as fh:
+            events = json.load(fh)
+        opt = onnx.load(os.path.join(tmp, "opt.onnx"))
+    weights = {t.name: tuple(t.dims) for t in opt.graph.initializer}
+    kinds = {n.name: _kind(n, weights) for n in opt.graph.node}
+    per_node: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]))
+    out: dict[str, float] = {}
+    for name, durs in per_node.items():
+        k = kinds.get(name, "other")
+        out[k] = out.get(k, 0.0) + float(np.median(durs))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Other processes' CPU use (the machine is shared: say how busy it was)
+# ----------------------------------------------------------------------------------------------
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(v) for v in fh.readline().split()[1:]]
+        with open("/proc/self/stat") as fh:
+            g = fh.read().rsplit(")", 1)[1].split()
+        return sum(f) - f[3] - f[4], int(g[11]) + int(g[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ForeignLoad:
+    """CPU used by OTHER processes between start and stop, in cores (0 = quiet, 2 = both cores taken)."""
+
+    def __init__(self):
+        self.t0, self.c0 = time.perf_counter(), _cpu_ticks()
+
+    def cores(self) -> float | None:
+        c1, dt = _cpu_ticks(), time.perf_counter() - self.t0
+        if c1 is None or self.c0 is None or dt <= 0:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, ((c1[0] - self.c0[0]) - (c1[1] - self.c0[1])) / hz / dt)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, window_s: float = 1.0) -> float | None:
+    """Sleep until other processes use less than ``threshold`` cores over ``window_s`` (at most ``max_wait_s``)."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        probe = ForeignLoad()
+        time.sleep(window_s)
+        load = probe.cores()
+        if load is None or load < threshold or time.perf_counter() >= deadline:
+            return load
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+def run_config(name, model, rank, scheme, lowering, threads, args) -> dict:
+    policy = Policy(mode="rank", rank=rank, scheme=scheme)
+    t0 = time.perf_counter()
+    if lowering == ONLY_FASTER:
+        rewritten, rep = sepify.rewrite(model, policy, only_faster=True, threads=threads)
+    else:
+        rewritten, rep = sepify.rewrite(model, policy, lowering=None if lowering == "-" else lowering)
+    rewrite_s = time.perf_counter() - t0
+    chosen = [r.lowering or "-" for r in rep.rewritten] + ["kept" for k in rep.kept if k["reason"] == "not_faster"]
+    quiet = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
+    foreign = ForeignLoad()
+    b = benchmark(model, rewritten, runs=args.runs, warmup=args.warmup, threads=threads, profile_runs=0)
+    foreign_cores = foreign.cores()
+    row = {
+        "model": name, "rank": rank, "scheme": scheme, "lowering": lowering, "threads": threads,
+        "chosen": chosen, "rewrite_s": rewrite_s, "runs": args.runs,
+        "macs_a": b.macs_a, "macs_b": b.macs_b, "mac_reduction": b.mac_reduction,
+        "median_a_ms": b.latency_a.median_ms, "median_b_ms": b.latency_b.median_ms,
+        "speedup": b.speedup, "speedup_p10": b.speedup_p10, "speedup_p90": b.speedup_p90,
+        "efficiency": b.efficiency,
+        "foreign_cores_before": quiet, "foreign_cores": foreign_cores,
+    }
+    if args.profile:
+        row["profile_a"] = profile_breakdown(model, threads)
+        row["profile_b"] = profile_breakdown(rewritten, threads)
+    return row
+
+
+def configs(args):
+    for name in args.models:
+        for threads in args.threads:
+            for rank in args.ranks:
+                for scheme in args.schemes:
+                    lowerings = ["-"] if rank == 1 else list(args.lowerings)
+                    if rank > 1 and not args.no_only_faster:
+                        lowerings.append(ONLY_FASTER)
+                    for lowering in lowerings:
+                        yield name, rank, scheme, lowering, threads
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in ("sepify", "onnx", "onnxruntime", "numpy"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (missing)")
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        rev = ""
+    if rev:
+        parts[0] += f" (repo {rev})"
+    return f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; " + ", ".join(parts)
+
+
+def _load() -> str:
+    return "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load avg ?"
+
+
+def _cores(v) -> str:
+    return "?" if v is None else f"{v:.1f}"
+
+
+def _chosen(row) -> str:
+    if row["lowering"] != ONLY_FASTER:
+        return row["lowering"]
+    short = {"branches": "b", "grouped": "g", "concat": "c", "kept": "k", "-": "-"}
+    return f"{ONLY_FASTER} ({','.join(short.get(c, c) for c in row['chosen'])})"
+
+
+def render(rows: list[dict], args, load_before: str) -> str:
+    lines = [f"Environment: {_versions()}; {load_before} before, {_load()} after; "
+             f"{args.runs} interleaved rounds per row, medians; \"other load\": CPU cores used by other "
+             "processes while the row was timed (2 CPUs: 0 quiet, 1 = one core taken).", ""]
+    for name in args.models:
+        lines += [f"**{name}**", "",
+                  "| scheme | rank | lowering | threads | MAC reduction | original ms | rewritten ms | speedup (p10–p90) "
+                  "| efficiency | other load |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r["model"] != name:
+                continue
+            lines.append(f"| {r['scheme']} | {r['rank']} | {_chosen(r)} | {r['threads']} | {r['mac_reduction']:.2f}× | "
+                         f"{r['median_a_ms']:.2f} | {r['median_b_ms']:.2f} | {r['speedup']:.2f}× "
+                         f"({r['speedup_p10']:.2f}–{r['speedup_p90']:.2f}) | {r['efficiency']:.2f} | "
+                         f"{_cores(r['foreign_cores'])} |")
+        lines.append("")
+    if args.profile:
+        lines += ["**Where the time goes** (onnxruntime profiler, optimized graph, median µs summed per kind)", ""]
+        for r in rows:
+            a = ", ".join(f"{k} {v:.0f}" for k, v in r["profile_a"].items())
+            b = ", ".join(f"{k} {v:.0f}" for k, v in r["profile_b"].items())
+            lines.append(f"- {r['model']} {r['scheme']} r={r['rank']} {_chosen(r)} {r['threads']}T: "
+                         f"original [{a}] · rewritten [{b}]")
+        lines.append("")
+    lines += _done_when(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _done_when(rows: list[dict]) -> list[str]:
+    """Issue 4's bar on the VGG stack: efficiency ≥ 0.7 at rank 1 and ≥ 0.6 at rank 2, on 1 and 2 threads."""
+    out = []
+    for rank, bar in ((1, 0.7), (2, 0.6)):
+        for threads in sorted({r["threads"] for r in rows}):
+            cand = [r for r in rows if r["model"] == "vgg" and r["rank"] == rank and r["threads"] == threads]
+            if not cand:
+                continue
+            best = max(cand, key=lambda r: r["efficiency"])
+            out.append(f"- vgg rank {rank}, {threads} thread(s): best efficiency {best['efficiency']:.2f} "
+                       f"({best['scheme']}, {_chosen(best)}) — bar {bar}: {'met' if best['efficiency'] >= bar else 'NOT met'}")
+    return (["Done-when check (issue 4):", ""] + out + [""]) if out else []
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["vgg", "resnet"])
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--schemes", nargs="+", choices=("dw-pw", "pw-dw"), default=["dw-pw", "pw-dw"])
+    p.add_argument("--lowerings", nargs="+", choices=LOWERINGS, default=list(LOWERINGS))
+    p.add_argument("--no-only-faster", action="store_true", help="skip the measured per-node selection rows")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--runs", type=int, default=60, help="interleaved rounds per configuration (≥ 50 advised)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="also break each configuration's time down by kind of node")
+    p.add_argument("--json", metavar="FILE", help="write every row as JSON")
+    p.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
+                   help="before each row wait up to S seconds for other processes to use < 0.3 cores (0: don't)")
+    args = p.parse_args(argv)
+    load_before = _load()
+    models = {name: MODELS[name]() for name in args.models}
+    rows = []
+    for name, rank, scheme, lowering, threads in configs(args):
+        row = run_config(name, models[name], rank, scheme, lowering, threads, args)
+        rows.append(row)
+        print(f"# {name} {scheme} r={rank} {_chosen(row)} {threads}T: speedup {row['speedup']:.2f}x "
+              f"eff {row['efficiency']:.2f}", file=sys.stderr, flush=True)
+    sys.stdout.write(render(rows, args, load_before))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

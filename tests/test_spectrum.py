@@ -1,0 +1,79 @@
+"""Large-matrix spectra: the Courant–Fischer certificate and the estimated leading errors."""
+
+import numpy as np
+import pytest
+
+from sepify import factorize as F
+import sepify
+
+
+def _low_rank(rng, n, r):
+    return (rng.standard_normal((1, n, r)) @ rng.standard_normal((1, r, n)))
+
+
+def test_certificate_holds_for_full_rank_and_never_for_low_rank():
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((1, 600, 600))
+    assert F.certify_tail(full, 300, 1e-3)
+    for r in (5, 150, 300):
+        # rank r ≤ 300: a rank-300 truncation is exact, so no certificate may claim otherwise
+        assert not F.certify_tail(_low_rank(rng, 600, r), 300, 1e-3)
+
+
+def test_certificate_agrees_with_the_full_spectrum():
+    rng = np.random.default_rng(1)
+    for decay in (40.0, 120.0, 400.0):
+        u, _ = np.linalg.qr(rng.standard_normal((600, 600)))
+        v, _ = np.linalg.qr(rng.standard_normal((600, 600)))
+        m = ((u * np.exp(-np.arange(600) / decay)) @ v.T)[None]
+        errors = F.relative_errors(F.singular_values(m))
+        for rank in (50, 300):
+            if F.certify_tail(m, rank, 1e-3):
+                assert errors[rank] > 1e-3  # a certificate is never wrong
+
+
+def test_spectrum_skips_the_decomposition_only_when_certified():
+    rng = np.random.default_rng(2)
+    full = rng.standard_normal((1, 600, 600))
+    s = F.spectrum(full, 300, 1e-3)
+    assert not s.complete and s.exact_above == 300
+    exact = F.relative_errors(F.singular_values(full))
+    assert len(s.errors) == F.LEADING_TERMS + 1
+    assert np.allclose(s.errors, exact[:F.LEADING_TERMS + 1], atol=1e-3)
+    low = _low_rank(rng, 600, 40)
+    s = F.spectrum(low, 300, 1e-3)
+    assert s.complete and F.exact_rank(s.errors, 1e-7) == 40
+
+
+def _cross_channel_model(w):
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, c = w.shape[:2]
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n, 8, 8])],
+        [numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("exact_rank", [None, 12])
+def test_audit_of_a_wide_conv(exact_rank):
+    rng = np.random.default_rng(3)
+    c = n = 192  # cross-channel matrix 576 x 576: above the full-spectrum limit
+    if exact_rank is None:
+        w = rng.standard_normal((n, c, 3, 3))
+    else:  # W[n,c,i,j] = Σ_t a_t[c,i] b_t[n,j]: exactly rank 12 in the kh×1-first arrangement
+        a = rng.standard_normal((exact_rank, c, 3))
+        b = rng.standard_normal((exact_rank, n, 3))
+        w = np.einsum("tci,tnj->ncij", a, b)
+    spatial = sepify.audit(_cross_channel_model(w)).nodes[0].separability.schemes["spatial"]
+    if exact_rank is None:
+        assert not spatial.spectrum_complete and spatial.exact_rank is None
+        assert spatial.exact_rank_above == spatial.break_even_rank and not spatial.exact_saves_macs
+        assert 0.9 < spatial.errors[1] < 1.0
+    else:
+        assert spatial.spectrum_complete and spatial.exact_rank == exact_rank and spatial.exact_saves_macs
