@@ -39,6 +39,7 @@ from .factorize import (
     scheme_stages,
     singular_values,
     spatial_orders,
+    spectrum,
     split_kernel_stage,
     stages_macs,
 )
@@ -194,26 +195,34 @@ def _selected(policy: Policy, ref) -> bool:
     return True
 
 
-def _state(an: ModelAnalysis, spec: ConvSpec) -> tuple[_NodeState | None, str | None]:
+def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False) -> tuple[_NodeState | None, str | None]:
     check = check_weight(an.view, spec)
     if check.reason is not None:
         return None, check.reason
     weight = check.weight
     geo = spec.geometry()
+    tol = exact_tolerance(weight.dtype)
+
+    def curve(scheme: str, order: bool | None = None) -> tuple[np.ndarray, int]:
+        mats = scheme_matrices(weight, geo, scheme, order)
+        per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1, order))
+        if exact_only:
+            # Lossless plans only need to know whether some rank below break-even is exact;
+            # large matrices certified otherwise skip their full decomposition.
+            return spectrum(mats, (geo.macs - 1) // per_rank, tol).errors, per_rank
+        return relative_errors(singular_values(mats)), per_rank
+
     curves, per_rank = {}, {}
     for scheme in SCHEMES:
         if scheme_reason(geo, scheme) is not None:
             continue
-        curves[scheme] = relative_errors(singular_values(scheme_matrices(weight, geo, scheme)))
-        per_rank[scheme] = stages_macs(geo, scheme_stages(geo, scheme, 1))
+        curves[scheme], per_rank[scheme] = curve(scheme)
     if not curves:
         return None, ",".join(sorted({scheme_reason(geo, s) for s in SCHEMES}))
     other = None
     if "spatial" in curves and len(spatial_orders(geo)) == 2:
-        order = spatial_orders(geo)[1]
-        other = (relative_errors(singular_values(scheme_matrices(weight, geo, "spatial", order))),
-                 stages_macs(geo, scheme_stages(geo, "spatial", 1, order)))
-    return _NodeState(spec, weight, geo, exact_tolerance(weight.dtype), curves, per_rank, other), None
+        other = curve("spatial", spatial_orders(geo)[1])
+    return _NodeState(spec, weight, geo, tol, curves, per_rank, other), None
 
 
 def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
@@ -258,7 +267,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, analysis: Mo
         ref = spec.ref
         np_ = NodePlan(ref.name, ref.qualified_name, ref.op_type, None, "keep")
         nodes.append(np_)
-        st, reason = _state(an, spec)
+        st, reason = _state(an, spec, exact_only=policy.mode == "lossless")
         if st is not None:
             np_.macs = st.geo.macs
             np_.exact_tolerance = st.tol_exact

@@ -77,3 +77,18 @@ def test_audit_of_a_wide_conv(exact_rank):
         assert 0.9 < spatial.errors[1] < 1.0
     else:
         assert spatial.spectrum_complete and spatial.exact_rank == exact_rank and spatial.exact_saves_macs
+
+
+@pytest.mark.parametrize("exact_rank", [None, 12])
+def test_lossless_plan_of_a_wide_conv(exact_rank):
+    rng = np.random.default_rng(4)
+    c = n = 192
+    if exact_rank is None:
+        w = rng.standard_normal((n, c, 3, 3))
+    else:
+        w = np.einsum("tci,tnj->ncij", rng.standard_normal((exact_rank, c, 3)), rng.standard_normal((exact_rank, n, 3)))
+    node = sepify.plan(_cross_channel_model(w)).nodes[0]
+    if exact_rank is None:
+        assert node.action == "keep" and node.reason == "no_exact_saving"
+    else:
+        assert (node.action, node.scheme, node.rank) == ("rewrite", "spatial", exact_rank)
