@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lowering", choices=("branches", "grouped", "concat"), default=None,
                    help="how a rank>1 dw-pw/pw-dw is written (same math): r summed multiplier-1 branches "
                         "(default), one grouped conv, or concat (dw-pw: r depthwise, Concat, one pointwise; "
-                        "pw-dw: one pointwise, Split, r depthwise, Sum); with --only-faster: the only one tried")
+                        "pw-dw: one pointwise, Split, r depthwise, Adds); with --only-faster: the only one tried")
     lat = r.add_argument_group("latency-aware selection")
     lat.add_argument("--only-faster", action="store_true",
                      help="time each planned rewrite against its original conv in onnxruntime (isolated, real "

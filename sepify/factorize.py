@@ -538,8 +538,8 @@ class Lowered:
 
     Every branch reads the head's output (or ``x`` when there is no head); with ``split`` the
     head's output is cut into ``len(branches)`` equal channel slices and branch ``j`` reads slice
-    ``j``.  ``join`` combines the branch outputs: ``"sum"`` (Add / Sum) or ``"concat"`` (Concat on
-    channels); a single branch needs no join.  The bias belongs to :meth:`bias_stage`.
+    ``j``.  ``join`` combines the branch outputs: ``"sum"`` (a chain of Adds) or ``"concat"`` (Concat
+    on channels); a single branch needs no join.  The bias belongs to :meth:`bias_stage`.
     """
 
     kind: str  # "grouped" | "branches" | "concat"

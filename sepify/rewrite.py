@@ -130,7 +130,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
     ``branches`` (the default: r multiplier-1 chains summed by Add, which onnxruntime runs on its
     fast depthwise path), ``grouped`` (one depthwise conv with channel multiplier r / one r-input
     grouped conv) or ``concat`` (dw-pw: r depthwise convs, Concat, one pointwise; pw-dw: one
-    pointwise, Split, r depthwise convs, Sum).  A plan node's own ``lowering`` wins over it.
+    pointwise, Split, r depthwise convs, Adds).  A plan node's own ``lowering`` wins over it.
 
     ``only_faster``: time every planned rewrite against its original conv in onnxruntime (isolated
     single-node models at the real shapes, ``threads`` intra-op threads; see
@@ -274,8 +274,15 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelPro
             if lowered.join == "concat":
                 new_nodes.append(gs.Node("Concat", names.fresh(f"{base}/sep_concat"), {"axis": 1}, outs, [joined]))
             else:
-                op = "Add" if len(outs) == 2 else "Sum"
-                new_nodes.append(gs.Node(op, names.fresh(f"{base}/sep_sum"), {}, outs, [joined]))
+                # A chain of two-input Adds, not one Sum: onnxruntime fuses each Add into the conv
+                # producing one of its inputs (NCHWc conv with a sum input, plus the activation on
+                # the last), so the join costs no extra pass over memory.
+                acc = outs[0]
+                for k, branch_out in enumerate(outs[1:]):
+                    last = k == len(outs) - 2
+                    out = joined if last else gs.Variable(names.fresh(f"{y.name}/sep_sum"))
+                    new_nodes.append(gs.Node("Add", names.fresh(f"{base}/sep_sum"), {}, [acc, branch_out], [out]))
+                    acc = out
             outs = [joined]
         chain(lowered.tail, tail_tags, outs[0], True)
         node.outputs.clear()

@@ -74,14 +74,14 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 def _expected_ops(case: Case, used: str) -> list[str]:
     r = case.rank
-    join = ["Add"] if r == 2 else ["Sum"]
+    join = ["Add"] * (r - 1)  # a chain of Adds, each fusable into a conv
     if used == "grouped":
         return ["Conv", "Conv"]
     if used == "branches":
         return sorted(["Conv"] * (2 * r) + join)
     if case.kind == "dw-pw":  # concat: r depthwise, Concat, one pointwise
         return sorted(["Conv"] * (r + 1) + ["Concat"])
-    return sorted(["Conv"] * (r + 1) + ["Split"] + join)  # pw-dw: one pointwise, Split, r depthwise, Sum
+    return sorted(["Conv"] * (r + 1) + ["Split"] + join)  # pw-dw: one pointwise, Split, r depthwise, Adds
 
 
 # ==============================================================================================

@@ -254,10 +254,10 @@ def expected_node_counts(r, lowering: str = "branches") -> tuple[int, int]:
     """(Conv nodes, Add/Sum nodes) that one rewritten node becomes.
 
     Unchained chains have 2 stages and chained ones 3.  Under the default ``branches`` lowering a
-    rank-r > 1 dw-pw / pw-dw chain is written as r rank-1 chains summed by one Add (Sum for r > 2).
+    rank-r > 1 dw-pw / pw-dw chain is written as r rank-1 chains summed by a chain of r − 1 Adds.
     """
     if lowering == "branches" and not r.chained and r.scheme in ("dw-pw", "pw-dw") and r.rank > 1:
-        return 2 * r.rank, 1
+        return 2 * r.rank, r.rank - 1
     return (3 if r.chained else 2), 0
 
 
