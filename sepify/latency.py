@@ -189,7 +189,8 @@ def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = N
                  seed: int = 0) -> Plan:
     """A copy of ``plan`` in which every rewrite is timed (:func:`measure_node`): its ``latency``
     holds the figures, its ``lowering`` the fastest measured lowering, and a rewrite no lowering
-    makes faster than ``min_speedup`` becomes ``action="keep"`` with reason ``not_faster``."""
+    makes faster than ``min_speedup`` becomes ``action="keep"`` with reason ``not_faster`` (or
+    ``latency_not_measured``, with the error in ``latency``, when onnxruntime cannot run it)."""
     from .rewrite import _cast, _check_edit
 
     an = plan.analysis
@@ -214,8 +215,14 @@ def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = N
         weight = an.view.constant(spec.w_name, spec.ref).value
         stages = _cast(realize(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0), weight.dtype)
         wanted = [np_.lowering] if np_.lowering else lowerings
-        lat = measure_node(an, spec, stages, lowerings=wanted, threads=threads, runs=runs, warmup=warmup,
-                           budget_s=budget_s, min_speedup=min_speedup, providers=providers, seed=seed)
+        try:
+            lat = measure_node(an, spec, stages, lowerings=wanted, threads=threads, runs=runs, warmup=warmup,
+                               budget_s=budget_s, min_speedup=min_speedup, providers=providers, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime refused a model: not shown faster, so kept
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            np_.latency = {"node": np_.qualified_name, "threads": threads, "error": msg}
+            np_.action, np_.reason = "keep", "latency_not_measured"
+            continue
         np_.latency = lat.to_dict()
         if lat.faster:
             if lat.chosen != SINGLE:
@@ -250,6 +257,9 @@ def render_latency(report, width: int = 160) -> str:
     for col in ("node", "original", "lowerings (µs)", "best", "speedup", "runs", "rewritten"):
         table.add_column(col, justify="left" if col in ("node", "lowerings (µs)", "best") else "right", overflow="fold")
     for d in rows:
+        if "error" in d:
+            table.add_row(d["node"], "?", f"not measured: {d['error']}", "", "", "", "no")
+            continue
         lows = ", ".join(f"{k} {v:.0f}" for k, v in d["lowerings_us"].items())
         table.add_row(d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
                       lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no")

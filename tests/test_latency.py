@@ -359,3 +359,18 @@ def test_interleaved_times_runs_every_session_once_per_round():
     times = interleaved_times([S(0), S(1), S(2)], {}, runs=4, warmup=1)
     assert [len(t) for t in times] == [4, 4, 4]
     assert calls[:3] == [0, 1, 2] and len(calls) == 3 + 12
+
+
+def test_a_node_onnxruntime_cannot_run_is_kept_with_the_error(monkeypatch):
+    import sepify.latency as latency
+
+    def refuse(*a, **k):
+        raise sepify.SepifyError("onnxruntime cannot load the model: nope")
+
+    monkeypatch.setattr(latency, "time_models", refuse)
+    model = _stack_model()
+    out, report = sepify.rewrite(model, only_faster=True, latency_runs=2)
+    assert out is model and not report.changed
+    assert {k["reason"] for k in report.kept} == {"latency_not_measured"}
+    assert all("nope" in k["latency"]["error"] for k in report.kept)
+    assert "not measured" in render_latency(report)
