@@ -216,6 +216,8 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, window_s: float = 
 # ----------------------------------------------------------------------------------------------
 def run_config(name, model, rank, scheme, lowering, threads, args) -> dict:
     policy = Policy(mode="rank", rank=rank, scheme=scheme)
+    if lowering == ONLY_FASTER and args.quiet_wait > 0:
+        wait_for_quiet(args.quiet_wait, args.max_load)  # the selection is timed too
     t0 = time.perf_counter()
     if lowering == ONLY_FASTER:
         rewritten, rep = sepify.rewrite(model, policy, only_faster=True, threads=threads)
@@ -223,10 +225,17 @@ def run_config(name, model, rank, scheme, lowering, threads, args) -> dict:
         rewritten, rep = sepify.rewrite(model, policy, lowering=None if lowering == "-" else lowering)
     rewrite_s = time.perf_counter() - t0
     chosen = [r.lowering or "-" for r in rep.rewritten] + ["kept" for k in rep.kept if k["reason"] == "not_faster"]
-    quiet = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
-    foreign = ForeignLoad()
-    b = benchmark(model, rewritten, runs=args.runs, warmup=args.warmup, threads=threads, profile_runs=0)
-    foreign_cores = foreign.cores()
+    best = None
+    for _ in range(max(args.tries, 1)):  # re-measure a row timed while other processes were busy
+        quiet = wait_for_quiet(args.quiet_wait, args.max_load) if args.quiet_wait > 0 else None
+        foreign = ForeignLoad()
+        b = benchmark(model, rewritten, runs=args.runs, warmup=args.warmup, threads=threads, profile_runs=0)
+        foreign_cores = foreign.cores()
+        if best is None or (foreign_cores or 0.0) < (best[2] or 0.0):
+            best = (b, quiet, foreign_cores)
+        if foreign_cores is None or foreign_cores <= args.max_load:
+            break
+    b, quiet, foreign_cores = best
     row = {
         "model": name, "rank": rank, "scheme": scheme, "lowering": lowering, "threads": threads,
         "chosen": chosen, "rewrite_s": rewrite_s, "runs": args.runs,
@@ -347,7 +356,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also break each configuration's time down by kind of node")
     p.add_argument("--json", metavar="FILE", help="write every row as JSON")
     p.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
-                   help="before each row wait up to S seconds for other processes to use < 0.3 cores (0: don't)")
+                   help="before each row wait up to S seconds for other processes to use < --max-load cores (0: don't)")
+    p.add_argument("--max-load", type=float, default=0.3, metavar="CORES",
+                   help="a row timed while other processes used more than this is re-measured (see --tries)")
+    p.add_argument("--tries", type=int, default=3, help="measurements per row at most; the quietest is kept")
     args = p.parse_args(argv)
     load_before = _load()
     models = {name: MODELS[name]() for name in args.models}
