@@ -47,7 +47,8 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import UsageError
-from .factorize import SCHEMES, Stage, compose, exact_tolerance, factor, scheme_stages, stages_macs
+from .factorize import (SCHEMES, Stage, compose, exact_tolerance, factor, scheme_stages, split_kernel_stage,
+                        stages_macs)
 from .geometry import ConvGeometry, prod
 from .graph import GraphView, attr
 from .load import LoadedModel, ModelSource, load_model
@@ -139,12 +140,13 @@ def _split_samples(name: str, arrays: list[np.ndarray], declared: list[int | Non
 
 
 def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, *, samples: int | None = None,
-                     seed: int = 0, value_range: tuple[float, float] = (0.0, 1.0),
+                     seed: int = 0, value_range: tuple[float, float] | None = None,
                      batch: int = DEFAULT_BATCH) -> CalibrationSet:
     """Calibration batches for ``model``.
 
-    ``data``: ``"random"`` (``samples`` seeded inputs, floats uniform in ``value_range``, integers in
-    [0, 10)), a mapping name → array, or a path: an ``.npz`` keyed by input name, an ``.npy`` (one
+    ``data``: ``"random"`` (``samples`` seeded inputs: floats N(0, 1) as ``sepify verify`` draws them, or
+    uniform in ``value_range`` when given; integers in [0, 10)), a mapping name → array, or a path: an
+    ``.npz`` keyed by input name, an ``.npy`` (one
     input), or a folder of them (arrays of the same input are concatenated in file-name order).
     Each array's first axis is the sample axis: ``[S, *input dims]``, or samples stacked on the
     batch axis (``[S·b, …]`` for a fixed batch ``b``).  A model whose batch dim is fixed gets
@@ -162,18 +164,20 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
         n = samples or DEFAULT_SAMPLES
         shapes, _ = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
         rng = np.random.default_rng(seed)
-        lo, hi = value_range
         per_input: dict[str, list[np.ndarray]] = {}
         for name in names:
             dt = dtypes[name]
-            if np.issubdtype(dt, np.floating):
-                arr = rng.uniform(lo, hi, size=(n, *shapes[name])).astype(dt)
+            if np.issubdtype(dt, np.floating) and value_range is not None:
+                arr = rng.uniform(value_range[0], value_range[1], size=(n, *shapes[name])).astype(dt)
+            elif np.issubdtype(dt, np.floating):
+                arr = rng.standard_normal(size=(n, *shapes[name])).astype(dt)
             elif dt == np.bool_:
                 arr = rng.integers(0, 2, size=(n, *shapes[name])).astype(dt)
             else:
                 arr = rng.integers(0, 10, size=(n, *shapes[name])).astype(dt)
             per_input[name] = list(arr)
-        source = f"random ({n} samples, seed {seed}, range {lo:g}..{hi:g})"
+        dist = "N(0, 1)" if value_range is None else f"uniform {value_range[0]:g}..{value_range[1]:g}"
+        source = f"random ({n} samples, seed {seed}, {dist})"
     else:
         if isinstance(data, Mapping):
             raw = {k: [np.asarray(v)] for k, v in data.items()}
@@ -683,15 +687,19 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 DRIFT_METRICS = ("channel", "cosine")
+STD_FLOOR = 0.1
 
 
 class DriftMeter:
     """``1 − cosine`` between reference and new outputs over all samples, mean over outputs.
 
     ``metric="cosine"``: the plain cosine of each output tensor (what ``sepify verify`` prints).
-    ``metric="channel"``: each output channel (axis 1) is first divided by its RMS in the reference
-    outputs, so channels in different units weigh alike — a detector's box coordinates (hundreds
-    of pixels) would otherwise drown its class probabilities (0…1) in the plain cosine.
+    ``metric="channel"``: each output channel (axis 1) is first standardized with the reference's
+    mean and standard deviation of that channel, so channels in different units and offsets weigh
+    alike — a detector's box coordinates (hundreds of pixels, offset by the anchor grid) would
+    otherwise drown its class probabilities (0…1) in the plain cosine.  A channel's standard
+    deviation counts as at least a tenth of its RMS, so nearly constant channels (logits of random
+    inputs) are not blown up.
     """
 
     def __init__(self, reference: Sequence[Sequence[np.ndarray]], metric: str = "channel"):
@@ -699,27 +707,33 @@ class DriftMeter:
             raise UsageError(f"unknown drift metric {metric!r} ({', '.join(DRIFT_METRICS)})")
         self.metric = metric
         self.reference = [[np.asarray(t, dtype=np.float64) for t in outs] for outs in reference]
-        self.scales: list[np.ndarray | None] = []
+        self.stats: list[tuple[np.ndarray, np.ndarray] | None] = []
         if self.reference:
             for i in range(len(self.reference[0])):
                 first = self.reference[0][i]
                 if metric != "channel" or first.ndim < 2:
-                    self.scales.append(None)
+                    self.stats.append(None)
                     continue
-                sq = np.zeros(first.shape[1])
-                count = 0
+                c = first.shape[1]
+                s1, s2, count = np.zeros(c), np.zeros(c), 0
                 for outs in self.reference:
-                    t = np.where(np.isfinite(outs[i]), outs[i], 0.0)
-                    sq += np.moveaxis(t, 1, 0).reshape(t.shape[1], -1).__pow__(2).sum(axis=1)
-                    count += t.size // t.shape[1]
-                rms = np.sqrt(sq / max(count, 1))
-                self.scales.append(np.where(rms > 0, 1.0 / np.maximum(rms, 1e-30), 0.0))
+                    t = np.moveaxis(np.where(np.isfinite(outs[i]), outs[i], 0.0), 1, 0).reshape(c, -1)
+                    s1 += t.sum(axis=1)
+                    s2 += (t * t).sum(axis=1)
+                    count += t.shape[1]
+                mean = s1 / max(count, 1)
+                rms = np.sqrt(s2 / max(count, 1))
+                std = np.sqrt(np.maximum(rms * rms - mean * mean, 0.0))
+                # A channel that barely varies over the samples is measured against a tenth of its size.
+                floor = np.maximum(STD_FLOOR * rms, 1e-30)
+                self.stats.append((mean, 1.0 / np.maximum(std, floor)))
 
     def _scaled(self, t: np.ndarray, i: int) -> np.ndarray:
-        scale = self.scales[i]
-        if scale is None:
+        st = self.stats[i]
+        if st is None:
             return t
-        return t * scale.reshape((1, -1) + (1,) * (t.ndim - 2))
+        shape = (1, -1) + (1,) * (t.ndim - 2)
+        return (t - st[0].reshape(shape)) * st[1].reshape(shape)
 
     def drift(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
         return float(np.mean(self.per_output(outputs))) if self.reference else 0.0
@@ -1363,9 +1377,184 @@ def substitute(model: onnx.ModelProto, weights: Mapping[str, tuple[np.ndarray, n
     return out
 
 
+class Calibrator:
+    """The state calibration shares between one rewrite and a sweep of budgets: the model (with
+    BatchNorms folded), the samples, the candidate layers, the reference targets and profiles.
+
+    ``allocation``: ``"sensitivity"`` profiles every eligible layer (output-error curves per scheme
+    and rank, and its measured sensitivity) and chooses scheme and rank by
+    :func:`allocate`; ``"plan"`` calibrates the layers the policy's weight-based plan rewrites.
+    """
+
+    def __init__(self, model: ModelSource | LoadedModel, policy=None, data: Any = "random", input_shapes=None, *,
+                 allocation: str = "sensitivity", samples: int | None = None, rows: int = DEFAULT_ROWS,
+                 seed: int = 0, value_range: tuple[float, float] | None = None, batch: int = DEFAULT_BATCH,
+                 fold_bn: bool = True, drift_metric: str = "channel", progress: bool = False):
+        from .plan import Policy, plan as make_plan
+
+        if allocation not in ("sensitivity", "plan"):
+            raise UsageError(f"unknown allocation {allocation!r} (sensitivity, plan)")
+        if drift_metric not in DRIFT_METRICS:
+            raise UsageError(f"unknown drift metric {drift_metric!r} ({', '.join(DRIFT_METRICS)})")
+        if rows < 1:
+            raise UsageError("calibration rows per layer must be ≥ 1")
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.policy = policy or Policy()
+        self.allocation = allocation
+        self.rows, self.seed, self.drift_metric, self.fold_bn = rows, seed, drift_metric, fold_bn
+        self.progress = progress
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.calib = data if isinstance(data, CalibrationSet) else load_calibration(
+            data, self.loaded, input_shapes, samples=samples, seed=seed, value_range=value_range, batch=batch)
+        self.shapes = _input_shapes_of(self.loaded.model, self.calib, input_shapes)
+        self.folded_model, self.folded = fold_batchnorms(self.loaded.model) if fold_bn else (self.loaded.model, [])
+        self.base = make_plan(self.folded_model, self.policy, self.shapes)
+        if allocation == "sensitivity":
+            self.layers = _layers_from_plan(self.base)
+        else:
+            self.layers = _layers_from_plan(self.base, [n.qualified_name for n in self.base.rewrites])
+        self.by_name = {l.name: l for l in self.layers}
+        self.work = WorkingModel(self.folded_model, self.layers)
+        self.outputs = float_outputs(self.folded_model)
+        self.targets = Targets()
+        self.profiles: dict[str, LayerProfile] = {}
+        self._meters: dict[int, tuple[DriftMeter, DriftMeter]] = {}
+        self.timings["setup"] = time.perf_counter() - t0
+
+    @property
+    def conv_macs(self) -> int:
+        return self.base.conv_macs
+
+    def profile(self) -> None:
+        """The reference pass (targets; curves and probes under sensitivity allocation) and the sensitivities."""
+        schemes = list(SCHEMES) if self.policy.scheme == "auto" else [self.policy.scheme]
+        with _progress(self.progress) as bar:
+            t = time.perf_counter()
+            self.profiles = reference_pass(self.work, self.layers, self.calib, rows=self.rows, seed=self.seed,
+                                           schemes=schemes if self.allocation == "sensitivity" else None,
+                                           targets=self.targets, progress=bar)
+            self.timings["reference_pass"] = time.perf_counter() - t
+            if self.allocation == "sensitivity":
+                t = time.perf_counter()
+                measure_sensitivities(self.work, self.layers, self.profiles, self.calib, metric=self.drift_metric,
+                                      progress=bar)
+                self.timings["sensitivities"] = time.perf_counter() - t
+
+    def choose(self, budget: float | None = None, max_drift: float | None = None) -> tuple[dict[str, tuple[str, int]], float | None]:
+        """Scheme and rank per layer, and the predicted drift (None under plan allocation)."""
+        if self.allocation == "plan":
+            return {n.qualified_name: (n.scheme, n.rank) for n in self.base.rewrites
+                    if n.qualified_name in self.by_name}, None
+        picks, predicted, _ = allocate(self.profiles, self.conv_macs, budget, max_drift)
+        return {n: (c.scheme, c.rank) for n, c in picks.items()}, predicted
+
+    def weight_only_choices(self, budget: float) -> dict[str, tuple[str, int]]:
+        """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
+        from .plan import Policy, plan as make_plan
+
+        p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes)
+        return {n.qualified_name: (n.scheme, n.rank) for n in p.rewrites}
+
+    def solve(self, choices: Mapping[str, tuple[str, int]]):
+        """Calibrate ``choices`` from the original model on (the working model is reset first)."""
+        for name in list(self.work.slots):
+            self.work.reset(name)
+        missing = [n for n in choices if n not in self.targets.rows]
+        if missing:
+            raise UsageError(f"no calibration targets for {', '.join(missing[:3])}: run profile() first")
+        with _progress(self.progress) as bar:
+            t = time.perf_counter()
+            out = calibrate_layers(self.work, self.layers, choices, self.calib, self.targets, rows=self.rows,
+                                   seed=self.seed, progress=bar)
+            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - t
+        return out
+
+    def set_weight_only(self, choices: Mapping[str, tuple[str, int]]) -> None:
+        """The working model with the weight-only SVD factors of ``choices`` (everything else original)."""
+        for name in list(self.work.slots):
+            self.work.reset(name)
+        for name, (scheme, r) in choices.items():
+            layer = self.by_name.get(name)
+            if layer is not None:
+                self.work.set(name, compose(factor(layer.w64, layer.geo, scheme, r), layer.geo), layer.bias)
+
+    def drift(self, feeds: CalibrationSet | None = None) -> tuple[float, float]:
+        """(drift in the chosen metric, plain 1 − cosine) of the working model against the original, on
+        ``feeds`` (default: the calibration samples)."""
+        feeds = feeds or self.calib
+        key = id(feeds)
+        if key not in self._meters:
+            ref = run_outputs(make_reference_session(self.folded_model), feeds.feeds, self.outputs)
+            meter = DriftMeter(ref, self.drift_metric)
+            self._meters[key] = (meter, DriftMeter(ref, "cosine") if self.drift_metric != "cosine" else meter)
+        meter, cos = self._meters[key]
+        got = run_outputs(self.work.session(), feeds.feeds, self.outputs)
+        return meter.drift(got), cos.drift(got)
+
+    def finish(self, results: dict[str, LayerResult], solved: dict[str, tuple[list[Stage], np.ndarray]]):
+        """The model to rewrite (BatchNorms folded only where a conv is rewritten, calibrated dense
+        weights in) and a plan on it that :func:`sepify.rewrite.rewrite` realizes."""
+        from .plan import Policy, plan as make_plan
+
+        policy = self.policy
+        bn_of = {f["conv"]: f["bn"] for f in self.folded}
+        if self.fold_bn:
+            final_src, final_folded = fold_batchnorms(self.loaded.model, only=[n for n in solved if n in bn_of])
+        else:
+            final_src, final_folded = self.loaded.model, []
+        dense = {n: (compose(st, self.by_name[n].geo), b) for n, (st, b) in solved.items()}
+        final_model = substitute(final_src, dense)
+        final = make_plan(final_model, Policy(mode="lossless", scheme=policy.scheme, include=policy.include,
+                                              exclude=policy.exclude, min_macs=policy.min_macs, chain=policy.chain),
+                          self.shapes)
+        planned = {n.qualified_name: n for n in self.base.nodes}
+        for node in final.nodes:
+            res = results.get(node.qualified_name)
+            ref = planned.get(node.qualified_name)
+            if res is not None:
+                node.action, node.reason = "rewrite", None
+                node.scheme, node.rank = res.scheme, res.rank
+                node.error, node.macs_after = res.weight_error, res.macs_after
+                if ref is not None:
+                    node.exact_tolerance = node.exact_tolerance or ref.exact_tolerance
+                node.chained = False
+                if policy.chain and res.scheme != "spatial":
+                    # Split the kernel stage further only where the calibrated chain still splits exactly.
+                    layer = self.by_name[node.qualified_name]
+                    w = dense[node.qualified_name][0].astype(layer.weight.dtype)
+                    chain = split_kernel_stage(factor(w, layer.geo, res.scheme, res.rank), layer.geo,
+                                               node.exact_tolerance or exact_tolerance(layer.weight.dtype))
+                    if chain is not None:
+                        node.chained, node.macs_after = True, stages_macs(layer.geo, chain)
+            elif self.allocation == "plan" and ref is not None and ref.action == "rewrite":
+                # Not calibrated (a conv inside an If/Loop body): the weight-only choice stands.
+                node.action, node.reason = "rewrite", None
+                node.scheme, node.rank, node.chained = ref.scheme, ref.rank, ref.chained
+                node.error, node.macs_after = ref.error, ref.macs_after
+            elif node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
+                node.action = "keep"
+                node.reason = "not_needed_for_budget" if self.allocation == "sensitivity" else (ref.reason if ref else "kept")
+        final.policy = policy
+        for name, res in results.items():
+            prof = self.profiles.get(name)
+            if prof is not None and prof.sensitivity is not None:
+                res.sensitivity = prof.sensitivity
+                if res.output_error is not None:
+                    res.predicted_drift = prof.sensitivity * res.output_error ** 2
+            res.bn_folded = bn_of.get(name)
+        return final_model, final, final_folded
+
+
+def make_reference_session(model: onnx.ModelProto):
+    from .verify import make_session
+
+    return make_session(model)
+
+
 def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random", input_shapes=None, *,
               max_drift: float | None = None, samples: int | None = None, rows: int = DEFAULT_ROWS, seed: int = 0,
-              value_range: tuple[float, float] = (0.0, 1.0), batch: int = DEFAULT_BATCH,
+              value_range: tuple[float, float] | None = None, batch: int = DEFAULT_BATCH,
               allocation: str = "auto", fold_bn: bool = True, drift_metric: str = "channel",
               progress: bool = False, measure: bool = True) -> CalibrationResult:
     """Plan and calibrate the factors of ``model`` on sample inputs (see the module docstring).
@@ -1373,12 +1562,12 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
     ``allocation``: ``"sensitivity"`` chooses scheme and rank per layer from drift measured on the
     calibration data (Lagrangian greedy under ``policy.budget`` and/or ``max_drift``); ``"plan"``
     keeps the policy's weight-based choices and only calibrates the factors; ``"auto"``:
-    sensitivity for ``--budget`` / ``max_drift``, the plan otherwise.
+    sensitivity for ``--budget`` / ``max_drift``, the plan otherwise.  ``max_drift`` bounds the
+    drift measured on the calibration samples: when the first allocation overshoots, the bound is
+    tightened and the layers calibrated again (at most 3 tries; the report notes a miss).
     """
-    from .plan import Plan, Policy, plan as make_plan
+    from .plan import Policy
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     policy = policy or Policy()
     if max_drift is not None and not max_drift >= 0:
         raise UsageError("--max-drift needs a non-negative drift (1 - cosine)")
@@ -1386,119 +1575,38 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
         raise UsageError(f"--max-drift chooses ranks itself; drop --{policy.mode}")
     if allocation == "auto":
         allocation = "sensitivity" if (policy.mode == "budget" or max_drift is not None) else "plan"
-    if allocation not in ("sensitivity", "plan"):
-        raise UsageError(f"unknown allocation {allocation!r} (sensitivity, plan)")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    calib = data if isinstance(data, CalibrationSet) else load_calibration(
-        data, loaded, input_shapes, samples=samples, seed=seed, value_range=value_range, batch=batch)
-    shapes = _input_shapes_of(loaded.model, calib, input_shapes)
-    source = loaded.model
-    folded_model, folded = fold_batchnorms(source) if fold_bn else (source, [])
-    base = make_plan(folded_model, policy, shapes)
-    timings["plan"] = time.perf_counter() - t0
-    exact_tol = {n.qualified_name: n.exact_tolerance for n in base.nodes}
-
-    with _progress(progress) as bar:
-        if allocation == "sensitivity":
-            layers = _layers_from_plan(base)
-        else:
-            layers = _layers_from_plan(base, [n.qualified_name for n in base.rewrites])
-        by_name = {l.name: l for l in layers}
-        work = WorkingModel(folded_model, layers)
-        targets = Targets()
-        schemes = list(SCHEMES) if policy.scheme == "auto" else [policy.scheme]
-        t = time.perf_counter()
-        profiles = reference_pass(work, layers, calib, rows=rows, seed=seed,
-                                  schemes=schemes if allocation == "sensitivity" else None, targets=targets,
-                                  progress=bar)
-        timings["reference_pass"] = time.perf_counter() - t
-        outs = float_outputs(folded_model)
-        ref_session = work.session()
-        meter = cos_meter = None
+    t0 = time.perf_counter()
+    cal = Calibrator(model, policy, data, input_shapes, allocation=allocation, samples=samples, rows=rows, seed=seed,
+                     value_range=value_range, batch=batch, fold_bn=fold_bn, drift_metric=drift_metric,
+                     progress=progress)
+    cal.profile()
+    budget = policy.budget if policy.mode == "budget" else None
+    notes: list[str] = []
+    bound = max_drift
+    drift = drift_cos = drift_w = drift_w_cos = None
+    for attempt in range(MAX_DRIFT_TRIES if max_drift is not None else 1):
+        choices, predicted = cal.choose(budget, bound)
+        results, solved = cal.solve(choices)
         if measure or max_drift is not None:
-            ref_outs = run_outputs(ref_session, calib.feeds, outs)
-            meter = DriftMeter(ref_outs, drift_metric)
-            cos_meter = DriftMeter(ref_outs, "cosine") if drift_metric != "cosine" else meter
-        del ref_session
-        total = base.conv_macs
-        predicted = None
-        if allocation == "sensitivity":
-            t = time.perf_counter()
-            measure_sensitivities(work, layers, profiles, calib, metric=drift_metric, progress=bar)
-            timings["sensitivities"] = time.perf_counter() - t
-        notes: list[str] = []
-        bound = max_drift
-        for attempt in range(MAX_DRIFT_TRIES if max_drift is not None else 1):
-            if allocation == "sensitivity":
-                picks, predicted, _ = allocate(profiles, total, policy.budget if policy.mode == "budget" else None, bound)
-                choices = {n: (c.scheme, c.rank) for n, c in picks.items()}
-            else:
-                choices = {n.qualified_name: (n.scheme, n.rank) for n in base.rewrites if n.qualified_name in by_name}
-            for name in list(work.slots):
-                work.reset(name)
-            t = time.perf_counter()
-            results, solved = calibrate_layers(work, layers, choices, calib, targets, rows=rows, seed=seed,
-                                               progress=bar)
-            timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - t
-            drift = drift_cos = None
-            if meter is not None:
-                got = run_outputs(work.session(), calib.feeds, outs)
-                drift, drift_cos = meter.drift(got), cos_meter.drift(got)
-            if max_drift is None or drift is None or drift <= max_drift or not choices:
-                break
-            notes.append(f"attempt {attempt + 1}: predicted drift {predicted:.3g}, measured {drift:.3g} > "
-                         f"{max_drift:g}; tightening")
-            bound = (bound or max_drift) * max_drift / drift * 0.9
-        drift_w = drift_w_cos = None
-        if meter is not None and choices:
-            for name, (scheme, r) in choices.items():
-                layer = by_name[name]
-                work.set(name, compose(factor(layer.w64, layer.geo, scheme, r), layer.geo), layer.bias)
-            got = run_outputs(work.session(), calib.feeds, outs)
-            drift_w, drift_w_cos = meter.drift(got), cos_meter.drift(got)
+            drift, drift_cos = cal.drift()
+        if max_drift is None or drift is None or drift <= max_drift or not choices:
+            break
+        notes.append(f"attempt {attempt + 1}: predicted drift {predicted:.3g}, measured {drift:.3g} > "
+                     f"{max_drift:g}; tightening")
+        bound = (bound if bound else max_drift) * max_drift / drift * 0.9
     if max_drift is not None and drift is not None and drift > max_drift:
         notes.append(f"measured drift {drift:.3g} stays above --max-drift {max_drift:g} after {MAX_DRIFT_TRIES} tries")
-
-    # The model to rewrite: BatchNorms folded only where a conv is rewritten, calibrated weights in.
-    bn_of = {f["conv"]: f["bn"] for f in folded}
-    final_src, final_folded = fold_batchnorms(source, only=[n for n in solved if n in bn_of]) if fold_bn else (source, [])
-    dense = {n: (compose(st, by_name[n].geo), b) for n, (st, b) in solved.items()}
-    final_model = substitute(final_src, dense)
-    final = make_plan(final_model, Policy(mode="lossless", scheme=policy.scheme, include=policy.include,
-                                          exclude=policy.exclude, min_macs=policy.min_macs, chain=policy.chain),
-                      shapes)
-    planned = {n.qualified_name: n for n in base.nodes}
-    for node in final.nodes:
-        res = results.get(node.qualified_name)
-        ref = planned.get(node.qualified_name)
-        if res is not None:
-            node.action, node.reason = "rewrite", None
-            node.scheme, node.rank, node.chained = res.scheme, res.rank, policy.chain
-            node.error, node.macs_after = res.weight_error, res.macs_after
-            node.exact_tolerance = node.exact_tolerance or exact_tol.get(node.qualified_name)
-        elif allocation == "plan" and ref is not None and ref.action == "rewrite":
-            # Not calibrated (a conv inside an If/Loop body): the weight-only choice stands.
-            node.action, node.reason = "rewrite", None
-            node.scheme, node.rank, node.chained = ref.scheme, ref.rank, ref.chained
-            node.error, node.macs_after = ref.error, ref.macs_after
-        elif node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
-            node.action = "keep"
-            node.reason = "not_needed_for_budget" if allocation == "sensitivity" else (ref.reason if ref else "kept")
-    final.policy = policy
-    for name, res in results.items():
-        prof = profiles.get(name)
-        if prof is not None:
-            res.sensitivity = prof.sensitivity
-            if prof.sensitivity is not None and res.output_error is not None:
-                res.predicted_drift = prof.sensitivity * res.output_error ** 2
-        res.bn_folded = bn_of.get(name)
-    timings["total"] = time.perf_counter() - t0
+    final_model, final, final_folded = cal.finish(results, solved)
+    if measure and choices:
+        cal.set_weight_only(choices)
+        drift_w, drift_w_cos = cal.drift()
+    cal.timings["total"] = time.perf_counter() - t0
     report = CalibrationReport(
-        loaded.label, calib.source, calib.samples, rows, seed, allocation,
-        policy.budget if policy.mode == "budget" else None, max_drift, final.conv_macs, final.conv_macs_after,
-        predicted, drift_metric, drift, drift_w, drift_cos, drift_w_cos, [results[l.name] for l in layers if l.name in results], final_folded,
-        [p.to_dict() for p in profiles.values()] if allocation == "sensitivity" else [], timings, notes)
-    return CalibrationResult(final_model, final, report, profiles, solved)
+        cal.loaded.label, cal.calib.source, cal.calib.samples, rows, seed, allocation, budget, max_drift,
+        final.conv_macs, final.conv_macs_after, predicted, drift_metric, drift, drift_w, drift_cos, drift_w_cos,
+        [results[l.name] for l in cal.layers if l.name in results], final_folded,
+        [p.to_dict() for p in cal.profiles.values()] if allocation == "sensitivity" else [], dict(cal.timings), notes)
+    return CalibrationResult(final_model, final, report, cal.profiles, solved)
 
 
 def calibrated_rewrite(model: ModelSource | LoadedModel, policy=None, data: Any = "random", input_shapes=None, *,

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="compare original and rewritten outputs after writing")
     r.add_argument("--bench", action="store_true", help="time original vs rewritten after writing")
     _add_tolerance_args(r)
+    from .calibcli import add_calibration_args
+
+    add_calibration_args(r)
 
     v = sub.add_parser("verify", help="compare two models' outputs in onnxruntime (exit 1 on drift)")
     v.add_argument("original", metavar="ORIGINAL")
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", nargs="+", default=None, metavar="EP")
     b.add_argument("--no-profile", action="store_true", help="skip per-node profiler times")
     b.add_argument("--format", choices=("table", "json"), default="table")
+    from .calibcli import add_commands
+
+    add_commands(sub, _add_shape_args)
     return parser
 
 
@@ -161,8 +167,13 @@ def cmd_rewrite(args) -> int:
             raise UsageError("rewrite needs -o OUT (or --in-place, or --dry-run)")
         elif same_file(args.output, args.model):
             raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
-    for target in ([] if args.dry_run else [args.output]) + ([args.report] if args.report else []):
+    for target in ([] if args.dry_run else [args.output]) + ([args.report] if args.report else []) + \
+            ([args.html] if args.html else []):
         check_writable(target)  # before any work: a bad target must not leave a model written
+    from .calibcli import run_calibrated_rewrite, wants_calibration, write_rewrite_html
+
+    if wants_calibration(args):
+        return run_calibrated_rewrite(args)
     try:
         loaded = load_model(args.model)
         model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering,
@@ -197,6 +208,8 @@ def cmd_rewrite(args) -> int:
 
             sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
                                                     threads=args.threads)))
+    if args.html:
+        write_rewrite_html(args, loaded, report)
     return status
 
 
@@ -257,7 +270,20 @@ def _print_error(exc: BaseException, path: Path | None = None) -> None:
     print(f"sepify: error: {msg}", file=sys.stderr)
 
 
-COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite, "verify": cmd_verify, "bench": cmd_bench}
+def cmd_plan(args) -> int:
+    from .calibcli import cmd_plan as run
+
+    return run(args)
+
+
+def cmd_report(args) -> int:
+    from .calibcli import cmd_report as run
+
+    return run(args)
+
+
+COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite, "verify": cmd_verify, "bench": cmd_bench,
+            "plan": cmd_plan, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -364,7 +364,9 @@ def test_random_calibration_is_seeded():
     b = load_calibration("random", net(), samples=3, seed=4)
     assert a.samples == 3 and a.source.startswith("random")
     np.testing.assert_array_equal(a.feeds[2]["x"], b.feeds[2]["x"])
-    assert 0 <= a.feeds[0]["x"].min() and a.feeds[0]["x"].max() <= 1
+    assert a.feeds[0]["x"].min() < -1 < 1 < a.feeds[0]["x"].max()  # N(0, 1), as sepify verify draws
+    u = load_calibration("random", net(), samples=2, value_range=(0.0, 1.0))
+    assert 0 <= u.feeds[0]["x"].min() and u.feeds[0]["x"].max() <= 1 and "uniform" in u.source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,3 +409,99 @@ def test_waves_follow_dependencies():
     p = plan(net(), Policy(mode="rank", rank=1))
     layers = _layers_from_plan(p)
     assert [[l.name for l in w] for w in waves(net(), layers)] == [["conv1"], ["conv2"], ["conv3"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: rewrite --calibrate, plan --sweep, report, --html
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def files(tmp_path):
+    model = tmp_path / "net.onnx"
+    onnx.save(net(), model)
+    np.savez(tmp_path / "calib.npz", x=anisotropic(8, 1))
+    np.savez(tmp_path / "held.npz", x=anisotropic(4, 2))
+    return tmp_path, str(model), str(tmp_path / "calib.npz"), str(tmp_path / "held.npz")
+
+
+def _self_contained(text: str) -> None:
+    import re
+
+    assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
+    assert "<svg" in text
+    # No fetched resources: no src/href pointing anywhere, no script, no stylesheet link.
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", text)
+    assert "<script" not in text and "<link" not in text
+    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_cli_rewrite_calibrate_writes_model_report_and_html(files, capsys):
+    from sepify.cli import main
+
+    tmp, model, calib, _ = files
+    out, rep, page = tmp / "out.onnx", tmp / "rep.json", tmp / "page.html"
+    code = main(["rewrite", model, "--budget", "0.5", "--calibrate", calib, "-o", str(out), "--report", str(rep),
+                 "--html", str(page), "--verify", "--atol", "10", "--rtol", "10"])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "calibration:" in text and "allocation sensitivity" in text
+    import json
+
+    d = json.loads(rep.read_text())
+    assert d["calibration"]["allocation"] == "sensitivity" and d["totals"]["macs_ratio"] <= 0.5 + 1e-9
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    html_text = page.read_text()
+    _self_contained(html_text)
+    for section in ("Per-layer MACs before / after", "Calibration: drift per layer", "Singular-value spectra",
+                    "Audit", "conv2", "Drift per rewritten layer"):
+        assert section in html_text
+
+
+def test_cli_calibration_argument_errors(files, capsys):
+    from sepify.cli import main
+
+    tmp, model, calib, _ = files
+    assert main(["rewrite", model, "--max-drift", "0.01", "-o", str(tmp / "o.onnx")]) == 2
+    assert "--calibrate" in capsys.readouterr().err
+    assert main(["rewrite", model, "--rank", "2", "--max-drift", "0.01", "--calibrate", calib, "-o",
+                 str(tmp / "o.onnx")]) == 2
+    assert main(["plan", model, "--sweep"]) == 2
+    assert main(["plan", model, "--plot", str(tmp / "p.png")]) == 2
+    assert main(["rewrite", model, "--calibrate", str(tmp / "nope.npz"), "-o", str(tmp / "o.onnx")]) == 2
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_cli_plan_sweep_json_and_report(files, capsys):
+    import json
+
+    from sepify.cli import main
+
+    tmp, model, calib, held = files
+    code = main(["plan", model, "--calibrate", calib, "--sweep", "--budgets", "0.8,0.5", "--eval", held,
+                 "--format", "json"])
+    assert code == 0, capsys.readouterr().err
+    d = json.loads(capsys.readouterr().out)
+    assert [p["budget"] for p in d["points"]] == [0.8, 0.5]
+    assert d["eval_data"] == held
+    for p in d["points"]:
+        assert p["macs_ratio"] <= p["budget"] + 0.15
+        assert p["drift_weight_only"] is not None
+    assert d["points"][0]["drift"] <= d["points"][1]["drift"] + 1e-9
+    page = tmp / "report.html"
+    assert main(["report", model, "--calibrate", calib, "--budget", "0.6", "--sweep", "--budgets", "0.7",
+                 "--eval", held, "--verify", "-o", str(page)]) == 0
+    text = page.read_text()
+    _self_contained(text)
+    assert "Trade-off curve" in text and "Output drift (sepify verify)" in text
+    # plan without --sweep prints the plan
+    assert main(["plan", model, "--budget", "0.6", "--calibrate", calib]) == 0
+    assert "rewrite plan" in capsys.readouterr().out
+
+
+def test_cli_rewrite_html_without_calibration(files):
+    from sepify.cli import main
+
+    tmp, model, _, _ = files
+    page = tmp / "w.html"
+    assert main(["rewrite", model, "--rank", "2", "-o", str(tmp / "w.onnx"), "--html", str(page)]) == 0
+    _self_contained(page.read_text())
+    assert "Calibration" not in page.read_text()
