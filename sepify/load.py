@@ -142,13 +142,22 @@ def _stored_nbytes(tensor: TensorProto) -> int | None:
     return 0
 
 
+_KNOWN_TYPES = frozenset(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
+
+
+def _check_tensor_types(model: onnx.ModelProto, label: str) -> None:
+    """Refuse tensors of an undefined or unknown element type (nothing can size or read them)."""
+    for tensor in iter_all_tensors(model):
+        if tensor.data_type not in _KNOWN_TYPES:
+            kind = "an undefined" if tensor.data_type == TensorProto.UNDEFINED else f"an unknown ({tensor.data_type})"
+            raise _error(label, f"tensor {tensor.name!r} has {kind} element type")
+
+
 def _check_inline_sizes(model: onnx.ModelProto, label: str) -> None:
     """Refuse tensors whose declared dims need more bytes than they hold (memory bombs, corruption)."""
     for tensor in iter_all_tensors(model):
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
-        if tensor.data_type == TensorProto.UNDEFINED:
-            raise _error(label, f"tensor {tensor.name!r} has an undefined element type")
         need = tensor_nbytes(tensor)
         have = _stored_nbytes(tensor)
         if need is None or have is None:
@@ -326,6 +335,53 @@ def _check_conv_nodes(model: onnx.ModelProto, label: str) -> None:
     walk(model.graph, {})
 
 
+def _repeated(fd) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)  # protobuf ≥ 5.27; ``label`` before (now gone)
+    return bool(is_repeated) if is_repeated is not None else fd.label == fd.LABEL_REPEATED
+
+
+@functools.lru_cache(maxsize=None)
+def _string_fields(descriptor) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(string, repeated string, message, repeated message) field names of a message type."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    groups: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
+    for fd in descriptor.fields:
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            groups[1 if _repeated(fd) else 0].append(fd.name)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            groups[3 if _repeated(fd) else 2].append(fd.name)
+    return tuple(tuple(g) for g in groups)  # type: ignore[return-value]
+
+
+def _check_strings(message, label: str, where: tuple = ()) -> None:
+    """Refuse string fields that are not valid UTF-8 (protobuf hands them over as ``bytes``, which
+    every later ``str`` operation trips over).  Only string and message fields are visited, so
+    tensor payloads are never touched.  ``where`` is the path so far, spelled out only on error."""
+    strings, repeated_strings, messages, repeated_messages = _string_fields(message.DESCRIPTOR)
+    for name in strings:
+        if isinstance(getattr(message, name), bytes):
+            raise _bad_string(label, where, name)
+    for name in repeated_strings:
+        for i, value in enumerate(getattr(message, name)):
+            if isinstance(value, bytes):
+                raise _bad_string(label, where, f"{name}[{i}]")
+    for name in messages:
+        if message.HasField(name):
+            _check_strings(getattr(message, name), label, (where, name))
+    for name in repeated_messages:
+        for i, sub in enumerate(getattr(message, name)):
+            _check_strings(sub, label, (where, name, i))
+
+
+def _bad_string(label: str, where: tuple, field: str) -> ModelLoadError:
+    parts = [field]
+    while where:
+        where, name, *index = where
+        parts.append(f"{name}[{index[0]}]" if index else name)
+    return _error(label, f"not a valid ONNX model: {'.'.join(['model', *reversed(parts)])} is not valid UTF-8")
+
+
 def _check_versions(model: onnx.ModelProto, label: str) -> None:
     if model.ir_version > onnx.IR_VERSION:
         raise _error(label, f"IR version {model.ir_version} is newer than this onnx ({onnx.IR_VERSION}) "
@@ -353,6 +409,7 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
         raise _error(label, f"not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from None
     if not _looks_like_model(model):
         raise _error(label, "not an ONNX model (parsed as protobuf, but there is no graph or IR version)")
+    _check_strings(model, label)
     return model
 
 
@@ -388,7 +445,9 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     if isinstance(source, onnx.ModelProto):
         label = "<ModelProto>"
         model = source
+        _check_strings(model, label)
         _check_versions(model, label)
+        _check_tensor_types(model, label)
         has_ext = bool(_check_external_data(model, None, label)) if load_external else False
         _check_inline_sizes(model, label)
         if check:
@@ -425,6 +484,7 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         base_dir = path.resolve().parent
 
     _check_versions(model, label)
+    _check_tensor_types(model, label)
     external_files = _check_external_data(model, base_dir, label)
     has_ext = bool(external_files)
     _check_inline_sizes(model, label)

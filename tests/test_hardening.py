@@ -161,6 +161,34 @@ def _(f):
     return _bytes_file(f, "graph.onnx", _conv_model().graph.SerializeToString())
 
 
+def _with_invalid_utf8(model: onnx.ModelProto, placeholder: str) -> bytes:
+    """Serialize, then swap a placeholder string for bytes that are not UTF-8 (protobuf cannot set them)."""
+    data = model.SerializeToString()
+    assert data.count(placeholder.encode()) == 1
+    return data.replace(placeholder.encode(), b"\xff\xfe" + b"\x80" * (len(placeholder) - 2))
+
+
+@bad("invalid_utf8_doc_string")
+def _(f):
+    m = _conv_model()
+    m.doc_string = "PLACEHOLDER"
+    return _bytes_file(f, "m.onnx", _with_invalid_utf8(m, "PLACEHOLDER"))
+
+
+@bad("invalid_utf8_node_name")
+def _(f):
+    m = _conv_model()
+    m.graph.node[0].name = "PLACEHOLDER"
+    return _bytes_file(f, "m.onnx", _with_invalid_utf8(m, "PLACEHOLDER"))
+
+
+@bad("tensor_of_unknown_element_type")
+def _(f):
+    m = _conv_model()
+    next(t for t in m.graph.initializer if t.name == "b").data_type = 65  # not a TensorProto.DataType
+    return _model_file(f, m)
+
+
 @bad("fails_checker")
 def _(f):
     m = _conv_model()
@@ -378,6 +406,7 @@ def test_malformed_conv_messages_say_what_is_wrong(tmp_path):
         "conv_auto_pad_bogus": "'SAME_BOGUS'",
         "conv_bias_wrong_length": "expected [4]",
         "weight_produced_by_nothing": "'w'",
+        "invalid_utf8_node_name": "model.graph.node[0].name is not valid UTF-8",
     }
     for kind, needle in expect.items():
         folder = tmp_path / kind
