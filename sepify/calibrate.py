@@ -361,26 +361,29 @@ def gather_patches(x: np.ndarray, geo: ConvGeometry, batch_index: np.ndarray, fl
 
 def apply_stage(window: np.ndarray, stage: Stage) -> np.ndarray:
     """One stage of a chain applied to windows ``[R, C_in, w…]``: the stage sums its kernel over
-    its own axes (whose window length equals its kernel), the other axes are carried along."""
+    its own axes (whose window length equals its kernel), the other axes are carried along.
+    Computed as one batched matrix product per group, in the window's dtype."""
     r, d = window.shape[0], window.ndim - 2
     g, ip = stage.group, stage.in_per_group
     op = stage.out_channels // g
-    letters = "uvwxyz"[:d]
-    kept_axes = [a for a in range(d) if a not in stage.axes]
-    w = np.asarray(stage.weight, dtype=np.float64).reshape(g, op, ip, *[stage.kernel[a] for a in range(d)])
-    w = w.reshape(g, op, ip, *[stage.kernel[a] for a in stage.axes])
-    t = window.reshape(r, g, ip, *window.shape[2:])
-    sub_t = "rgi" + letters
-    sub_w = "goi" + "".join(letters[a] for a in stage.axes)
-    sub_o = "rgo" + "".join(letters[a] for a in kept_axes)
-    out = np.einsum(f"{sub_t},{sub_w}->{sub_o}", t, w, optimize=True)
-    shape = [r, g * op] + [1 if a in stage.axes else window.shape[2 + a] for a in range(d)]
+    axes = [a for a in range(d) if a in stage.axes]
+    kept = [a for a in range(d) if a not in stage.axes]
+    dims = window.shape[2:]
+    t = window.reshape(r, g, ip, *dims)
+    # [g, r, kept…, ip, axes…] -> [g, r·kept, ip·axes]
+    order = [1, 0] + [3 + a for a in kept] + [2] + [3 + a for a in axes]
+    t = t.transpose(order).reshape(g, r * prod(dims[a] for a in kept), ip * prod(dims[a] for a in axes))
+    w = np.asarray(stage.weight).reshape(g, op, ip * prod(stage.kernel[a] for a in axes)).astype(window.dtype, copy=False)
+    out = np.matmul(t, w.transpose(0, 2, 1))  # [g, r·kept, op]
+    out = out.reshape(g, r, *[dims[a] for a in kept], op)
+    out = np.moveaxis(out, -1, 1).transpose([2, 0, 1] + list(range(3, 3 + len(kept))))  # [r, g, op, kept…]
+    shape = [r, g * op] + [1 if a in stage.axes else dims[a] for a in range(d)]
     return out.reshape(shape)
 
 
-def last_stage_design(patches: np.ndarray, stages: Sequence[Stage]) -> np.ndarray:
-    """The last stage's inputs at each row, per group: ``[g, R, ip·K]`` (float64)."""
-    z = np.asarray(patches, dtype=np.float64)
+def last_stage_design(patches: np.ndarray, stages: Sequence[Stage], dtype=np.float64) -> np.ndarray:
+    """The last stage's inputs at each row, per group: ``[g, R, ip·K]``."""
+    z = np.asarray(patches, dtype=dtype)
     for st in stages[:-1]:
         z = apply_stage(z, st)
     last = stages[-1]
@@ -398,15 +401,17 @@ class NormalEquations:
     Rows are buffered and folded in by blocks (few large products instead of many small ones).
     """
 
-    BLOCK = 2048
+    BLOCK_BYTES = 64 << 20  # buffered design rows per fold
 
-    def __init__(self, groups: int, d: int, outs: int):
+    def __init__(self, groups: int, d: int, outs: int, dtype=np.float64):
         self.A = np.zeros((2, groups, d + 1, d + 1))
         self.B = np.zeros((2, groups, d + 1, outs))
         self.yy = np.zeros((2, groups))
         self.rows = [0, 0]
+        self.dtype = np.dtype(dtype)  # of the products (float32: twice as fast, sums still in float64)
         self._buf: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
         self._buffered = [0, 0]
+        self.block = max(64, min(8192, self.BLOCK_BYTES // max(1, groups * (d + 1 + outs) * self.dtype.itemsize)))
 
     @property
     def nbytes(self) -> int:
@@ -417,20 +422,29 @@ class NormalEquations:
         self._buf[fold].append((z, y))
         self._buffered[fold] += z.shape[1]
         self.rows[fold] += z.shape[1]
-        if self._buffered[fold] >= self.BLOCK:
+        if self._buffered[fold] >= self.block:
             self._flush(fold)
 
     def _flush(self, fold: int) -> None:
         if not self._buf[fold]:
             return
-        z = np.concatenate([b[0] for b in self._buf[fold]], axis=1)
-        y = np.concatenate([b[1] for b in self._buf[fold]], axis=1)
+        g, d = self.A.shape[1], self.A.shape[2] - 1
+        n = self._buffered[fold]
+        za = np.empty((g, n, d + 1), dtype=self.dtype)
+        y = np.empty((g, n, self.B.shape[3]), dtype=self.dtype)
+        at = 0
+        for zb, yb in self._buf[fold]:
+            k = zb.shape[1]
+            za[:, at:at + k, :d] = zb
+            y[:, at:at + k] = yb
+            at += k
+        za[:, :, d] = 1.0
         self._buf[fold], self._buffered[fold] = [], 0
-        za = np.concatenate([z, np.ones(z.shape[:2] + (1,))], axis=2)
         zt = za.transpose(0, 2, 1)
         self.A[fold] += zt @ za
         self.B[fold] += zt @ y
-        self.yy[fold] += (y * y).sum(axis=(1, 2))
+        y64 = y.astype(np.float64, copy=False)
+        self.yy[fold] += np.einsum("grk,grk->g", y64, y64)
 
     def flush(self) -> "NormalEquations":
         self._flush(0)
@@ -865,15 +879,21 @@ def _folds(sample_of_row: np.ndarray, samples: int) -> np.ndarray:
     return np.arange(len(sample_of_row)) % 2
 
 
-def _grouped_y(y: np.ndarray, last: Stage) -> np.ndarray:
+def _grouped_y(y: np.ndarray, last: Stage, dtype=np.float64) -> np.ndarray:
     g = last.group
-    return np.ascontiguousarray(y.reshape(y.shape[0], g, -1).transpose(1, 0, 2)).astype(np.float64)
+    return np.ascontiguousarray(y.reshape(y.shape[0], g, -1).transpose(1, 0, 2), dtype=dtype)
 
 
 def _add_rows(eq: NormalEquations, z: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
     for f in (0, 1):
-        sel = folds == f
-        if sel.any():
+        sel = np.flatnonzero(folds == f)
+        if sel.size == 0:
+            continue
+        if sel.size == len(folds):
+            eq.add(f, z, y)
+        elif sel[-1] - sel[0] + 1 == sel.size:  # one run of rows: a view
+            eq.add(f, z[:, sel[0]:sel[-1] + 1], y[:, sel[0]:sel[-1] + 1])
+        else:
             eq.add(f, z[:, sel], y[:, sel])
 
 
@@ -892,8 +912,9 @@ def _run_rows(layer: Layer, start: int, b: int, rows: int, samples: int, seed: i
     """Sampled rows of one run: (batch index, flat output position, global sample) per row."""
     n_out = prod(layer.geo.out_spatial)
     k = layer.rows_per_sample(rows, samples)
-    pos = [positions(seed, layer.index, start + j, n_out, k) for j in range(b)]
-    bidx = np.concatenate([np.full(len(p), j) for j, p in enumerate(pos)])
+    order = sorted(range(b), key=lambda j: ((start + j) % 2, j))  # rows of one fold together
+    pos = [positions(seed, layer.index, start + j, n_out, k) for j in order]
+    bidx = np.concatenate([np.full(len(p), j) for j, p in zip(order, pos)])
     return bidx, np.concatenate(pos), bidx + start
 
 
@@ -942,7 +963,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names)
         eqs = {layer.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
-                                               v[1][-1].out_channels // v[1][-1].group)
+                                               v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
                             for s, v in systems.items()} for layer, systems in chunk}
         for start, b, values in _iterate(session, calib, names):
             for layer, systems in chunk:
@@ -957,8 +978,8 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                 patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
                 folds = _folds(smp, calib.samples)
                 for s, (r_max, stages, _, _) in systems.items():
-                    z = last_stage_design(patches, stages)
-                    _add_rows(eqs[layer.name][s], z, _grouped_y(y, stages[-1]), folds)
+                    z = last_stage_design(patches, stages, np.float32)
+                    _add_rows(eqs[layer.name][s], z, _grouped_y(y, stages[-1], np.float32), folds)
         for layer, systems in chunk:
             prof = LayerProfile(layer.name, layer.geo.macs)
             best = None
@@ -1205,10 +1226,11 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
         for start, b, values in _iterate(session, calib, names):
             for l in wave:
                 stages = stage_of[l.name]
-                got = [targets.get(l.name, s_idx) for s_idx in range(start, start + b)]
+                order = sorted(range(b), key=lambda j: ((start + j) % 2, j))  # rows of one fold together
+                got = [targets.get(l.name, start + j) for j in order]
                 pos = np.concatenate([p for p, _ in got])
                 y = np.concatenate([t for _, t in got])
-                smp = np.concatenate([np.full(len(p), start + j) for j, (p, _) in enumerate(got)])
+                smp = np.concatenate([np.full(len(p), start + j) for j, (p, _) in zip(order, got)])
                 patches = gather_patches(values[l.x_name], l.geo, smp - start, pos)
                 z = last_stage_design(patches, stages)
                 _add_rows(eqs[l.name], z, _grouped_y(y, stages[-1]), _folds(smp, calib.samples))
