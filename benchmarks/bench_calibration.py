@@ -19,8 +19,8 @@ Variants:
 * ``weight-only``: ``--budget F`` (SVD factors, spectral-energy greedy across layers);
 * ``calibrated``: ``--budget F --calibrate calib.npz`` (per-layer sensitivities on the calibration
   photos, Lagrangian allocation, least-squares factors, channel-standardized drift objective);
-* ``calibrated, plan ranks``: ``--allocation plan`` (weight-only ranks, least-squares factors);
-* ``calibrated, cosine objective``: ``--drift-metric cosine`` (allocation by the plain cosine).
+* ``calibrated-plan-ranks``: ``--allocation plan`` (the weight-only ranks, least-squares factors);
+* ``calibrated-cosine-objective``: ``--drift-metric cosine`` (allocation by the plain cosine).
 
 Usage::
 
@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 VARIANTS = {
     "weight-only": [],
     "calibrated": ["--calibrate", "{calib}"],
-    "calibrated, plan ranks": ["--calibrate", "{calib}", "--allocation", "plan"],
-    "calibrated, cosine objective": ["--calibrate", "{calib}", "--drift-metric", "cosine"],
+    "calibrated-plan-ranks": ["--calibrate", "{calib}", "--allocation", "plan"],
+    "calibrated-cosine-objective": ["--calibrate", "{calib}", "--drift-metric", "cosine"],
 }
 
 
@@ -110,7 +110,9 @@ def main(argv=None) -> int:
                      "held_out_images": int(held_images.shape[0]), "variants": {}}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         extra = [a.format(calib=calib) for a in VARIANTS[name]]
-        target = out / (name.replace(",", "").replace(" ", "_") + ".onnx")
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r} (one of {', '.join(VARIANTS)})")
+        target = out / (name + ".onnx")
         report = out / (target.stem + ".json")
         t0 = time.perf_counter()
         sepify("rewrite", model, *shape, "--budget", str(args.budget), *extra, "-o", str(target),

@@ -297,14 +297,19 @@ def fold_batchnorms(model: onnx.ModelProto, only: Iterable[str] | None = None) -
         conv.output[0] = bn_ref.node.output[0]
         drop.add(bn_ref.index)
         folded.append({"conv": ref.qualified_name, "bn": bn_ref.qualified_name})
+    replaced = {name for ref, bn_ref, *_ in pairs for name in list(ref.node.input[1:3]) + list(bn_ref.node.input[1:])}
     del out.graph.node[:]
     out.graph.node.extend(n for i, n in enumerate(nodes) if i not in drop)
-    # Initializers nothing reads any more (the BN's parameters, replaced conv weights) go.
+    # Initializers and Constant nodes nothing reads any more (the BN's parameters, replaced conv
+    # weights) go.
     read = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
     for n in out.graph.node:
         for a in n.attribute:
             for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
                 read |= _subgraph_reads(sub)
+    dead = [n for n in out.graph.node if n.op_type == "Constant" and n.output[0] in replaced and n.output[0] not in read]
+    for n in dead:
+        out.graph.node.remove(n)
     keep = [t for t in out.graph.initializer if t.name in read]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
@@ -1128,6 +1133,7 @@ class LayerResult:
     sensitivity: float | None = None
     predicted_drift: float | None = None
     bn_folded: str | None = None
+    vertical_first: bool | None = None  # spatial: the order calibrated (None: the cheaper one)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -1200,14 +1206,15 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
     solved: dict[str, tuple[list[Stage], np.ndarray]] = {}
     todo = []
     for layer in chosen:
-        scheme, r = choices[layer.name]
-        stages = factor(layer.w64, layer.geo, scheme, r)
+        scheme, r, *order = choices[layer.name]
+        stages = _factor(layer, scheme, r, order[0] if order else None)
         dense = compose(stages, layer.geo)
         err_svd = _weight_error(layer.weight, dense)
         macs = stages_macs(layer.geo, stages)
         if err_svd <= exact_tolerance(layer.weight.dtype):
             results[layer.name] = LayerResult(layer.name, scheme, r, layer.geo.macs, macs, err_svd, err_svd,
-                                              0.0, 0.0, None, None, exact=True)
+                                              0.0, 0.0, None, None, exact=True,
+                                              vertical_first=order[0] if order else None)
             solved[layer.name] = (stages, layer.bias)
             work.set(layer.name, dense, layer.bias)
         else:
@@ -1249,7 +1256,7 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             results[l.name] = LayerResult(
                 l.name, choices[l.name][0], choices[l.name][1], l.geo.macs, stages_macs(l.geo, stages),
                 _weight_error(l.weight, dense), _weight_error(l.weight, compose(stages, l.geo)), err, err_svd,
-                lam, wave_index)
+                lam, wave_index, vertical_first=choices[l.name][2] if len(choices[l.name]) > 2 else None)
             if progress:
                 progress.advance(task)
     return results, solved
@@ -1466,7 +1473,7 @@ class Calibrator:
     def choose(self, budget: float | None = None, max_drift: float | None = None) -> tuple[dict[str, tuple[str, int]], float | None]:
         """Scheme and rank per layer, and the predicted drift (None under plan allocation)."""
         if self.allocation == "plan":
-            return {n.qualified_name: (n.scheme, n.rank) for n in self.base.rewrites
+            return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in self.base.rewrites
                     if n.qualified_name in self.by_name}, None
         picks, predicted, _ = allocate(self.profiles, self.conv_macs, budget, max_drift)
         return {n: (c.scheme, c.rank) for n, c in picks.items()}, predicted
@@ -1476,7 +1483,7 @@ class Calibrator:
         from .plan import Policy, plan as make_plan
 
         p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes)
-        return {n.qualified_name: (n.scheme, n.rank) for n in p.rewrites}
+        return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in p.rewrites}
 
     def solve(self, choices: Mapping[str, tuple[str, int]]):
         """Calibrate ``choices`` from the original model on (the working model is reset first)."""
@@ -1496,10 +1503,11 @@ class Calibrator:
         """The working model with the weight-only SVD factors of ``choices`` (everything else original)."""
         for name in list(self.work.slots):
             self.work.reset(name)
-        for name, (scheme, r) in choices.items():
+        for name, (scheme, r, *order) in choices.items():
             layer = self.by_name.get(name)
             if layer is not None:
-                self.work.set(name, compose(factor(layer.w64, layer.geo, scheme, r), layer.geo), layer.bias)
+                self.work.set(name, compose(_factor(layer, scheme, r, order[0] if order else None), layer.geo),
+                              layer.bias)
 
     def drift(self, feeds: CalibrationSet | None = None) -> tuple[float, float]:
         """(drift in the chosen metric, plain 1 − cosine) of the working model against the original, on
@@ -1537,6 +1545,8 @@ class Calibrator:
             if res is not None:
                 node.action, node.reason = "rewrite", None
                 node.scheme, node.rank = res.scheme, res.rank
+                if hasattr(node, "vertical_first"):
+                    node.vertical_first = res.vertical_first  # the spatial order calibrated
                 node.error, node.macs_after = res.weight_error, res.macs_after
                 if ref is not None:
                     node.exact_tolerance = node.exact_tolerance or ref.exact_tolerance
@@ -1554,6 +1564,8 @@ class Calibrator:
                 node.action, node.reason = "rewrite", None
                 node.scheme, node.rank, node.chained = ref.scheme, ref.rank, ref.chained
                 node.error, node.macs_after = ref.error, ref.macs_after
+                if hasattr(node, "vertical_first"):
+                    node.vertical_first = getattr(ref, "vertical_first", None)
             elif node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
                 node.action = "keep"
                 node.reason = "not_needed_for_budget" if self.allocation == "sensitivity" else (ref.reason if ref else "kept")
@@ -1566,6 +1578,13 @@ class Calibrator:
                     res.predicted_drift = prof.sensitivity * res.output_error ** 2
             res.bn_folded = bn_of.get(name)
         return final_model, final, final_folded
+
+
+def _factor(layer: Layer, scheme: str, r: int, vertical_first: bool | None = None) -> list[Stage]:
+    """SVD factors; a spatial split in the order a plan chose (None: the cheaper one)."""
+    if scheme == "spatial" and vertical_first is not None:
+        return factor(layer.w64, layer.geo, scheme, r, vertical_first)
+    return factor(layer.w64, layer.geo, scheme, r)
 
 
 def make_reference_session(model: onnx.ModelProto):

@@ -130,10 +130,12 @@ def _macs_saved(cal: Calibrator, choices) -> int:
     from .factorize import scheme_stages, stages_macs
 
     saved = 0
-    for name, (scheme, r) in choices.items():
+    for name, (scheme, r, *order) in choices.items():
         layer = cal.by_name.get(name)
         if layer is not None:
-            saved += layer.geo.macs - stages_macs(layer.geo, scheme_stages(layer.geo, scheme, r))
+            vf = order[0] if order and scheme == "spatial" else None
+            stages = scheme_stages(layer.geo, scheme, r, vf) if vf is not None else scheme_stages(layer.geo, scheme, r)
+            saved += layer.geo.macs - stages_macs(layer.geo, stages)
     return saved
 
 
@@ -200,7 +202,7 @@ def plot_sweep(report: SweepReport, path, *, title: str | None = None) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.invert_xaxis()
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title or f"{report.model.rsplit('/', 1)[-1]} — eval: {report.eval_data.rsplit('/', 1)[-1]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
