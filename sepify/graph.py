@@ -12,9 +12,9 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import ModelLoadError
+from .load import tensor_array
 
 CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
@@ -181,7 +181,7 @@ class GraphView:
     def _resolve_constant(self, name: str, scope: _Scope) -> ConstantInfo | None:
         init = self._lookup_initializer(name, scope)
         if init is not None:
-            return ConstantInfo(numpy_helper.to_array(init), "initializer")
+            return ConstantInfo(tensor_array(init), "initializer")  # external data of a big model: mapped
         producer = self.producer.get(name)
         if producer is None:
             return None
@@ -232,7 +232,7 @@ class GraphView:
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            return tensor_array(a.t)
         if a.name == "value_float":
             return np.array(a.f, dtype=np.float32)
         if a.name == "value_floats":

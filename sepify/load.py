@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator, Union
@@ -22,6 +23,9 @@ ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 # Protobuf cannot hold more than this in one message; beyond it weights must be external.
 PROTOBUF_LIMIT = 2**31 - 1
+# External data up to this many bytes is read into the proto (so that the model can be handed to
+# onnxruntime as bytes); beyond it, it stays in its files: mapped for reading, streamed when saved.
+MAP_EXTERNAL_OVER = PROTOBUF_LIMIT
 
 
 @dataclass
@@ -34,6 +38,7 @@ class LoadedModel:
     base_dir: Path | None = None
     has_external_data: bool = False
     external_files: tuple[Path, ...] = ()  # the external data files read (resolved), for save's overwrite guard
+    mapped_external: bool = False  # external data left in its files (over MAP_EXTERNAL_OVER bytes), see load_model
 
 
 def _error(label: str, message: str) -> ModelLoadError:
@@ -185,9 +190,17 @@ def _is_escaping(location: str) -> bool:
     return ".." in parts
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> list[Path]:
-    """Validate every external-data reference before anything is read. Returns the files referenced."""
-    found: dict[str, None] = {}
+@dataclass
+class _ExternalRef:
+    tensor: TensorProto
+    path: str  # resolved, inside the model's folder
+    offset: int
+    length: int
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> list[_ExternalRef]:
+    """Validate every external-data reference before anything is read. Returns them, resolved."""
+    found: list[_ExternalRef] = []
     base_real = os.path.realpath(base_dir) if base_dir is not None else None
     for tensor in iter_all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
@@ -213,7 +226,6 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
                                 "outside the model's folder (symlink); refused")
         if not os.path.isfile(full):
             raise _error(label, f"tensor {tensor.name!r}: external data file {location!r} is missing")
-        found[full] = None
         size = os.path.getsize(full)
         need = tensor_nbytes(tensor)
         length = declared_length if declared_length else (need if need is not None else size - offset)
@@ -223,7 +235,8 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
         if offset < 0 or offset + length > size:
             raise _error(label, f"tensor {tensor.name!r}: external data {location!r} is truncated "
                                 f"(needs bytes {offset}..{offset + length}, file has {size})")
-    return [Path(f) for f in found]
+        found.append(_ExternalRef(tensor, full, offset, length))
+    return found
 
 
 # Conv-like ops: positions of the weight and bias inputs.
@@ -441,6 +454,13 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     ``source`` may be a path, the serialized bytes, or a ``ModelProto`` (used as is,
     never modified).  External data is read from beside the model file; locations that
     are absolute, contain ``..`` or resolve outside that folder are refused.
+
+    External data of up to ``MAP_EXTERNAL_OVER`` bytes (2 GiB) is loaded into the proto.  Beyond
+    that (a proto cannot hold it anyway) it stays in its files, and each external tensor's
+    location is rewritten *in memory* to the file's absolute path (``mapped_external``):
+    :func:`tensor_array` maps such tensors without copying them, and
+    :func:`sepify.save.save_model` streams them into the output's data file, so a model is never
+    held in memory twice.
     """
     if isinstance(source, onnx.ModelProto):
         label = "<ModelProto>"
@@ -485,18 +505,79 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
 
     _check_versions(model, label)
     _check_tensor_types(model, label)
-    external_files = _check_external_data(model, base_dir, label)
-    has_ext = bool(external_files)
+    refs = _check_external_data(model, base_dir, label)
+    has_ext = bool(refs)
     _check_inline_sizes(model, label)
     if check:
         # Checked before external data is read: the checker refuses protos over 2 GiB.
         _run_checker(data, label, path if has_ext else None)
     del data
     _check_conv_nodes(model, label)
+    mapped = False
     if has_ext and load_external:
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-        except Exception as exc:  # noqa: BLE001
-            raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
+        if sum(r.length for r in refs) > MAP_EXTERNAL_OVER:
+            # Too big for one proto anyway: leave the bytes in the file, point each tensor at it by
+            # absolute path (in memory only), and let readers map it (tensor_array) or stream it (save).
+            for r in refs:
+                _point_at(r)
+            mapped = True
+        else:
+            try:
+                onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+            except Exception as exc:  # noqa: BLE001
+                raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
     return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext,
-                       external_files=tuple(external_files))
+                       external_files=tuple(Path(f) for f in dict.fromkeys(r.path for r in refs)),
+                       mapped_external=mapped)
+
+
+def _point_at(ref: _ExternalRef) -> None:
+    """Make ``ref.tensor``'s external-data entries say exactly where its bytes are (absolute path)."""
+    t = ref.tensor
+    del t.external_data[:]
+    for key, value in (("location", ref.path), ("offset", str(ref.offset)), ("length", str(ref.length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+# numpy dtypes whose in-memory layout is exactly ONNX's raw little-endian layout (memory-mappable)
+_MAPPABLE = {
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT16,
+    TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
+    TensorProto.UINT64, TensorProto.BOOL, TensorProto.COMPLEX64, TensorProto.COMPLEX128,
+}
+
+
+def read_external_bytes(tensor: TensorProto) -> bytes:
+    """The bytes of a tensor whose external data was pointed at by absolute path (see ``load_model``)."""
+    info = ExternalDataInfo(tensor)
+    if not os.path.isabs(info.location):
+        raise ValueError(f"tensor {tensor.name!r}: external data {info.location!r} is not resolved")
+    with open(info.location, "rb") as fh:
+        fh.seek(int(info.offset or 0))
+        return fh.read(int(info.length)) if info.length else fh.read()
+
+
+def tensor_array(tensor: TensorProto) -> "np.ndarray":
+    """A tensor's value as numpy.  Inline data: ``numpy_helper.to_array``.  External data of a
+    memory-mapped model (see ``load_model``): a read-only view of the file (no copy; pages are
+    read on first touch and can be dropped again by the OS), or for packed/exotic types a copy."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    if tensor.data_type in _MAPPABLE and sys.byteorder == "little" and os.path.isabs(info.location):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        mapped = np.memmap(info.location, dtype=dtype, mode="r", offset=int(info.offset or 0), shape=shape)
+        return np.asarray(mapped)  # a plain ndarray view; the map stays alive through .base
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    copy.raw_data = read_external_bytes(tensor)
+    copy.data_location = TensorProto.DEFAULT
+    del copy.external_data[:]
+    return numpy_helper.to_array(copy)

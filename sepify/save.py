@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from onnx.external_data_helper import ExternalDataInfo
+
 from .errors import UsageError
 from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version
 
@@ -105,18 +107,24 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
 
     The proto is modified: IR version clamped; when saving externally its weights are moved out
     to the data file one by one (so the whole model is never held twice) and it then refers to it.
+    Weights of a memory-mapped model (still in the input's data file) are streamed across.
     """
     import shutil
+
+    import onnx
 
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     check_writable(target)
     model.ir_version = min(model.ir_version, ort_max_ir_version())
+    still_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_all_tensors(model, sparse=False))
     if external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT
+        external = still_external or model.ByteSize() > PROTOBUF_LIMIT
     data_name = external_data_name(target)
     _refuse_overwriting_inputs(target, folder / data_name if external else None, source)
     if not external:
+        if still_external:
+            _materialize_external(model)
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(model.SerializeToString())
@@ -151,34 +159,56 @@ def _mode_for(target: Path) -> int:
         return 0o666 & ~umask
 
 
-def _write_external(model, data_path: Path, location: str) -> bool:
-    """Move every tensor with at least ``EXTERNAL_THRESHOLD`` bytes of ``raw_data`` into ``data_path``
-    (each at a 4 KiB-aligned offset, as onnx does), pointing the tensor at ``location``.
+STREAM_CHUNK = 64 << 20  # bytes copied at a time from an input data file to the output's
 
-    One tensor's bytes are in flight at a time, and each is dropped from the proto once written,
-    so memory falls while the file grows.  Tensors already external (not loaded) are refused:
-    their bytes are not in the proto.  Returns whether anything was written.
+
+def _write_external(model, data_path: Path, location: str) -> bool:
+    """Move every tensor of at least ``EXTERNAL_THRESHOLD`` bytes into ``data_path`` (each at a 4 KiB
+    aligned offset, as onnx does), pointing the tensor at ``location``.
+
+    Tensors held in the proto are written and dropped from it one by one, so memory falls as the
+    file grows.  Tensors still in an input's data file (a memory-mapped model, see
+    :func:`sepify.load.load_model`) are copied over in ``STREAM_CHUNK`` pieces, never loaded
+    whole; small ones are inlined, as they would have been had they been loaded.  Either way the
+    bytes written are the same, so equal models give equal files.  Returns whether anything was
+    written.
     """
     import onnx
+
+    from .load import read_external_bytes
 
     offset = 0
     with open(data_path, "wb") as fh:
         for tensor in iter_all_tensors(model, sparse=False):
+            source = None
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise ValueError(f"tensor {tensor.name!r} still refers to external data; load it first")
-            if not tensor.HasField("raw_data"):
+                info = ExternalDataInfo(tensor)
+                if not os.path.isabs(info.location):
+                    raise ValueError(f"tensor {tensor.name!r} refers to unresolved external data {info.location!r}")
+                length = int(info.length) if info.length else os.path.getsize(info.location) - int(info.offset or 0)
+                if length < EXTERNAL_THRESHOLD:
+                    tensor.raw_data = read_external_bytes(tensor)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+                    continue
+                source = (info.location, int(info.offset or 0), length)
+            elif not tensor.HasField("raw_data"):
                 continue
-            data = tensor.raw_data
-            if len(data) < EXTERNAL_THRESHOLD:
-                continue
+            else:
+                data = tensor.raw_data
+                length = len(data)
+                if length < EXTERNAL_THRESHOLD:
+                    continue
             pad = -offset % 4096
             if pad:
                 fh.write(b"\0" * pad)
                 offset += pad
-            fh.write(data)
-            length = len(data)
-            del data
-            tensor.ClearField("raw_data")
+            if source is None:
+                fh.write(data)
+                del data
+                tensor.ClearField("raw_data")
+            else:
+                _copy_range(source, fh)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -189,3 +219,29 @@ def _write_external(model, data_path: Path, location: str) -> bool:
         data_path.unlink()
         return False
     return True
+
+
+def _copy_range(source: tuple[str, int, int], out) -> None:
+    path, offset, length = source
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = length
+        while left:
+            chunk = fh.read(min(STREAM_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: ended {left} bytes early")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _materialize_external(model) -> None:
+    """Read every tensor still in an input's data file into the proto (for a single-file save)."""
+    import onnx
+
+    from .load import read_external_bytes
+
+    for tensor in iter_all_tensors(model, sparse=False):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = read_external_bytes(tensor)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]

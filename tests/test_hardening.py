@@ -748,3 +748,98 @@ def test_rewrites_in_separate_processes_give_identical_bytes(tmp_path, policy):
         assert proc.returncode == 0, proc.stderr
         outputs.append((out / "r.onnx").read_bytes())
     assert outputs[0] == outputs[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Big external data (over MAP_EXTERNAL_OVER, lowered here): mapped for reading, streamed when saved
+# ----------------------------------------------------------------------------------------------
+def _audit_json(path: Path, capfd) -> dict:
+    assert main(["audit", str(path), "--format", "json"]) == 0
+    data = json.loads(capfd.readouterr().out)
+    data.pop("model")
+    return data
+
+
+@pytest.mark.parametrize("flags", [[], ["--budget", "0.5"], ["--include", "nothing-matches"]],
+                         ids=["lossless", "budget", "nothing-rewritten"])
+def test_mapped_external_data_gives_the_same_reports_and_bytes(tmp_path, capfd, monkeypatch, flags):
+    """Leaving the weights in their file changes nothing a user sees: same audit, same output bytes."""
+    src = _policy_source(tmp_path, "lowrank" if not flags or flags[0] != "--budget" else "random", external=True)
+    loaded_audit = _audit_json(src, capfd)
+    loaded_out = _rewrite_into(src, tmp_path / "loaded", flags)
+    capfd.readouterr()
+    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    loaded = sepify.load.load_model(src)
+    assert loaded.mapped_external and loaded.model.ByteSize() < 10_000
+    for t in loaded.model.graph.initializer:
+        assert t.data_location == TensorProto.EXTERNAL
+        assert os.path.isabs(next(e.value for e in t.external_data if e.key == "location"))
+    assert _audit_json(src, capfd) == loaded_audit
+    mapped_out = _rewrite_into(src, tmp_path / "mapped", flags)
+    capfd.readouterr()
+    assert mapped_out == loaded_out
+    assert sorted(mapped_out) == ["r.json", "r.onnx", "r.onnx.data"]
+    if "--budget" not in flags:  # lossless: the same function
+        feeds = random_feeds(onnx.load(str(src)))
+        assert_matches(session(src).run(None, feeds), session(tmp_path / "mapped" / "r.onnx").run(None, feeds))
+
+
+def test_mapped_weights_are_views_of_the_file_not_copies(tmp_path, monkeypatch):
+    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    w = rand([64, 32, 3, 3])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src = _save_external(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                                    [vi("x", [1, 32, 8, 8])], [vi("y", [1, 64, 8, 8])], [init("w", w)]),
+                         folder / "m.onnx")
+    loaded = sepify.load.load_model(src)
+    arr = sepify.load.tensor_array(loaded.model.graph.initializer[0])
+    np.testing.assert_array_equal(arr, w)
+    assert not arr.flags.writeable and not arr.flags.owndata
+    base = arr
+    while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)
+
+
+def test_saving_a_mapped_model_streams_its_weights(tmp_path, monkeypatch):
+    """The weights go from the input's data file to the output's in STREAM_CHUNK pieces."""
+    import tracemalloc
+
+    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    monkeypatch.setattr(sepify.save, "STREAM_CHUNK", 1 << 20)
+    w = rand([256, 256, 5, 5])  # 6.5 MB
+    folder = tmp_path / "m"
+    folder.mkdir()
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[2, 2, 2, 2])],
+                       [vi("x", [1, 256, 4, 4])], [vi("y", [1, 256, 4, 4])], [init("w", w)])
+    src = _save_external(model, folder / "m.onnx")
+    loaded = sepify.load.load_model(src)
+    tracemalloc.start()
+    try:
+        sepify.save.save_model(loaded.model, tmp_path / "o.onnx", external=True, source=loaded)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * (1 << 20), f"saving held {peak} bytes at once"
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(out.graph.initializer[0]), w)
+
+
+def test_mapped_model_saved_to_one_file_or_in_place(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    src = _save_external(onnx.load(str(LOWRANK)), folder / "m.onnx", location="m.onnx.data")
+    feeds = random_feeds(onnx.load(str(LOWRANK)))
+    want = session(LOWRANK).run(None, feeds)
+    # explicitly one file: the mapped weights are read in
+    loaded = sepify.load.load_model(src)
+    sepify.save.save_model(loaded.model, tmp_path / "single.onnx", external=False, source=loaded)
+    assert not (tmp_path / "single.onnx.data").exists()
+    assert_matches(want, session(tmp_path / "single.onnx").run(None, feeds))
+    # in place: the data file it reads from is replaced only once the new one is complete
+    assert main(["rewrite", str(src), "--in-place"]) == 0
+    assert "3 node(s) rewritten" in capfd.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert_matches(want, session(src).run(None, feeds))
