@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EXIT_DRIFT, EXIT_OK, UsageError
+from .errors import EXIT_DRIFT, EXIT_OK, SepifyError, UsageError
 
 
 def add_calibration_args(p: argparse.ArgumentParser, *, html: bool = True) -> None:
@@ -152,14 +152,17 @@ def write_report(path, loaded, input_shapes=None, **parts) -> None:
     from .save import write_text_atomic
 
     shapes = input_shapes
-    if shapes is None and parts.get("calibration") is not None:
-        shapes = None  # the audit resolves batch 1 itself; calibration used the data's shapes
+    for part in ("calibration", "sweep"):
+        if not shapes and parts.get(part) is not None and getattr(parts[part], "input_shapes", None):
+            shapes = parts[part].input_shapes  # the shapes the calibration data ran at
+    notes = []
     try:
         report = audit(loaded, shapes)
-    except Exception:  # noqa: BLE001 - the page is still useful without the audit table
+    except SepifyError as exc:  # the page is still useful without the audit table
         report = None
+        notes.append(f"no audit table: {str(exc).strip().splitlines()[0]}")
     title = f"sepify report: {Path(loaded.label).name}"
-    write_text_atomic(path, render_html(title=title, audit=report, **parts))
+    write_text_atomic(path, render_html(title=title, audit=report, notes=notes, **parts))
 
 
 def write_rewrite_html(args, loaded, report) -> None:

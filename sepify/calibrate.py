@@ -1292,6 +1292,7 @@ class CalibrationReport:
     profiles: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # what the plan was made at
 
     @property
     def macs_ratio(self) -> float:
@@ -1646,7 +1647,8 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
         cal.loaded.label, cal.calib.source, cal.calib.samples, rows, seed, allocation, budget, max_drift,
         final.conv_macs, final.conv_macs_after, predicted, drift_metric, drift, drift_w, drift_cos, drift_w_cos,
         [results[l.name] for l in cal.layers if l.name in results], final_folded,
-        [p.to_dict() for p in cal.profiles.values()] if allocation == "sensitivity" else [], dict(cal.timings), notes)
+        [p.to_dict() for p in cal.profiles.values()] if allocation == "sensitivity" else [], dict(cal.timings), notes,
+        {k: list(v) for k, v in cal.shapes.items()})
     return CalibrationResult(final_model, final, report, cal.profiles, solved)
 
 

@@ -53,14 +53,15 @@ class SweepReport:
     points: list[SweepPoint]
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer profiles (curves, sensitivity)
     seconds: dict[str, float] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "data": self.data, "eval_data": self.eval_data, "drift_metric": self.drift_metric,
             "drift_definition": "1 - cosine of each float output over all samples (channel: each output channel "
                                 "scaled to unit RMS first), mean over outputs",
-            "conv_macs": self.conv_macs, "points": [p.to_dict() for p in self.points], "layers": self.layers,
-            "seconds": self.seconds,
+            "conv_macs": self.conv_macs, "input_shapes": self.input_shapes, "points": [p.to_dict() for p in self.points],
+            "layers": self.layers, "seconds": self.seconds,
         }
 
     def to_json(self) -> str:
@@ -123,7 +124,8 @@ def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGET
         points.append(point)
     return SweepReport(cal.loaded.label, cal.calib.source, evaluation.source if eval_data is not None else
                        f"{cal.calib.source} (the calibration samples)", cal.drift_metric, total, points,
-                       [p.to_dict() for p in cal.profiles.values()], dict(cal.timings))
+                       [p.to_dict() for p in cal.profiles.values()], dict(cal.timings),
+                       {k: list(v) for k, v in cal.shapes.items()})
 
 
 def _macs_saved(cal: Calibrator, choices) -> int:

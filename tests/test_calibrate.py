@@ -201,7 +201,7 @@ def anisotropic(n: int, seed: int) -> np.ndarray:
     return np.einsum("ij,njhw->nihw", MIX, lat).astype(np.float32)
 
 
-def net(batch=1, bn=True) -> onnx.ModelProto:
+def net(batch=1, bn=True, spatial=(12, 12)) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     inits = [init("w1", rng.standard_normal((16, 8, 3, 3)).astype(np.float32) / 8),
              init("b1", rng.standard_normal(16).astype(np.float32) * .1),
@@ -218,7 +218,7 @@ def net(batch=1, bn=True) -> onnx.ModelProto:
         last = "n2"
     nodes += [helper.make_node("Relu", [last], ["r2"], name="relu2"),
               helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
-    return make_model(nodes, [vi("x", [batch, 8, 12, 12])], [vi("y", [batch, 8, 12, 12])], inits)
+    return make_model(nodes, [vi("x", [batch, 8, *spatial])], [vi("y", [batch, 8, *spatial])], inits)
 
 
 def held_out_drift(original, rewritten, x) -> float:
@@ -505,3 +505,19 @@ def test_cli_rewrite_html_without_calibration(files):
     assert main(["rewrite", model, "--rank", "2", "-o", str(tmp / "w.onnx"), "--html", str(page)]) == 0
     _self_contained(page.read_text())
     assert "Calibration" not in page.read_text()
+
+
+def test_report_of_a_model_with_symbolic_spatial_dims_uses_the_data_shapes(tmp_path):
+    """Like YOLOv8 exports (height/width symbolic): the audit table is made at the samples' shapes."""
+    from sepify.calibcli import write_report
+
+    m = net(batch="N", spatial=("H", "W"))
+    out, report, cal = calibrated_rewrite(m, Policy(mode="budget", budget=0.6), {"x": anisotropic(4, 1)})
+    assert cal.input_shapes == {"x": [1, 8, 12, 12]}
+    from sepify.load import load_model
+
+    page = tmp_path / "r.html"
+    write_report(page, load_model(m), None, rewrite=report, calibration=cal)
+    text = page.read_text()
+    _self_contained(text)
+    assert "no audit table" not in text and "<h2>Audit</h2>" in text
