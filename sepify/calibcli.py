@@ -290,6 +290,9 @@ def cmd_report(args) -> int:
         data = args.eval or (args.calibrate if args.calibrate and args.calibrate != "random" else None)
         inputs = _verify_inputs(data, loaded) if data else None
         parts["drift"] = verify(loaded, model, inputs, args.input_shape or None, per_layer=True)
+        if data:
+            n = next(iter(inputs.values())).shape[0]
+            parts["drift"].input_source = f"{data} ({n} sample(s) in one batch)"
     write_report(args.output, loaded, args.input_shape or None, **parts)
     sys.stdout.write(f"report written to {args.output}\n")
     return EXIT_OK

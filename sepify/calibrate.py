@@ -193,6 +193,11 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
             raise UsageError(f"{source}: no calibration array for input(s) {', '.join(missing)} "
                              f"(has {', '.join(raw) or 'none'})")
         per_input = {n: _split_samples(n, raw[n], declared[n]) for n in names}
+        for n, arrays in per_input.items():
+            odd = next((a.shape for a in arrays if a.shape != arrays[0].shape), None)
+            if odd is not None:
+                raise UsageError(f"{source}: calibration samples of input {n!r} differ in shape "
+                                 f"({list(arrays[0].shape)} and {list(odd)}); calibrate at one shape")
         counts = {len(v) for v in per_input.values()}
         if len(counts) != 1:
             raise UsageError(f"{source}: inputs have different sample counts "

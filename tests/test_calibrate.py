@@ -354,6 +354,12 @@ def test_bad_calibration_data(tmp_path):
         load_calibration(tmp_path / "shape.npz", net())
     with pytest.raises(UsageError, match="no such calibration data"):
         load_calibration(tmp_path / "missing.npz", net())
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "a.npy", anisotropic(1, 0))
+    np.save(mixed / "b.npy", np.zeros((1, 8, 10, 10), np.float32))
+    with pytest.raises(UsageError, match="differ in shape"):
+        load_calibration(mixed, net(spatial=("H", "W")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no .npy/.npz"):
         load_calibration(tmp_path / "empty", net())
