@@ -1019,14 +1019,16 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
 
 
 def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles: dict[str, LayerProfile],
-                          calib: CalibrationSet, *, max_feeds: int = 8, metric: str = "channel",
+                          calib: CalibrationSet, *, max_samples: int = 16, metric: str = "channel",
                           progress=None) -> None:
     """Model drift when only one layer carries its probe perturbation: ``s = drift / e²``.
 
     ``1 − cos`` of the outputs is quadratic in a small perturbation, so a layer whose output is
     off by a relative ``e`` moves the model's drift by about ``s·e²``, and independent layers add.
     """
-    feeds = CalibrationSet(calib.feeds[:max_feeds], calib.source, sum(calib.batch_sizes[:max_feeds]))
+    sizes = np.cumsum(calib.batch_sizes)
+    n_feeds = int(np.searchsorted(sizes, max_samples) + 1)  # runs until max_samples samples are in
+    feeds = CalibrationSet(calib.feeds[:n_feeds], calib.source, int(sizes[min(n_feeds, len(sizes)) - 1]))
     outs = float_outputs(work.model)
     meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs), metric)
     task = progress.add_task("layer sensitivities", total=len(layers)) if progress else None
@@ -1481,6 +1483,8 @@ class Calibrator:
         if self.allocation == "plan":
             return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in self.base.rewrites
                     if n.qualified_name in self.by_name}, None
+        if budget is None and max_drift is None:
+            raise UsageError("allocation by sensitivity needs --budget F or --max-drift D")
         picks, predicted, _ = allocate(self.profiles, self.conv_macs, budget, max_drift)
         return {n: (c.scheme, c.rank) for n, c in picks.items()}, predicted
 

@@ -266,6 +266,13 @@ def test_max_drift_bounds_the_measured_drift():
     assert tight.report.conv_macs_after == tight.report.conv_macs_before
 
 
+def test_sensitivity_allocation_needs_a_budget_or_a_drift_bound():
+    with pytest.raises(UsageError, match="--budget F or --max-drift"):
+        calibrate(net(), Policy(mode="tol", tol=0.5), {"x": anisotropic(2, 1)}, allocation="sensitivity")
+    res = calibrate(net(), Policy(mode="tol", tol=0.5), {"x": anisotropic(4, 1)})  # auto: the plan's ranks
+    assert res.report.allocation == "plan"
+
+
 def test_exact_layers_stay_exact():
     """A weight that is exactly rank 1 is written with its SVD factors, untouched by the solve."""
     rng = np.random.default_rng(5)
