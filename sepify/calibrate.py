@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -579,8 +579,6 @@ def pack_last(stages: Sequence[Stage], bias: np.ndarray) -> np.ndarray:
 
 def unpack_last(stages: Sequence[Stage], x: np.ndarray) -> tuple[list[Stage], np.ndarray]:
     last = stages[-1]
-    g = last.group
-    op = last.out_channels // g
     w = x[:, :-1, :].transpose(0, 2, 1).reshape(last.out_channels, last.in_per_group, *last.kernel)
     return [*stages[:-1], replace(last, weight=w)], x[:, -1, :].reshape(-1)
 
@@ -1490,7 +1488,7 @@ class Calibrator:
 
     def weight_only_choices(self, budget: float) -> dict[str, tuple[str, int]]:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
-        from .plan import Policy, plan as make_plan
+        from .plan import plan as make_plan
 
         p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes)
         return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in p.rewrites}

@@ -10,7 +10,6 @@ from onnx import helper
 
 from conftest import init, make_model, vi
 from sepify.calibrate import (
-    CalibrationSet,
     DriftMeter,
     LayerProfile,
     NormalEquations,
