@@ -241,6 +241,11 @@ def cmd_plan(args) -> int:
     from .report import render_rewrite
     from .save import write_text_atomic
 
+    if args.plot and args.sweep:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # before the long sweep, not after
+            raise UsageError("--plot needs matplotlib: pip install 'sepify[plot]'")
     loaded = load_model(args.model)
     if args.sweep:
         result = _sweep(args, loaded)
