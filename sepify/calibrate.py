@@ -1366,19 +1366,28 @@ def _layers_from_plan(the_plan, names: Iterable[str] | None = None) -> list[Laye
     return out
 
 
-def _input_shapes_of(model: onnx.ModelProto, calib: CalibrationSet, input_shapes) -> Any:
-    """The shapes the plan is made at: the user's, else the calibration samples' (batch 1 where
-    the batch dim is symbolic), so every conv's geometry matches the activations."""
-    if input_shapes:
-        return input_shapes
-    declared = {i.name: _declared(i) for i in GraphView(model).main_inputs}
-    out = {}
+def _input_shapes_of(model: onnx.ModelProto, calib: CalibrationSet, input_shapes) -> dict[str, list[int]]:
+    """The shapes the plan is made at: the user's (resolved), else the calibration samples' (batch 1
+    where the batch dim is symbolic), so every conv's geometry matches the activations."""
+    from .shapes import normalize_input_shapes, resolve_input_shapes
+
+    view = GraphView(model)
+    names = [i.name for i in view.main_inputs]
+    declared = {i.name: _declared(i) for i in view.main_inputs}
+    data = {}
     for k, v in calib.feeds[0].items():
         dims = list(v.shape)
         if declared.get(k) and declared[k][0] is None and dims:
             dims[0] = 1
-        out[k] = dims
-    return out
+        data[k] = dims
+    if not input_shapes:
+        return data
+    resolved, _ = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
+    for k, dims in resolved.items():
+        if k in data and list(dims[1:]) != data[k][1:]:
+            raise UsageError(f"--input-shape gives {k} as {'x'.join(map(str, dims))}, but the calibration samples "
+                             f"are {'x'.join(map(str, data[k]))}")
+    return {k: list(v) for k, v in resolved.items()}
 
 
 def substitute(model: onnx.ModelProto, weights: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:

@@ -519,6 +519,14 @@ def test_cli_rewrite_html_without_calibration(files):
     assert "Calibration" not in page.read_text()
 
 
+def test_input_shape_strings_and_mismatches(tmp_path):
+    m = net(batch="N", spatial=("H", "W"))
+    res = calibrate(m, Policy(mode="rank", rank=2), {"x": anisotropic(2, 1)}, ["x=1x8x12x12"])
+    assert res.report.input_shapes == {"x": [1, 8, 12, 12]}
+    with pytest.raises(UsageError, match="calibration samples are"):
+        calibrate(m, Policy(mode="rank", rank=2), {"x": anisotropic(2, 1)}, ["x=1x8x16x16"])
+
+
 def test_report_of_a_model_with_symbolic_spatial_dims_uses_the_data_shapes(tmp_path):
     """Like YOLOv8 exports (height/width symbolic): the audit table is made at the samples' shapes."""
     from sepify.calibcli import write_report
