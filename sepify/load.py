@@ -242,7 +242,7 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
 # Conv-like ops: positions of the weight and bias inputs.
 _CONV_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "ConvInteger": (1, None), "QLinearConv": (3, 8)}
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
-_INTS_ATTRS = {"kernel_shape": 1, "strides": 1, "dilations": 1, "pads": 0, "output_padding": 0, "output_shape": 1}
+_INTS_ATTRS = {"kernel_shape": 1, "strides": 1, "dilations": 1, "pads": 0, "output_padding": 0, "output_shape": 0}
 
 
 def _constant_dims(node: onnx.NodeProto) -> list[int] | None:
