@@ -1,10 +1,18 @@
 """Latency in onnxruntime: one model, or two timed in interleaved rounds.
 
-Two models are timed A, B, B, A, A, B … (the order flips every round) so that drift in
+Two models are timed in interleaved rounds (A B, B A, …: the order flips) so that drift in
 machine load hits both equally; the speedup is the ratio of medians, and its spread the
 10th–90th percentiles of the per-round ratios.  Sessions never spin idle threads
 (``session.intra_op.allow_spinning = 0``): on a small machine a spinning idle session
 steals the other's cores.
+
+On a shared machine other processes preempt the timed threads, and that hurts a long run more
+than a short one (a run shorter than a scheduler slice often escapes it), which inflates the
+speedup of a faster model.  On Linux every run also records how long this process's threads
+waited for a CPU (``/proc/self/task/*/schedstat``); a round in which any run waited more than
+:data:`CLEAN_WAIT_FRACTION` of its wall time is *contended*.  When at least a quarter of the
+rounds (and :data:`MIN_CLEAN_ROUNDS`) are clean, medians and ratios come from the clean rounds
+only; otherwise from all, and the report's ``rounds_used`` / ``contention_*`` say so.
 """
 
 from __future__ import annotations
@@ -68,6 +76,10 @@ class BenchReport:
     macs_a: int | None = None
     macs_b: int | None = None
     nodes: list[NodeTime] = field(default_factory=list)
+    rounds: int | None = None  # rounds timed
+    rounds_used: int | None = None  # the clean ones, or all (see the module doc)
+    contention_a: float | None = None  # median fraction of a run spent waiting for a CPU (Linux)
+    contention_b: float | None = None
 
     @property
     def mac_reduction(self) -> float | None:
@@ -92,6 +104,10 @@ class BenchReport:
             "macs_b": self.macs_b,
             "mac_reduction": self.mac_reduction,
             "efficiency": self.efficiency,
+            "rounds": self.rounds,
+            "rounds_used": self.rounds_used,
+            "contention_a": self.contention_a,
+            "contention_b": self.contention_b,
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -105,6 +121,55 @@ def _timed(session, feeds) -> float:
     return time.perf_counter() - start
 
 
+CLEAN_WAIT_FRACTION = 0.05
+MIN_CLEAN_ROUNDS = 10
+
+
+def cpu_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux), or None."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, found = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9 if found else None
+
+
+@dataclass
+class Rounds:
+    """Interleaved timings: ``times[j][i]`` wall seconds of session ``j`` in round ``i``, ``waits[j][i]``
+    the seconds its threads waited for a CPU meanwhile (None where the OS does not say)."""
+
+    times: list[list[float]]
+    waits: list[list[float]] | None = None
+
+    def contention(self, j: int) -> float | None:
+        """Median fraction of session ``j``'s run time spent waiting for a CPU."""
+        if not self.waits:
+            return None
+        return float(np.median(np.asarray(self.waits[j]) / np.maximum(np.asarray(self.times[j]), 1e-12)))
+
+    def used(self, min_clean: int = MIN_CLEAN_ROUNDS) -> np.ndarray:
+        """Indices of the rounds to use: the clean ones when there are at least ``min_clean`` and a
+        quarter of all, else every round."""
+        n = len(self.times[0]) if self.times else 0
+        if not self.waits or n == 0:
+            return np.arange(n)
+        frac = np.asarray(self.waits) / np.maximum(np.asarray(self.times), 1e-12)
+        clean = np.nonzero((frac <= CLEAN_WAIT_FRACTION).all(axis=0))[0]
+        return clean if len(clean) >= max(min_clean, n / 4) else np.arange(n)
+
+    def of(self, j: int, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.times[j])[idx]
+
+
 def round_order(k: int, i: int) -> list[int]:
     """The order of ``k`` sessions in round ``i``: rotated by one every round, reversed every
     other ``k`` rounds, so every session takes every position equally often (k = 2: AB, BA, …)."""
@@ -113,16 +178,22 @@ def round_order(k: int, i: int) -> list[int]:
     return order[::-1] if (i // k) % 2 else order
 
 
-def interleaved_times(sessions, feeds, runs: int, warmup: int = 0) -> list[list[float]]:
-    """Wall times (s) of ``runs`` rounds in which every session runs once, in :func:`round_order`."""
+def interleaved_times(sessions, feeds, runs: int, warmup: int = 0) -> Rounds:
+    """``runs`` rounds in which every session runs once, in :func:`round_order`: wall times and,
+    where the OS tells, the time the threads waited for a CPU during each run."""
     for _ in range(warmup):
         for s in sessions:
             s.run(None, feeds)
     times: list[list[float]] = [[] for _ in sessions]
+    waits: list[list[float]] | None = [[] for _ in sessions] if cpu_wait_s() is not None else None
     for i in range(runs):
         for j in round_order(len(sessions), i):
+            w0 = cpu_wait_s() if waits is not None else None
             times[j].append(_timed(sessions[j], feeds))
-    return times
+            if waits is not None:
+                w1 = cpu_wait_s()
+                waits[j].append(max(0.0, w1 - w0) if w0 is not None and w1 is not None else 0.0)
+    return Rounds(times, waits)
 
 
 def profile_node_times(model, feeds, runs: int, providers=None, threads=None) -> dict[str, float]:
@@ -173,16 +244,20 @@ def benchmark(
     feeds, _ = model_inputs(la, inputs, input_shapes, seed)
     sa = make_session(la.model, providers=providers, threads=threads)
     sb = make_session(lb.model, providers=providers, threads=threads) if lb else None
-    ta, *rest = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup)
-    tb = rest[0] if rest else []
-    report = BenchReport(la.label, Latency.of(ta), threads=threads)
+    rounds = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup)
+    idx = rounds.used()
+    ta = rounds.of(0, idx)
+    report = BenchReport(la.label, Latency.of(list(ta)), threads=threads, rounds=runs, rounds_used=len(idx),
+                         contention_a=rounds.contention(0))
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     report.macs_a = audit(la, shapes, spectra=False).totals.total_macs
     if lb is None:
         return report
-    report.model_b, report.latency_b = lb.label, Latency.of(tb)
+    tb = rounds.of(1, idx)
+    report.model_b, report.latency_b = lb.label, Latency.of(list(tb))
+    report.contention_b = rounds.contention(1)
     report.speedup = report.latency_a.median_ms / report.latency_b.median_ms
-    ratios = np.asarray(ta) / np.asarray(tb)
+    ratios = ta / tb
     report.speedup_p10, report.speedup_p90 = float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
     report.macs_b = audit(lb, shapes, spectra=False).totals.total_macs
     if profile_runs:

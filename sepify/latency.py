@@ -10,8 +10,9 @@ every model: a fusion the rewrite keeps or loses is part of the measurement.
 
 The models are timed in interleaved rounds (every model once per round, the order rotating) in
 sessions with intra-op spinning off and ``threads`` intra-op threads.  A lowering's speedup is the
-median over rounds of ``t_original / t_lowering`` measured in the same round — robust to load
-that comes and goes on a shared machine.  The rewrite is kept when the best lowering's speedup
+median over rounds of ``t_original / t_lowering`` measured in the same round; rounds in which
+other processes made the timed threads wait for a CPU are left out when enough clean ones remain
+(:class:`sepify.bench.Rounds`).  The rewrite is kept when the best lowering's speedup
 exceeds ``min_speedup`` (default 1: faster at all), and written in that lowering.
 
 Rounds: ``runs`` if given, else as many as fit in ``budget_s`` seconds (after the warm-up),
@@ -35,6 +36,7 @@ from .plan import Plan, Policy, realize
 
 MIN_RUNS = 10
 MAX_RUNS = 50
+MIN_CLEAN_ROUNDS = 5
 DEFAULT_BUDGET_S = 1.0
 DEFAULT_WARMUP = 3
 SINGLE = "single"  # the label of a chain that can be written only one way
@@ -56,6 +58,8 @@ class NodeLatency:
     speedup: float
     min_speedup: float
     activation: str | None = None  # fused consumer included in every model
+    rounds_used: int | None = None  # rounds without interference from other processes, or all (sepify.bench)
+    contention: float | None = None  # worst median fraction of a run spent waiting for a CPU
 
     @property
     def faster(self) -> bool:
@@ -148,8 +152,9 @@ def candidate_lowerings(stages, lowerings: Sequence[str] | None = None) -> dict[
 # Timing
 # ----------------------------------------------------------------------------------------------
 def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None = None, runs: int | None = None,
-                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None) -> list[list[float]]:
-    """Interleaved wall times (s) of ``models``; ``runs`` rounds, or as many as fit ``budget_s``."""
+                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None):
+    """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models``; ``runs`` rounds, or as many
+    as fit ``budget_s``."""
     from .bench import _timed, interleaved_times
     from .verify import make_session
 
@@ -172,15 +177,19 @@ def measure_node(an, spec, stages, *, lowerings: Sequence[str] | None = None, th
     models = [original] + [lowered_model(original, spec, lw) for lw in cands.values()]
     np_dtype = helper.tensor_dtype_to_np_dtype(spec.dtype or onnx.TensorProto.FLOAT)
     feeds = {spec.x_name: np.random.default_rng(seed).standard_normal(spec.input_shape).astype(np_dtype)}
-    times = [np.asarray(t) for t in time_models(models, feeds, threads=threads, runs=runs, warmup=warmup,
-                                                 budget_s=budget_s, providers=providers)]
+    rounds = time_models(models, feeds, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s,
+                         providers=providers)
+    idx = rounds.used(MIN_CLEAN_ROUNDS)  # the rounds no other process interfered with, when enough
+    times = [rounds.of(j, idx) for j in range(len(models))]
     t0 = times[0]
     medians = {k: float(np.median(t) * 1e6) for k, t in zip(cands, times[1:])}
     speedups = {k: float(np.median(t0 / t)) for k, t in zip(cands, times[1:])}
     chosen = max(speedups, key=lambda k: speedups[k])
     act = _fused_activation(an, spec)
-    return NodeLatency(spec.ref.qualified_name, threads, len(t0), float(np.median(t0) * 1e6), medians, speedups,
-                       chosen, speedups[chosen], min_speedup, act.op_type if act is not None else None)
+    contention = [c for c in (rounds.contention(j) for j in range(len(models))) if c is not None]
+    return NodeLatency(spec.ref.qualified_name, threads, len(rounds.times[0]), float(np.median(t0) * 1e6), medians,
+                       speedups, chosen, speedups[chosen], min_speedup, act.op_type if act is not None else None,
+                       rounds_used=len(idx), contention=max(contention) if contention else None)
 
 
 def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = None,

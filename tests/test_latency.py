@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 import sepify
 from sepify import Policy
-from sepify.bench import interleaved_times, round_order
+from sepify.bench import Rounds, interleaved_times, round_order
 from sepify.cli import main
 from sepify.factorize import LOWERINGS, factor, lower, lowering_kinds, stages_macs
 from sepify.plan import realize
@@ -356,9 +356,25 @@ def test_interleaved_times_runs_every_session_once_per_round():
         def run(self, _, feeds):
             calls.append(self.i)
 
-    times = interleaved_times([S(0), S(1), S(2)], {}, runs=4, warmup=1)
-    assert [len(t) for t in times] == [4, 4, 4]
+    rounds = interleaved_times([S(0), S(1), S(2)], {}, runs=4, warmup=1)
+    assert [len(t) for t in rounds.times] == [4, 4, 4]
     assert calls[:3] == [0, 1, 2] and len(calls) == 3 + 12
+    if rounds.waits is not None:  # Linux: how long the threads waited for a CPU, per run
+        assert [len(w) for w in rounds.waits] == [4, 4, 4] and min(min(w) for w in rounds.waits) >= 0
+
+
+def test_contended_rounds_are_set_aside_when_enough_are_clean():
+    times = [[1.0] * 40, [0.5] * 40]
+    waits = [[0.0] * 40, [0.0] * 40]
+    for i in range(10):  # a quarter of the rounds: the first run waited 20% of its time
+        times[0][i], waits[0][i] = 2.0, 0.4
+    rounds = Rounds(times, waits)
+    assert list(rounds.used()) == list(range(10, 40))
+    assert rounds.contention(0) == 0.0 and rounds.contention(1) == 0.0
+    for i in range(10, 31):  # now fewer than a quarter are clean: every round counts
+        waits[1][i] = 0.2
+    assert len(Rounds(times, waits).used()) == 40
+    assert len(Rounds(times, None).used()) == 40 and Rounds(times, None).contention(0) is None
 
 
 def test_a_node_onnxruntime_cannot_run_is_kept_with_the_error(monkeypatch):
