@@ -35,6 +35,8 @@ SCHEMA_VERSION = 1
 ERROR_RANKS = (1, 2, 3, 4)
 MAX_CURVE_POINTS = 64  # error/MAC curves list at most this many ranks
 
+PARALLEL_WEIGHT_LIMIT = 64 << 20  # bytes; larger weights are analyzed one at a time
+
 SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
@@ -435,8 +437,12 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool 
                 separability=None,
             )
         )
-    # The spectra are LAPACK calls that release the GIL: spread them over the cores.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    # The spectra are LAPACK calls that release the GIL: spread them over the cores — unless a
+    # weight is so large that two analyses at once (~3× a weight each) would dominate memory.
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    if any(job[1].nbytes > PARALLEL_WEIGHT_LIMIT for job in jobs):
+        workers = 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda job: analyze_weight(job[1], job[2], job[1].dtype), jobs)
         for (index, _, _), sep in zip(jobs, results):
             node = nodes[index]
