@@ -2,9 +2,18 @@
 
 Two models are timed in interleaved rounds (A B, B A, …: the order flips) so that drift in
 machine load hits both equally; the speedup is the ratio of medians, and its spread the
-10th–90th percentiles of the per-round ratios.  Sessions never spin idle threads
-(``session.intra_op.allow_spinning = 0``): on a small machine a spinning idle session
-steals the other's cores.
+10th–90th percentiles of the per-round ratios.  In a round each model first runs once untimed
+(``rewarm``): a model timed right after the other starts with the other's data in its caches,
+which costs a short run proportionally more than a long one — serving runs one model over and
+over, with warm caches.  Outputs stay in onnxruntime's arena (IO binding), so the time is the
+inference, not the copy of the outputs into fresh numpy arrays.
+
+Threads (``spinning``): an idle session must never spin, or on a small machine its threads
+steal the timed session's cores.  ``"run"`` (default) keeps onnxruntime's default spinning
+*within* a run and stops it when the run returns (``session.force_spinning_stop``), so no idle
+session spins; ``"off"`` never spins (``session.intra_op.allow_spinning = 0``), which makes
+every parallel operator wake its worker threads — on 2 threads that alone costs a graph of many
+short operators (a rank-1 rewrite of a VGG stack) a quarter of its time.
 
 On a shared machine other processes preempt the timed threads, and that hurts a long run more
 than a short one (a run shorter than a scheduler slice often escapes it), which inflates the
@@ -28,7 +37,7 @@ import numpy as np
 
 from .audit import audit
 from .load import LoadedModel, ModelSource, load_model
-from .verify import make_session, model_inputs
+from .verify import model_inputs
 
 
 @dataclass
@@ -80,6 +89,8 @@ class BenchReport:
     rounds_used: int | None = None  # the clean ones, or all (see the module doc)
     contention_a: float | None = None  # median fraction of a run spent waiting for a CPU (Linux)
     contention_b: float | None = None
+    spinning: str | None = None  # "run" or "off" (module doc)
+    rewarm: int | None = None  # untimed runs before each timed one
 
     @property
     def mac_reduction(self) -> float | None:
@@ -108,6 +119,8 @@ class BenchReport:
             "rounds_used": self.rounds_used,
             "contention_a": self.contention_a,
             "contention_b": self.contention_b,
+            "spinning": self.spinning,
+            "rewarm": self.rewarm,
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -115,9 +128,60 @@ class BenchReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _timed(session, feeds) -> float:
+SPINNING = ("run", "off")
+
+
+def bench_session(model, providers=None, threads: int | None = None, spinning: str = "run"):
+    """An onnxruntime session for timing (see the module doc for ``spinning``)."""
+    import onnxruntime as ort
+
+    from .errors import ModelLoadError, UsageError
+    from .shapes import ort_session_bytes
+
+    if spinning not in SPINNING:
+        raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if spinning == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(ort_session_bytes(model), opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+class _Runner:
+    """One inference of a session on fixed feeds, outputs kept in onnxruntime's arena (IO binding)."""
+
+    def __init__(self, session, feeds):
+        self.session, self.feeds, self.binding = session, feeds, None
+        if hasattr(session, "io_binding"):
+            try:
+                binding = session.io_binding()
+                for name, value in feeds.items():
+                    binding.bind_cpu_input(name, value)
+                for out in session.get_outputs():
+                    binding.bind_output(out.name, "cpu")
+                self.binding = binding
+            except Exception:  # noqa: BLE001 - e.g. a non-tensor input: plain runs
+                self.binding = None
+
+    def __call__(self) -> None:
+        if self.binding is not None:
+            self.session.run_with_iobinding(self.binding)
+        else:
+            self.session.run(None, self.feeds)
+
+
+def _timed(run) -> float:
     start = time.perf_counter()
-    session.run(None, feeds)
+    run()
     return time.perf_counter() - start
 
 
@@ -178,18 +242,22 @@ def round_order(k: int, i: int) -> list[int]:
     return order[::-1] if (i // k) % 2 else order
 
 
-def interleaved_times(sessions, feeds, runs: int, warmup: int = 0) -> Rounds:
-    """``runs`` rounds in which every session runs once, in :func:`round_order`: wall times and,
-    where the OS tells, the time the threads waited for a CPU during each run."""
+def interleaved_times(sessions, feeds, runs: int, warmup: int = 0, rewarm: int = 1) -> Rounds:
+    """``runs`` rounds in which every session runs ``rewarm`` times untimed and then once timed,
+    in :func:`round_order`: wall times and, where the OS tells, the time the threads waited for a
+    CPU during each timed run."""
+    runners = [_Runner(s, feeds) for s in sessions]
     for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feeds)
+        for run in runners:
+            run()
     times: list[list[float]] = [[] for _ in sessions]
     waits: list[list[float]] | None = [[] for _ in sessions] if cpu_wait_s() is not None else None
     for i in range(runs):
         for j in round_order(len(sessions), i):
+            for _ in range(rewarm):
+                runners[j]()
             w0 = cpu_wait_s() if waits is not None else None
-            times[j].append(_timed(sessions[j], feeds))
+            times[j].append(_timed(runners[j]))
             if waits is not None:
                 w1 = cpu_wait_s()
                 waits[j].append(max(0.0, w1 - w0) if w0 is not None and w1 is not None else 0.0)
@@ -238,17 +306,20 @@ def benchmark(
     inputs=None,
     seed: int = 0,
     profile_runs: int = 20,
+    spinning: str = "run",
+    rewarm: int = 1,
 ) -> BenchReport:
+    """Latency of ``model_a`` (and ``model_b``, in interleaved rounds); see the module doc."""
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
     lb = None if model_b is None else (model_b if isinstance(model_b, LoadedModel) else load_model(model_b))
     feeds, _ = model_inputs(la, inputs, input_shapes, seed)
-    sa = make_session(la.model, providers=providers, threads=threads)
-    sb = make_session(lb.model, providers=providers, threads=threads) if lb else None
-    rounds = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup)
+    sa = bench_session(la.model, providers=providers, threads=threads, spinning=spinning)
+    sb = bench_session(lb.model, providers=providers, threads=threads, spinning=spinning) if lb else None
+    rounds = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup, rewarm)
     idx = rounds.used()
     ta = rounds.of(0, idx)
     report = BenchReport(la.label, Latency.of(list(ta)), threads=threads, rounds=runs, rounds_used=len(idx),
-                         contention_a=rounds.contention(0))
+                         contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     report.macs_a = audit(la, shapes, spectra=False).totals.total_macs
     if lb is None:

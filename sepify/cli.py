@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--providers", nargs="+", default=None, metavar="EP")
     b.add_argument("--no-profile", action="store_true", help="skip per-node profiler times")
+    b.add_argument("--spinning", choices=("run", "off"), default="run",
+                   help="worker threads spin within a run and stop when it returns (default), or never spin")
+    b.add_argument("--cold", action="store_true",
+                   help="time each run right after the other model's (no untimed re-warm run per round)")
     b.add_argument("--format", choices=("table", "json"), default="table")
     from .calibcli import add_commands
 
@@ -133,7 +137,7 @@ def cmd_bench(args) -> int:
         raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
     report = benchmark(args.model, args.other, runs=args.runs, warmup=args.warmup, threads=args.threads,
                        providers=args.providers, input_shapes=args.input_shape or None,
-                       profile_runs=0 if args.no_profile else 20)
+                       profile_runs=0 if args.no_profile else 20, spinning=args.spinning, rewarm=0 if args.cold else 1)
     sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_bench(report))
     return EXIT_OK
 

@@ -152,20 +152,21 @@ def candidate_lowerings(stages, lowerings: Sequence[str] | None = None) -> dict[
 # Timing
 # ----------------------------------------------------------------------------------------------
 def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None = None, runs: int | None = None,
-                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None):
-    """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models``; ``runs`` rounds, or as many
-    as fit ``budget_s``."""
-    from .bench import _timed, interleaved_times
-    from .verify import make_session
+                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None,
+                spinning: str = "run", rewarm: int = 1):
+    """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models`` as :func:`sepify.bench.benchmark`
+    takes them; ``runs`` rounds, or as many as fit ``budget_s``."""
+    from .bench import _Runner, _timed, bench_session, interleaved_times
 
-    sessions = [make_session(m, providers=providers, threads=threads) for m in models]
+    sessions = [bench_session(m, providers=providers, threads=threads, spinning=spinning) for m in models]
+    runners = [_Runner(s, feeds) for s in sessions]
     for _ in range(max(warmup, 1) - 1):
-        for s in sessions:
-            s.run(None, feeds)
-    probe = sum(_timed(s, feeds) for s in sessions)  # the last warm-up round sizes the experiment
+        for run in runners:
+            run()
+    probe = sum(_timed(run) for run in runners)  # the last warm-up round sizes the experiment
     if runs is None:
-        runs = int(np.clip(budget_s / max(probe, 1e-9), MIN_RUNS, MAX_RUNS))
-    return interleaved_times(sessions, feeds, runs)
+        runs = int(np.clip(budget_s / max(probe * (1 + rewarm), 1e-9), MIN_RUNS, MAX_RUNS))
+    return interleaved_times(sessions, feeds, runs, rewarm=rewarm)
 
 
 def measure_node(an, spec, stages, *, lowerings: Sequence[str] | None = None, threads: int | None = None,

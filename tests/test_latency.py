@@ -346,7 +346,7 @@ def test_round_order_balances_positions(k):
         assert rounds[:2] == [[0, 1], [1, 0]]
 
 
-def test_interleaved_times_runs_every_session_once_per_round():
+def test_interleaved_times_rewarms_then_times_every_session_once_per_round():
     calls = []
 
     class S:
@@ -358,7 +358,11 @@ def test_interleaved_times_runs_every_session_once_per_round():
 
     rounds = interleaved_times([S(0), S(1), S(2)], {}, runs=4, warmup=1)
     assert [len(t) for t in rounds.times] == [4, 4, 4]
-    assert calls[:3] == [0, 1, 2] and len(calls) == 3 + 12
+    # warm-up round, then per round each session twice in a row (untimed re-warm, timed run)
+    assert calls[:3] == [0, 1, 2] and calls[3:9] == [0, 0, 1, 1, 2, 2] and len(calls) == 3 + 24
+    calls.clear()
+    interleaved_times([S(0), S(1)], {}, runs=2, rewarm=0)
+    assert calls == [0, 1, 1, 0]
     if rounds.waits is not None:  # Linux: how long the threads waited for a CPU, per run
         assert [len(w) for w in rounds.waits] == [4, 4, 4] and min(min(w) for w in rounds.waits) >= 0
 
@@ -390,3 +394,28 @@ def test_a_node_onnxruntime_cannot_run_is_kept_with_the_error(monkeypatch):
     assert {k["reason"] for k in report.kept} == {"latency_not_measured"}
     assert all("nope" in k["latency"]["error"] for k in report.kept)
     assert "not measured" in render_latency(report)
+
+
+def test_benchmark_records_its_timing_conditions(tmp_path):
+    from sepify.bench import benchmark
+
+    model = _stack_model()
+    out, _ = sepify.rewrite(model)
+    report = benchmark(model, out, runs=3, warmup=1, threads=1, profile_runs=0, spinning="off", rewarm=0)
+    d = report.to_dict()
+    assert (d["spinning"], d["rewarm"], d["rounds"]) == ("off", 0, 3) and d["rounds_used"] == 3
+    assert report.speedup > 0
+    with pytest.raises(sepify.SepifyError, match="spinning"):
+        benchmark(model, out, runs=1, spinning="sometimes")
+
+
+def test_cli_bench_timing_flags(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    model = _stack_model()
+    onnx.save(model, a)
+    onnx.save(sepify.rewrite(model)[0], b)
+    assert main(["bench", str(a), str(b), "--runs", "2", "--warmup", "0", "--no-profile", "--spinning", "off",
+                 "--cold", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["spinning"], d["rewarm"]) == ("off", 0)
+    assert main(["bench", str(a), "--runs", "1", "--spinning", "sometimes"]) == 2
