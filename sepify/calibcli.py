@@ -173,7 +173,7 @@ def write_rewrite_html(args, loaded, report) -> None:
 # ----------------------------------------------------------------------------------------------
 # sepify plan / sepify report
 # ----------------------------------------------------------------------------------------------
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
+def add_policy_args(p: argparse.ArgumentParser) -> None:
     pol = p.add_argument_group("policy (default --lossless)")
     pol.add_argument("--lossless", action="store_true", help="only exact factorizations that cut MACs")
     pol.add_argument("--tol", type=float, metavar="E", help="max relative weight error per layer")
@@ -192,7 +192,7 @@ def add_commands(sub, add_shape_args) -> None:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("model", metavar="MODEL")
         add_shape_args(p)
-        _add_policy_args(p)
+        add_policy_args(p)
         add_calibration_args(p, html=name == "plan")
         p.add_argument("--sweep", action="store_true", help="conv MACs vs drift over --budgets (needs --calibrate)")
         p.add_argument("--budgets", metavar="F,F,…", help="budgets of the sweep (default 0.9,0.8,0.7,0.6,0.5,0.4)")

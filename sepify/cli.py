@@ -50,16 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="OUT", help="where to write the rewritten model")
     r.add_argument("--in-place", action="store_true", help="overwrite MODEL (only when asked)")
     _add_shape_args(r)
-    pol = r.add_argument_group("policy (default --lossless)")
-    pol.add_argument("--lossless", action="store_true", help="only exact factorizations that cut MACs")
-    pol.add_argument("--tol", type=float, metavar="E", help="max relative weight error per layer")
-    pol.add_argument("--rank", type=int, metavar="R", help="fixed rank for every rewritten layer")
-    pol.add_argument("--budget", type=float, metavar="F", help="keep about a fraction F of the conv MACs")
-    pol.add_argument("--scheme", choices=("auto", "dw-pw", "pw-dw", "spatial"), default="auto")
-    pol.add_argument("--include", metavar="REGEX", help="only nodes whose name matches")
-    pol.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
-    pol.add_argument("--min-macs", type=int, default=0, metavar="N", help="skip layers below N MACs")
-    pol.add_argument("--no-chain", action="store_true", help="do not split a dw-pw/pw-dw kernel stage further")
+    from .calibcli import add_policy_args
+
+    add_policy_args(r)
     r.add_argument("--lowering", choices=("branches", "grouped", "concat"), default=None,
                    help="how a rank>1 dw-pw/pw-dw is written (same math): r summed multiplier-1 branches "
                         "(default), one grouped conv, or concat (dw-pw: r depthwise, Concat, one pointwise; "

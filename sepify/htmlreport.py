@@ -11,6 +11,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__
+from .report import human
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 SCHEME_COLORS = {"dw-pw": "#1f77b4", "pw-dw": "#2ca02c", "spatial": "#9467bd"}
@@ -30,16 +31,6 @@ svg text{font-family:system-ui,sans-serif} .small{font-size:11px;color:#666}
 
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
-
-
-def _human(n: float | int | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:
@@ -164,12 +155,12 @@ def bar_chart(rows: Sequence[tuple[str, float, float | None]], *, width: int = 1
         out.append(f'<text x="{label_width - 6}" y="{y + bar_h + 3}" font-size="10" text-anchor="end">{_e(short)}</text>')
         bw = w * before / top_value
         out.append(f'<rect x="{label_width}" y="{y}" width="{bw:.1f}" height="{bar_h}" fill="#c7c7c7"/>')
-        out.append(f'<text x="{label_width + bw + 4:.1f}" y="{y + bar_h - 1}" font-size="9">{_human(before)}</text>')
+        out.append(f'<text x="{label_width + bw + 4:.1f}" y="{y + bar_h - 1}" font-size="9">{human(before)}</text>')
         if after is not None:
             aw = w * after / top_value
             out.append(f'<rect x="{label_width}" y="{y + bar_h}" width="{aw:.1f}" height="{bar_h}" fill="#1f77b4"/>')
             out.append(f'<text x="{label_width + aw + 4:.1f}" y="{y + 2 * bar_h - 1}" font-size="9" fill="#1f77b4">'
-                       f'{_human(after)} ({after / before:.2f}×)</text>')
+                       f'{human(after)} ({after / before:.2f}×)</text>')
         y += 2 * bar_h + gap
     out.append(f'<text x="{label_width}" y="{height - 4}" font-size="10" fill="#666">grey: MACs before · blue: '
                f'after the rewrite</text></svg>')
@@ -204,11 +195,11 @@ def _audit_section(audit) -> str:
             errs = "; ".join(parts)
         rows.append([n.qualified_name, n.op_type, "x".join(map(str, n.kernel_shape or [])) or "?", n.group,
                      "x".join(map(str, n.input_shape or [])) or "?", "x".join(map(str, n.output_shape or [])) or "?",
-                     _human(n.macs), _fmt(100 * n.share if n.share is not None else None, ".1f"),
+                     human(n.macs), _fmt(100 * n.share if n.share is not None else None, ".1f"),
                      _fmt(n.arithmetic_intensity, ".1f"), best or (n.reason or ""), errs])
-    kpis = (f'<div class="kpi">conv nodes<b>{t.conv_nodes}</b></div><div class="kpi">conv MACs<b>{_human(t.conv_macs)}</b></div>'
+    kpis = (f'<div class="kpi">conv nodes<b>{t.conv_nodes}</b></div><div class="kpi">conv MACs<b>{human(t.conv_macs)}</b></div>'
             f'<div class="kpi">eligible<b>{t.eligible_nodes}</b></div>'
-            f'<div class="kpi">exact savings<b>{_human(t.exact_savings_macs)}</b></div>')
+            f'<div class="kpi">exact savings<b>{human(t.exact_savings_macs)}</b></div>')
     return ("<h2>Audit</h2>" + kpis + _table(
         ["node", "op", "kernel", "group", "input", "output", "MACs", "share %", "FLOP/byte", "best (near-)exact",
          "weight error at rank 1/2/3/4"], rows, left=(0, 9, 10)))
@@ -258,9 +249,9 @@ def _rewrite_section(rewrite, audit) -> str:
     chart = bar_chart(rows[:60], title="Conv MACs per layer")
     table = _table(["node", "scheme", "rank", "weight error", "MACs before", "MACs after", "ratio"],
                    [[r.qualified_name, r.scheme + ("+spatial" if r.chained else ""), r.rank, f"{r.weight_error:.3g}",
-                     _human(r.macs_before), _human(r.macs_after), f"{r.macs_after / r.macs_before:.2f}×"]
+                     human(r.macs_before), human(r.macs_after), f"{r.macs_after / r.macs_before:.2f}×"]
                     for r in rewrite.rewritten])
-    kpis = (f'<div class="kpi">conv MACs<b>{_human(rewrite.conv_macs_before)} → {_human(rewrite.conv_macs_after)}</b></div>'
+    kpis = (f'<div class="kpi">conv MACs<b>{human(rewrite.conv_macs_before)} → {human(rewrite.conv_macs_after)}</b></div>'
             f'<div class="kpi">ratio<b>{rewrite.macs_ratio:.3f}×</b></div>'
             f'<div class="kpi">layers rewritten<b>{len(rewrite.rewritten)}</b></div>')
     return "<h2>Per-layer MACs before / after</h2>" + kpis + chart + table
