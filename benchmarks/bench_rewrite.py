@@ -18,16 +18,18 @@ untimed re-warm run before each timed one, onnxruntime's threads spinning within
 at its end (``--spinning off --cold``: never spinning, no re-warm, the issue-4 setting) — on 1 and
 2 threads.
 
-Columns: MAC reduction (whole model, original/rewritten), median latency of each, speedup =
-ratio of the medians with the 10th–90th percentiles of the per-round ratios, and efficiency =
-speedup / MAC reduction (1.0: latency fell as much as the MACs did).
+Every configuration is measured once per pass (``--repeat`` passes, 3 by default, so slow drift
+of the machine spreads over all rows), and each row pools the rounds of its passes.  Columns: MAC
+reduction (whole model, original/rewritten), median latency of each, speedup = median of the
+per-round ratios (original / rewritten, two runs next to each other) with their 10th–90th
+percentiles, and efficiency = speedup / MAC reduction (1.0: latency fell as much as the MACs did).
 
 ``--profile`` adds, per configuration, where the time goes: onnxruntime's profiler on the
 optimized graph (NCHWc convs with fused activations and sums) summed by kind of conv.
 
 Usage::
 
-    python benchmarks/bench_rewrite.py                          # everything, 60 rounds
+    python benchmarks/bench_rewrite.py                          # everything, 3 passes × 60 rounds
     python benchmarks/bench_rewrite.py --models vgg --ranks 1 2 --threads 2 --profile
     python benchmarks/bench_rewrite.py --runs 100 --json results.json
 """
@@ -141,14 +143,17 @@ def _kind(node: onnx.NodeProto, weights: dict[str, tuple]) -> str:
     return kind + "".join(extras)
 
 
-def profile_breakdown(model: onnx.ModelProto, threads: int, runs: int = 30) -> dict[str, float]:
+def profile_breakdown(model: onnx.ModelProto, threads: int, runs: int = 30, spinning: str = "run") -> dict[str, float]:
     """Median kernel µs per kind of node of the optimized graph, summed over nodes."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if spinning == "off":
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        else:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "prof")
@@ -225,7 +230,8 @@ def _clean(b) -> bool:
     return (b.rounds_used or 0) < (b.rounds or 0) or _contention(b) <= CLEAN_WAIT_FRACTION
 
 
-def run_config(name, model, rank, scheme, lowering, threads, args) -> dict:
+def prepare(name, model, rank, scheme, lowering, threads, args) -> dict:
+    """Rewrite ``model`` for one configuration (``--only-faster`` rows: the measured selection)."""
     policy = Policy(mode="rank", rank=rank, scheme=scheme)
     if lowering == ONLY_FASTER and args.quiet_wait > 0:
         wait_for_quiet(args.quiet_wait, args.max_load)  # the selection is timed too
@@ -234,34 +240,46 @@ def run_config(name, model, rank, scheme, lowering, threads, args) -> dict:
         rewritten, rep = sepify.rewrite(model, policy, only_faster=True, threads=threads)
     else:
         rewritten, rep = sepify.rewrite(model, policy, lowering=None if lowering == "-" else lowering)
-    rewrite_s = time.perf_counter() - t0
     chosen = [r.lowering or "-" for r in rep.rewritten] + ["kept" for k in rep.kept if k["reason"] == "not_faster"]
+    return {"model": name, "rank": rank, "scheme": scheme, "lowering": lowering, "threads": threads,
+            "chosen": chosen, "rewrite_s": time.perf_counter() - t0, "original": model, "rewritten": rewritten}
+
+
+def measure(cfg: dict, args):
+    """One benchmark of a configuration; re-measured (``--tries``) while too few rounds are clean."""
     best = None
-    for _ in range(max(args.tries, 1)):  # re-measure a row too contended to leave enough clean rounds
+    for _ in range(max(args.tries, 1)):
         quiet = wait_for_quiet(args.quiet_wait, args.max_load) if args.quiet_wait > 0 else None
         foreign = ForeignLoad()
-        b = benchmark(model, rewritten, runs=args.runs, warmup=args.warmup, threads=threads, profile_runs=0,
-                      spinning=args.spinning, rewarm=0 if args.cold else 1)
+        b = benchmark(cfg["original"], cfg["rewritten"], runs=args.runs, warmup=args.warmup, threads=cfg["threads"],
+                      profile_runs=0, spinning=args.spinning, rewarm=0 if args.cold else 1)
         score = (_clean(b), -_contention(b))
         if best is None or score > best[0]:
             best = (score, b, quiet, foreign.cores())
         if _clean(b):
             break
-    _, b, quiet, foreign_cores = best
-    row = {
-        "model": name, "rank": rank, "scheme": scheme, "lowering": lowering, "threads": threads,
-        "chosen": chosen, "rewrite_s": rewrite_s, "runs": args.runs,
-        "macs_a": b.macs_a, "macs_b": b.macs_b, "mac_reduction": b.mac_reduction,
-        "median_a_ms": b.latency_a.median_ms, "median_b_ms": b.latency_b.median_ms,
-        "speedup": b.speedup, "speedup_p10": b.speedup_p10, "speedup_p90": b.speedup_p90,
-        "efficiency": b.efficiency,
-        "foreign_cores_before": quiet, "foreign_cores": foreign_cores,
-        "rounds_used": b.rounds_used, "contention_a": b.contention_a, "contention_b": b.contention_b,
-        "clean": _clean(b),
-    }
-    if args.profile:
-        row["profile_a"] = profile_breakdown(model, threads)
-        row["profile_b"] = profile_breakdown(rewritten, threads)
+    return best[1:]
+
+
+def aggregate(cfg: dict, passes: list) -> dict:
+    """One row from every pass: medians and per-round ratios pooled over the rounds used."""
+    ta = np.concatenate([b.times_a for b, _, _ in passes])
+    tb = np.concatenate([b.times_b for b, _, _ in passes])
+    ratios = np.concatenate([b.times_a / b.times_b for b, _, _ in passes])
+    b0 = passes[0][0]
+    speedup = float(np.median(ratios))
+    row = {k: v for k, v in cfg.items() if k not in ("original", "rewritten")}
+    row.update({
+        "passes": len(passes), "runs": sum(b.rounds for b, _, _ in passes), "rounds_used": len(ta),
+        "macs_a": b0.macs_a, "macs_b": b0.macs_b, "mac_reduction": b0.mac_reduction,
+        "median_a_ms": float(np.median(ta) * 1e3), "median_b_ms": float(np.median(tb) * 1e3),
+        "speedup": speedup, "speedup_p10": float(np.percentile(ratios, 10)),
+        "speedup_p90": float(np.percentile(ratios, 90)), "efficiency": speedup / b0.mac_reduction,
+        "speedup_per_pass": [b.speedup for b, _, _ in passes],
+        "foreign_cores": max((f for _, _, f in passes if f is not None), default=None),
+        "contention": max(_contention(b) for b, _, _ in passes),
+        "clean": all(_clean(b) for b, _, _ in passes),
+    })
     return row
 
 
@@ -317,7 +335,7 @@ def _chosen(row) -> str:
 def render(rows: list[dict], args, load_before: str) -> str:
     lines = [f"Environment: {_versions()}; {load_before} before, {_load()} after; "
              f"spinning {args.spinning}, {'cold' if args.cold else 'warm'} rounds; "
-             f"{args.runs} interleaved rounds per row, medians over the clean ones (rounds in which no run's "
+             f"{args.repeat} passes × {args.runs} interleaved rounds per row, medians over the clean ones (rounds in which no run's "
              f"threads waited for a CPU more than {CLEAN_WAIT_FRACTION:.0%} of it; all rounds when fewer than a "
              "quarter are clean, marked †: then other processes inflate the speedup); \"other load\": CPU cores "
              "used by other processes while the row was timed.", ""]
@@ -333,6 +351,7 @@ def render(rows: list[dict], args, load_before: str) -> str:
                          f"{r['median_a_ms']:.2f} | {r['median_b_ms']:.2f} | {r['speedup']:.2f}× "
                          f"({r['speedup_p10']:.2f}–{r['speedup_p90']:.2f}) | {r['efficiency']:.2f}{'' if r['clean'] else ' †'} | "
                          f"{r['rounds_used']}/{r['runs']} | {_cores(r['foreign_cores'])} |")
+            # (speedup_per_pass in the JSON shows how far the passes agree)
         lines.append("")
     if args.profile:
         lines += ["**Where the time goes** (onnxruntime profiler, optimized graph, median µs summed per kind)", ""]
@@ -369,7 +388,9 @@ def main(argv=None) -> int:
     p.add_argument("--lowerings", nargs="+", choices=LOWERINGS, default=list(LOWERINGS))
     p.add_argument("--no-only-faster", action="store_true", help="skip the measured per-node selection rows")
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--runs", type=int, default=60, help="interleaved rounds per configuration (≥ 50 advised)")
+    p.add_argument("--runs", type=int, default=60, help="interleaved rounds per configuration and pass (≥ 50 advised)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="passes over all configurations; each row pools its rounds from every pass")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--spinning", choices=("run", "off"), default="run",
                    help="onnxruntime worker threads spin within a run and stop at its end (default), or never spin")
@@ -384,13 +405,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     load_before = _load()
     models = {name: MODELS[name]() for name in args.models}
-    rows = []
-    for name, rank, scheme, lowering, threads in configs(args):
-        row = run_config(name, models[name], rank, scheme, lowering, threads, args)
-        rows.append(row)
-        print(f"# {name} {scheme} r={rank} {_chosen(row)} {threads}T: speedup {row['speedup']:.2f}x "
-              f"eff {row['efficiency']:.2f} clean {row['rounds_used']}/{row['runs']}{'' if row['clean'] else ' †'} "
-              f"other load {_cores(row['foreign_cores'])}", file=sys.stderr, flush=True)
+    cfgs = [prepare(name, models[name], rank, scheme, lowering, threads, args)
+            for name, rank, scheme, lowering, threads in configs(args)]
+    passes: list[list] = [[] for _ in cfgs]
+    for k in range(max(args.repeat, 1)):  # every configuration once per pass: slow drift spreads over all
+        for cfg, done in zip(cfgs, passes):
+            done.append(measure(cfg, args))
+            b = done[-1][0]
+            print(f"# pass {k + 1}: {cfg['model']} {cfg['scheme']} r={cfg['rank']} {_chosen(cfg)} {cfg['threads']}T: "
+                  f"speedup {b.speedup:.2f}x eff {b.efficiency:.2f} clean {b.rounds_used}/{b.rounds}"
+                  f"{'' if _clean(b) else ' †'} other load {_cores(done[-1][2])}", file=sys.stderr, flush=True)
+    rows = [aggregate(cfg, done) for cfg, done in zip(cfgs, passes)]
+    if args.profile:
+        for cfg, row in zip(cfgs, rows):
+            row["profile_a"] = profile_breakdown(cfg["original"], cfg["threads"], spinning=args.spinning)
+            row["profile_b"] = profile_breakdown(cfg["rewritten"], cfg["threads"], spinning=args.spinning)
     sys.stdout.write(render(rows, args, load_before))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -1,8 +1,8 @@
 """Latency in onnxruntime: one model, or two timed in interleaved rounds.
 
 Two models are timed in interleaved rounds (A B, B A, …: the order flips) so that drift in
-machine load hits both equally; the speedup is the ratio of medians, and its spread the
-10th–90th percentiles of the per-round ratios.  In a round each model first runs once untimed
+machine load hits both equally; the speedup is the median of the per-round ratios ``t_A / t_B``
+(each from two runs next to each other in time) and its spread their 10th–90th percentiles.  In a round each model first runs once untimed
 (``rewarm``): a model timed right after the other starts with the other's data in its caches,
 which costs a short run proportionally more than a long one — serving runs one model over and
 over, with warm caches.  Outputs stay in onnxruntime's arena (IO binding), so the time is the
@@ -91,6 +91,9 @@ class BenchReport:
     contention_b: float | None = None
     spinning: str | None = None  # "run" or "off" (module doc)
     rewarm: int | None = None  # untimed runs before each timed one
+    # Wall seconds of the rounds used, per model (for pooling repeated benchmarks; not in to_dict).
+    times_a: np.ndarray | None = field(default=None, repr=False, compare=False)
+    times_b: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def mac_reduction(self) -> float | None:
@@ -319,7 +322,7 @@ def benchmark(
     idx = rounds.used()
     ta = rounds.of(0, idx)
     report = BenchReport(la.label, Latency.of(list(ta)), threads=threads, rounds=runs, rounds_used=len(idx),
-                         contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm)
+                         contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm, times_a=ta)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     report.macs_a = audit(la, shapes, spectra=False).totals.total_macs
     if lb is None:
@@ -327,8 +330,9 @@ def benchmark(
     tb = rounds.of(1, idx)
     report.model_b, report.latency_b = lb.label, Latency.of(list(tb))
     report.contention_b = rounds.contention(1)
-    report.speedup = report.latency_a.median_ms / report.latency_b.median_ms
+    report.times_b = tb
     ratios = ta / tb
+    report.speedup = float(np.median(ratios))
     report.speedup_p10, report.speedup_p90 = float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
     report.macs_b = audit(lb, shapes, spectra=False).totals.total_macs
     if profile_runs:
