@@ -8,8 +8,11 @@ chained rewrite has one).  The rewritten models come from the same graph surgery
 only consumer is an activation onnxruntime fuses into convolutions (Relu, Clip, …), it is part of
 every model: a fusion the rewrite keeps or loses is part of the measurement.
 
-The models are timed in interleaved rounds (every model once per round, the order rotating) in
-sessions with intra-op spinning off and ``threads`` intra-op threads.  A lowering's speedup is the
+The models are timed the way :func:`sepify.bench.benchmark` times two models — interleaved rounds
+(every model once per round after an untimed re-warm run, the order rotating), outputs in
+onnxruntime's arena, threads spinning only within a run — with ``threads`` intra-op threads.
+Isolated models pay a session call per node that a whole graph does not, so small layers look a
+little less sped up than they are: the selection errs towards keeping the original.  A lowering's speedup is the
 median over rounds of ``t_original / t_lowering`` measured in the same round; rounds in which
 other processes made the timed threads wait for a CPU are left out when enough clean ones remain
 (:class:`sepify.bench.Rounds`).  The rewrite is kept when the best lowering's speedup
@@ -74,7 +77,7 @@ class NodeLatency:
 # ----------------------------------------------------------------------------------------------
 # Isolated models
 # ----------------------------------------------------------------------------------------------
-def _fused_activation(an, spec) -> onnx.NodeProto | None:
+def _fused_activation(an, spec):
     """The conv's only consumer when it is an activation onnxruntime fuses into convs (constant extra inputs)."""
     ref = spec.ref
     y = ref.node.output[0]
