@@ -181,11 +181,11 @@ class _NodeState:
     tol_exact: float
     curves: dict[str, np.ndarray]  # scheme -> relative error at rank 0..max
     per_rank: dict[str, int]  # scheme -> MACs at rank 1
-
-
     # Cross-channel spatial splits have a different spectrum in the costlier order; an exact
     # split there can still beat every other scheme.  (curve, MACs per rank) of that order.
     spatial_other: tuple[np.ndarray, int] | None = None
+
+
 def _selected(policy: Policy, ref) -> bool:
     names = (ref.name, ref.qualified_name)
     if policy.include and not any(re.search(policy.include, n) for n in names):
@@ -315,9 +315,9 @@ def _apply(np_: NodePlan, st: _NodeState, choice: Candidate | None, policy: Poli
         choice = _with_chain(st, choice)
     np_.action = "rewrite"
     np_.scheme, np_.rank, np_.chained = choice.scheme, choice.rank, choice.chained
+    np_.vertical_first = choice.vertical_first
     np_.error, np_.macs_after = choice.error, choice.macs
 
-    np_.vertical_first = choice.vertical_first
 
 def _energy_loss(error: float) -> float:
     return -float(np.log(max(1.0 - error * error, 1e-12)))
