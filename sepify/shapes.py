@@ -252,6 +252,26 @@ def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ())
             del graph.output[len(graph.output) - len(added):]
 
 
+def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):
+    """One quiet, unoptimized CPU run (node names kept) on seeded inputs at the resolved shapes.
+
+    Returns the session and the requested outputs; raises whatever onnxruntime raises.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # sepify reports failures itself
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    session = ort.InferenceSession(ort_session_bytes(view.model, outputs or ()), opts,
+                                   providers=["CPUExecutionProvider"])
+    accepted = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in random_inputs(table.input_shapes, table.input_dtypes).items() if k in accepted}
+    return session, session.run(outputs, feeds)
+
+
 def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[str]) -> list[str]:
     """Run the model once to read the shapes still missing. Returns the names it could not fill."""
     main_tensors = {o for n in view.model.graph.node for o in n.output} | {i.name for i in view.main_inputs}
@@ -261,17 +281,8 @@ def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[s
         return missing
     if view.model.ByteSize() > PROTOBUF_LIMIT:
         return missing
-    import onnxruntime as ort
-
-    data = ort_session_bytes(view.model, runnable)
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4  # sepify reports failures itself
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        feeds = random_inputs(table.input_shapes, table.input_dtypes)
-        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
-        values = session.run(runnable, feeds)
+        _, values = _probe_run(view, table, runnable)
     except Exception:  # noqa: BLE001 - the fallback is best effort; callers report what stays unknown
         return missing
     for name, value in zip(runnable, values):
@@ -297,19 +308,9 @@ def fill_from_profile(view: GraphView, table: ShapeTable, refs) -> None:
     import os
     import tempfile
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4  # sepify reports failures itself
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep node names
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "shapes")
         try:
-            session = ort.InferenceSession(ort_session_bytes(view.model), opts, providers=["CPUExecutionProvider"])
-            feeds = random_inputs(table.input_shapes, table.input_dtypes)
-            feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
-            session.run(None, feeds)
+            session, _ = _probe_run(view, table, None, os.path.join(tmp, "shapes"))
             with open(session.end_profiling()) as fh:
                 events = json.load(fh)
         except Exception:  # noqa: BLE001 - best effort, callers report what stays unknown
