@@ -438,12 +438,69 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
-def _run_checker(model: onnx.ModelProto | bytes, label: str, path: Path | None = None) -> None:
+STUB_OVER_BYTES = 1024  # weights larger than this are stubbed in light copies (see light_copy)
+
+
+def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.ModelProto:
+    """The model with every main-graph initializer over :data:`STUB_OVER_BYTES` (or stored
+    externally) replaced by a stub of the same name and element type — cheap to copy, serialize,
+    check and infer, where copying the whole proto would copy every weight once more.
+
+    Stubs keep their dims and hold no data (shape inference reads only dims), or, with
+    ``checkable``, hold one zero element per stub with every dim 1: the ONNX checker insists
+    that a tensor's data fills its dims, and everything else it checks does not depend on the
+    dims.  Data sizes and external-data locations are checked by :func:`load_model` itself.
+    """
+    copy = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(copy, field, getattr(model, field))
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    copy.metadata_props.extend(model.metadata_props)
+    src, graph = model.graph, copy.graph
+    graph.name = src.name
+    graph.doc_string = src.doc_string
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    graph.quantization_annotation.extend(src.quantization_annotation)
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    for t in src.initializer:
+        # Sized by dims, not by the data (reading raw_data copies it): load_model has checked they agree.
+        declared = tensor_nbytes(t)
+        big = t.data_location == TensorProto.EXTERNAL or (declared is not None and declared > STUB_OVER_BYTES)
+        if not big or t.data_type == TensorProto.STRING:
+            graph.initializer.add().CopyFrom(t)
+            continue
+        stub = graph.initializer.add()
+        stub.name = t.name
+        stub.data_type = t.data_type
+        if t.HasField("doc_string"):
+            stub.doc_string = t.doc_string
+        if checkable:
+            stub.dims.extend([1] * len(t.dims))
+            stub.raw_data = bytes(max(1, tensor_nbytes(stub) or 1))
+        else:
+            stub.dims.extend(t.dims)
+    if checkable:
+        # External tensors elsewhere (subgraphs, Constant attributes): the checker would look for
+        # their files relative to the working directory; load_model has already checked them.
+        for t in iter_all_tensors(copy):
+            if t.data_location == TensorProto.EXTERNAL:
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.ClearField("dims")
+                t.dims.extend([1] * len(t.dims))
+                t.raw_data = bytes(max(1, tensor_nbytes(t) or 1))
+    return copy
+
+
+def _run_checker(model: onnx.ModelProto, label: str) -> None:
     try:
-        # With external data the checker resolves locations against the model's folder only
-        # when given the path (a ModelProto makes it look in the working directory). Bytes
-        # already read spare it a second serialization of the whole model.
-        onnx.checker.check_model(str(path) if path is not None else model)
+        # On a light copy: the checker would otherwise parse (or we serialize) every weight once
+        # more, which was most of the load time of a 100 MB model.
+        onnx.checker.check_model(light_copy(model, checkable=True).SerializeToString())
     except Exception as exc:  # noqa: BLE001 - ValidationError or C++ errors
         raise _error(label, f"fails the ONNX checker: {_first_line(exc)}") from None
 
@@ -508,10 +565,9 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     refs = _check_external_data(model, base_dir, label)
     has_ext = bool(refs)
     _check_inline_sizes(model, label)
-    if check:
-        # Checked before external data is read: the checker refuses protos over 2 GiB.
-        _run_checker(data, label, path if has_ext else None)
     del data
+    if check:
+        _run_checker(model, label)
     _check_conv_nodes(model, label)
     mapped = False
     if has_ext and load_external:

@@ -23,10 +23,9 @@ from onnx import TensorProto
 
 from .errors import ShapeError, UsageError
 from .graph import GraphView, iter_subgraphs
-from .load import PROTOBUF_LIMIT, ort_max_ir_version
+from .load import PROTOBUF_LIMIT, light_copy, ort_max_ir_version
 
 DEFAULT_BATCH = 1
-_STRIP_BYTES = 1024  # initializers larger than this are shape-only in the inference copy
 
 
 def parse_input_shape(spec: str) -> tuple[str | None, list[int]]:
@@ -148,27 +147,7 @@ def resolve_input_shapes(view: GraphView, user: Mapping[str, Sequence[int]]) -> 
 
 def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """The model with fixed input dims and large weights reduced to dims (cheap to copy and infer)."""
-    # Field by field: copying the whole proto (or taking its initializers out and putting them
-    # back) would copy every weight once more.
-    copy = onnx.ModelProto()
-    copy.ir_version = model.ir_version
-    copy.opset_import.extend(model.opset_import)
-    copy.functions.extend(model.functions)
-    src, graph = model.graph, copy.graph
-    graph.name = src.name
-    graph.node.extend(src.node)
-    graph.input.extend(src.input)
-    graph.output.extend(src.output)
-    graph.value_info.extend(src.value_info)
-    graph.sparse_initializer.extend(src.sparse_initializer)
-    for t in src.initializer:
-        if len(t.raw_data) > _STRIP_BYTES or t.data_location == TensorProto.EXTERNAL or len(t.float_data) > _STRIP_BYTES // 4:
-            stub = copy.graph.initializer.add()
-            stub.name = t.name
-            stub.data_type = t.data_type
-            stub.dims.extend(t.dims)
-        else:
-            copy.graph.initializer.add().CopyFrom(t)
+    copy = light_copy(model)
     for vi in copy.graph.input:
         if vi.name in input_shapes:
             shape = vi.type.tensor_type.shape
