@@ -83,12 +83,14 @@ def singular_values(mats: np.ndarray) -> np.ndarray:
 
     Uses the Gram matrix of the short side (``σ² = eig(M Mᵀ)``): its eigenvalues are accurate
     to ``ε₆₄·σ₁²``, i.e. relative errors down to ~1e-8 — well below float32's rounding, which is
-    all the exactness test needs — and it is several times faster than a full SVD.
+    all the exactness test needs — and it is several times faster than a full SVD.  The Gram is
+    formed from strided views (BLAS takes them as they are: no transposed copy of the weight).
     """
     m = np.asarray(mats, dtype=np.float64)
     if m.shape[1] > m.shape[2]:
-        m = m.transpose(0, 2, 1)
-    gram = m @ m.transpose(0, 2, 1)
+        gram = np.matmul(m.transpose(0, 2, 1), m)
+    else:
+        gram = np.matmul(m, m.transpose(0, 2, 1))
     ev = np.linalg.eigvalsh(gram)[:, ::-1]
     return np.sqrt(np.clip(ev, 0.0, None))
 
@@ -138,45 +140,78 @@ class Spectrum:
 
 def leading_singular_values(mats: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Top-``k`` singular values ``[B, k]`` by randomized subspace iteration (Halko, Martinsson
-    & Tropp 2011; 20 oversamples, 3 power iterations).  Exact when the rank is at most ``k``;
-    on flat spectra, where the method converges slowest, the resulting errors are within ~1e-3."""
-    m = np.asarray(mats, dtype=np.float64)
+    & Tropp 2011; 20 oversamples, 3 power iterations, float32).  Exact up to float32 rounding when
+    the rank is at most ``k + 20``; they only feed reported errors (``e(r)² = 1 − Σσᵢ²/‖W‖²``),
+    whose absolute error stays below ~1e-3 even on the flat spectra where the method converges
+    slowest (``tests/test_spectrum.py``) — never an exactness decision, which needs float64."""
+    m = np.asarray(mats, dtype=np.float32)
     if m.shape[1] > m.shape[2]:
         m = m.transpose(0, 2, 1)
     p = min(k + 20, m.shape[1])
-    y = m @ np.random.default_rng(seed).standard_normal((m.shape[0], m.shape[2], p))
+    y = m @ np.random.default_rng(seed).standard_normal((m.shape[0], m.shape[2], p), dtype=np.float32)
     for _ in range(3):
         q, _ = np.linalg.qr(y)
         y = m @ (m.transpose(0, 2, 1) @ q)
     q, _ = np.linalg.qr(y)
-    return np.linalg.svd(q.transpose(0, 2, 1) @ m, compute_uv=False)[:, :k]
+    small = (q.transpose(0, 2, 1) @ m).astype(np.float64)
+    return np.linalg.svd(small, compute_uv=False)[:, :k]
+
+
+def _gamma(n: int) -> float:
+    """Higham's γₙ = n·u / (1 − n·u) for float64 (u = 2⁻⁵³): the rounding bound of an n-term sum."""
+    nu = n * 2.0 ** -53
+    return nu / (1.0 - nu)
+
+
+def _certified_positive(sub: np.ndarray, shift: float) -> bool:
+    """True when ``σ_min(sub)² > shift`` for every matrix of the batch ``[B, p, q]`` (p ≥ q), proven
+    in floating point: the Gram's rounding (``γ_p·trace``) and the Cholesky's backward error
+    (``γ_{q+1}·trace``, Demmel/Rump) are added to the shift before factorizing."""
+    if sub.shape[0] == 1:
+        s2 = sub[0]
+        gram = (s2.T @ s2)[None]  # 2-D: numpy hands AᵀA to BLAS syrk (half the work)
+    else:
+        gram = np.matmul(sub.transpose(0, 2, 1), sub)
+    p, q = sub.shape[1], sub.shape[2]
+    trace = float(np.trace(gram, axis1=1, axis2=2).max())
+    margin = 1.01 * (_gamma(p) + _gamma(q + 1)) * trace
+    gram[:, np.arange(q), np.arange(q)] -= shift + margin
+    try:
+        np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def certify_tail(mats: np.ndarray, rank: int, error: float) -> bool:
     r"""True when *provably* no rank-``rank`` truncation of ``mats`` has a relative error ≤ ``error``.
 
-    Courant–Fischer: for any ``rank + 1`` columns ``M_S`` of a matrix ``M``,
-    ``σ_{rank+1}(M) ≥ σ_min(M_S)``, and the truncation error is at least ``σ_{rank+1}²``.  So if
-    ``M_Sᵀ M_S − t·I`` admits a Cholesky factorization, ``σ_min(M_S)² > t``.  ``t`` is the
-    energy ``error`` allows, plus a margin for the Cholesky's own rounding.  Costs a
+    Courant–Fischer (interlacing): for any ``rank + 1`` columns ``M_S`` of a matrix ``M``, and any
+    subset of its rows, ``σ_{rank+1}(M) ≥ σ_min`` of that submatrix, and the truncation error is at
+    least ``σ_{rank+1}²``.  So if ``M_Sᵀ M_S − t·I`` admits a Cholesky factorization,
+    ``σ_min(M_S)² > t``, with ``t`` the energy ``error`` allows (plus rounding margins).  This costs a
     ``(rank+1)²`` Gram matrix and its Cholesky factor instead of an ``n³`` eigen-decomposition.
+    A quarter more rows than columns is tried first — ``σ_min`` of a rectangle with that aspect
+    ratio sits far above the tiny ``t`` unless the matrix really is near low rank — then all rows.
     """
-    m = np.asarray(mats, dtype=np.float64)
+    m = np.asarray(mats)
     if m.shape[1] < m.shape[2]:
         m = m.transpose(0, 2, 1)  # columns on the short side: rank + 1 ≤ short ≤ rows
-    total = float(np.einsum("bij,bij->", m, m))
-    if rank + 1 > m.shape[2] or total == 0.0:
+    rows, short = m.shape[1], m.shape[2]
+    if rank + 1 > short:
         return False
-    cols = np.linspace(0, m.shape[2] - 1, rank + 1).round().astype(int)
-    sub = m[:, :, cols]
-    gram = sub.transpose(0, 2, 1) @ sub
-    scale = float(np.trace(gram, axis1=1, axis2=2).max())
-    shift = error * error * total + 4 * (rank + 1) * np.finfo(np.float64).eps * scale
-    try:
-        np.linalg.cholesky(gram - shift * np.eye(rank + 1))
-    except np.linalg.LinAlgError:
+    total = float(np.einsum("bij,bij->", m, m, dtype=np.float64))
+    if total == 0.0:
         return False
-    return True
+    cols = np.linspace(0, short - 1, rank + 1).round().astype(int)
+    t = error * error * total
+    few = min(rows, rank + 1 + max(32, (rank + 1) // 4))
+    attempts = [np.linspace(0, rows - 1, few).round().astype(int)] if few < rows else []
+    for picked in [*attempts, None]:
+        sub = m[:, :, cols] if picked is None else m[:, picked][:, :, cols]
+        if _certified_positive(np.ascontiguousarray(sub, dtype=np.float64), t):
+            return True
+    return False
 
 
 def spectrum(mats: np.ndarray, useful_rank: int, bound: float) -> Spectrum:

@@ -20,6 +20,21 @@ def test_certificate_holds_for_full_rank_and_never_for_low_rank():
         assert not F.certify_tail(_low_rank(rng, 600, r), 300, 1e-3)
 
 
+def test_certificate_falls_back_to_every_row_when_the_row_sample_misses_the_rank():
+    # Rank 250 on the rows the cheap first attempt samples; the remaining rows add 350 more
+    # directions.  The sample alone cannot show σ₃₀₁ > 0, all rows can.
+    rng = np.random.default_rng(5)
+    n, rank = 600, 300
+    few = rank + 1 + max(32, (rank + 1) // 4)
+    sampled = np.linspace(0, n - 1, few).round().astype(int)
+    m = _low_rank(rng, n, 250)
+    others = np.setdiff1d(np.arange(n), sampled)
+    m[0, others] += 10 * rng.standard_normal((others.size, n))
+    assert F.relative_errors(F.singular_values(m))[rank] > 1e-3
+    assert F.certify_tail(m, rank, 1e-3)
+    assert not F.certify_tail(m[:, sampled], rank, 1e-3)  # the sample alone is rank 250
+
+
 def test_certificate_agrees_with_the_full_spectrum():
     rng = np.random.default_rng(1)
     for decay in (40.0, 120.0, 400.0):
