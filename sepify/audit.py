@@ -23,7 +23,6 @@ from .factorize import (
     spatial_orders,
     spectrum,
     certify_tail,
-    FULL_SPECTRUM_LIMIT,
     stages_macs,
 )
 from .geometry import ConvGeometry, prod
@@ -276,7 +275,7 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
             break_even = min(min(mats.shape[1:]) - 1, (geo.macs - 1) // per_rank)
             if break_even < 1:
                 continue  # saves nothing in this order
-            if min(mats.shape[1:]) > FULL_SPECTRUM_LIMIT and certify_tail(mats, break_even, tol):
+            if certify_tail(mats, break_even, tol):  # never reported: no need for its spectrum
                 continue
             options.append(analyze_scheme(w, geo, scheme, tol, order))
         exact = [a for a in options if a.exact_saves_macs]
