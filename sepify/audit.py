@@ -28,7 +28,8 @@ from .factorize import (
 from .geometry import ConvGeometry, prod
 from .graph import MATMUL_OPS, GraphView
 from .load import LoadedModel, ModelSource, iter_all_tensors, load_model
-from .shapes import fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes
+from .shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes,
+                     resolve_input_values)
 
 SCHEMA_VERSION = 1
 ERROR_RANKS = (1, 2, 3, 4)
@@ -355,12 +356,12 @@ class ModelAnalysis:
     warnings: list[str]
 
 
-def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelAnalysis:
+def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None) -> ModelAnalysis:
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     view = GraphView(loaded.model)
     user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])
     shapes, dtypes = resolve_input_shapes(view, user)
-    table = infer_shapes(view, shapes, dtypes)
+    table = infer_shapes(view, shapes, dtypes, resolve_input_values(view, input_values, shapes))
     convs = view.conv_nodes()
     specs = [conv_spec(view, ref, table) for ref in convs]
     warnings: list[str] = []
@@ -387,13 +388,17 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None) -> ModelA
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
 
-def audit(model: ModelSource | LoadedModel, input_shapes=None, *, spectra: bool = True) -> AuditReport:
+def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=None, spectra: bool = True) -> AuditReport:
     """Cost and separability of every Conv-like node.
 
     ``input_shapes`` maps input names to dims (or is a list of ``NAME=1x3x224x224`` strings);
-    symbolic leading dims default to 1. ``spectra=False`` skips the SVDs (cost only).
+    symbolic leading dims default to 1. ``input_values`` maps input names to fixed values (a
+    number fills the input, a list or array gives every element; or ``NAME=V[,V…]`` strings):
+    where shapes need an onnxruntime run, those inputs get these values instead of random ones,
+    so branches that depend on them (``If`` on a sample rate) take the right way.
+    ``spectra=False`` skips the SVDs (cost only).
     """
-    an = analyze_model(model, input_shapes)
+    an = analyze_model(model, input_shapes, input_values)
     view, table = an.view, an.table
     shared = view.shared_weights()
     nodes: list[NodeAudit] = []

@@ -256,10 +256,13 @@ def _best_under(cands: list[Candidate], bound: float) -> Candidate | None:
     return min(ok, key=lambda c: (c.macs, c.error)) if ok else None
 
 
-def plan(model, policy: Policy | None = None, input_shapes=None, *, analysis: ModelAnalysis | None = None) -> Plan:
-    """Choose a scheme and rank for every Conv-like node under ``policy`` (default: lossless)."""
+def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values=None,
+         analysis: ModelAnalysis | None = None) -> Plan:
+    """Choose a scheme and rank for every Conv-like node under ``policy`` (default: lossless).
+
+    ``input_shapes`` / ``input_values`` as for :func:`sepify.audit` (ignored with ``analysis``)."""
     policy = policy or Policy()
-    an = analysis or analyze_model(model, input_shapes)
+    an = analysis or analyze_model(model, input_shapes, input_values)
     schemes = list(SCHEMES) if policy.scheme == "auto" else [policy.scheme]
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}

@@ -121,11 +121,12 @@ DEFAULT_LOWERING = "branches"
 
 
 def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None,
-            *, lowering: str | None = None, only_faster: bool = False, threads: int | None = None,
+            *, input_values=None, lowering: str | None = None, only_faster: bool = False, threads: int | None = None,
             latency_runs: int | None = None, providers=None):
     """Rewrite ``model`` under ``policy`` (or an edited :class:`Plan`). Returns ``(ModelProto, RewriteReport)``.
 
     When nothing qualifies, the original ModelProto is returned unchanged (byte for byte).
+    ``input_shapes`` / ``input_values`` as for :func:`sepify.audit` (a Plan already holds them).
     ``lowering`` says how a rank-r > 1 dw-pw / pw-dw is written (same math and MACs each way):
     ``branches`` (the default: r multiplier-1 chains summed by Add, which onnxruntime runs on its
     fast depthwise path), ``grouped`` (one depthwise conv with channel multiplier r / one r-input
@@ -142,7 +143,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
         raise UsageError(f"unknown lowering {lowering!r} (one of {', '.join(LOWERINGS)})")
     if isinstance(model, Plan) and policy is None:
         model, policy = None, model
-    the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes)
+    the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes, input_values=input_values)
     an = the_plan.analysis
     if an is None:
         raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")

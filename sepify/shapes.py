@@ -9,6 +9,11 @@ Order of trust:
    exposing only the tensors that are needed.
 
 Each shape remembers how it was obtained (``"model"``, ``"inferred"``, ``"onnxruntime"``).
+
+Inputs given a fixed value (``--input-value NAME=V``) are fed that value instead of a random
+one wherever sepify runs the model (the onnxruntime fallback here, ``verify``, ``bench``,
+random calibration data): a model may branch on an input's value (an ``If`` on a sample
+rate), and only the branch that runs gets shapes.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class ShapeTable:
     source: dict[str, str] = field(default_factory=dict)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     input_dtypes: dict[str, int] = field(default_factory=dict)
+    input_values: dict[str, np.ndarray] = field(default_factory=dict)  # fixed feeds (--input-value)
 
     def get(self, name: str) -> list[int] | None:
         return self.shapes.get(name)
@@ -145,6 +151,229 @@ def resolve_input_shapes(view: GraphView, user: Mapping[str, Sequence[int]]) -> 
     return shapes, dtypes
 
 
+# ---------------------------------------------------------------------------------------------
+# Fixed input values: --input-value NAME=V (a scalar) or NAME=V1,V2,… (every element)
+# ---------------------------------------------------------------------------------------------
+_BOOL_TEXT = {"0": False, "1": True, "false": False, "true": True}
+_VALUE_KINDS = "biufO"  # bool, integers, floats, strings (onnx maps STRING to object)
+
+
+def parse_input_value(spec: str) -> tuple[str, list[str]]:
+    """Parse ``NAME=V`` or ``NAME=V1,V2,…``; the values stay text until the input's dtype is known."""
+    if not isinstance(spec, str):
+        raise UsageError(f"input values: expected NAME=V strings or a mapping, got {type(spec).__name__}")
+    name, sep, text = spec.rpartition("=")
+    name = name.strip()
+    items = [t.strip() for t in text.split(",")]
+    if not sep or not name or not all(items):
+        raise UsageError(f"--input-value {spec!r}: expected NAME=V or NAME=V1,V2,… (e.g. sr=16000)")
+    return name, items
+
+
+def normalize_input_values(values, input_names: Sequence[str]) -> dict[str, object]:
+    """``{name: value}`` from a mapping (values: numbers, lists, arrays) or ``NAME=V`` strings;
+    every name must be a graph input, and named once."""
+    if values is None:
+        return {}
+    if isinstance(values, str):
+        values = [values]
+    items = list(values.items()) if isinstance(values, Mapping) else [parse_input_value(s) for s in values]
+    result: dict[str, object] = {}
+    for name, value in items:
+        if name not in input_names:
+            raise UsageError(f"--input-value names {name!r}, which is not a graph input "
+                             f"(inputs: {', '.join(input_names) or 'none'})")
+        if name in result:
+            raise UsageError(f"--input-value gives {name!r} twice")
+        result[name] = value
+    return result
+
+
+def _spec(name: str, value) -> str:
+    if isinstance(value, str) or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        text = value if isinstance(value, str) else ",".join(value)
+    else:
+        flat = np.asarray(value).reshape(-1)
+        text = ",".join(str(v) for v in flat[:8].tolist()) + (",…" if flat.size > 8 else "")
+    return f"{name}={text if len(text) <= 60 else text[:57] + '…'}"
+
+
+def _type_name(elem_type: int) -> str:
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return str(elem_type)
+
+
+def cast_input_value(name: str, value, elem_type: int) -> np.ndarray:
+    """``value`` as a flat array of the input's ONNX dtype, or a UsageError saying why it does not fit.
+
+    Text items (from the command line) are parsed for the dtype: integers (``16000``, also ``1e3``),
+    floats, ``0``/``1``/``true``/``false`` for bool; numbers and arrays (Python API) must be
+    representable exactly (no fractional value into an integer input, nothing out of range).
+    """
+    label = _type_name(elem_type)
+    spec = _spec(name, value)
+    try:
+        np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:  # noqa: BLE001 - element types numpy cannot hold
+        np_dtype = None
+    if np_dtype is None or np_dtype.kind not in _VALUE_KINDS:
+        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; fixed values need a bool, integer, "
+                         "float or string input")
+    texts = None
+    if isinstance(value, str):
+        texts = [t.strip() for t in value.split(",")]  # as on the command line
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        texts = list(value)
+    elif isinstance(value, np.ndarray) and value.dtype.kind in "US":
+        texts = [str(v) for v in value.reshape(-1)]
+    if np_dtype.kind == "O":  # string input: the text (or the number's text) as it is
+        return np.array(texts if texts is not None else [str(v) for v in np.asarray(value).reshape(-1).tolist()],
+                        dtype=object)
+    if texts is not None:
+        arr = _parse_texts(name, spec, texts, np_dtype, label)
+    else:
+        try:
+            arr = np.asarray(value).reshape(-1)
+        except Exception:  # noqa: BLE001 - ragged lists and other shapes numpy refuses
+            arr = np.asarray([None])
+        if arr.dtype.kind not in "biuf":
+            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; give numbers")
+    if arr.size == 0:
+        raise UsageError(f"--input-value {spec}: no values")
+    if np_dtype.kind == "b":
+        if arr.dtype.kind != "b" and not np.all((arr == 0) | (arr == 1)):
+            raise UsageError(f"--input-value {spec}: input {name!r} is bool; give 0, 1, true or false")
+        return arr.astype(np.bool_)
+    if np_dtype.kind in "iu":
+        if arr.dtype.kind == "f":
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+            if bad.size:
+                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {bad[0]:g} is not an integer")
+        info = np.iinfo(np_dtype)
+        lo, hi = arr.min(), arr.max()
+        lo, hi = (int(lo), int(hi)) if arr.dtype.kind != "f" else (float(lo), float(hi))
+        if lo < info.min or hi > info.max:
+            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; "
+                             f"{lo if lo < info.min else hi} is out of its range [{info.min}, {info.max}]")
+        return arr.astype(np_dtype)
+    with np.errstate(over="ignore"):
+        out = arr.astype(np_dtype)
+    overflow = np.isinf(out) & np.isfinite(arr.astype(np.float64))
+    if overflow.any():
+        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {arr[overflow][0]:g} is out of its range")
+    return out
+
+
+def _parse_texts(name: str, spec: str, texts: Sequence[str], np_dtype: np.dtype, label: str) -> np.ndarray:
+    if np_dtype.kind == "b":
+        try:
+            return np.array([_BOOL_TEXT[t.strip().lower()] for t in texts], dtype=np.bool_)
+        except KeyError as exc:
+            raise UsageError(f"--input-value {spec}: input {name!r} is bool; give 0, 1, true or false "
+                             f"(got {exc.args[0]!r})") from None
+    if np_dtype.kind in "iu":
+        ints = []
+        for t in texts:
+            try:
+                ints.append(int(t))
+                continue
+            except ValueError:
+                pass
+            try:
+                f = float(t)
+            except ValueError:
+                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {t!r} is not a number") from None
+            if not np.isfinite(f) or f != int(f):
+                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {t!r} is not an integer")
+            ints.append(int(f))
+        info = np.iinfo(np_dtype)
+        bad = next((v for v in ints if not info.min <= v <= info.max), None)
+        if bad is not None:
+            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; "
+                             f"{bad} is out of its range [{info.min}, {info.max}]")
+        return np.array(ints, dtype=np_dtype)
+    try:
+        return np.array([float(t) for t in texts], dtype=np.float64)
+    except ValueError:
+        bad = next(t for t in texts if not _is_float(t))
+        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {bad!r} is not a number") from None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def shape_input_value(name: str, flat: np.ndarray, dims: Sequence[int], spec: str | None = None) -> np.ndarray:
+    """``flat`` at the input's shape: one value fills it, otherwise the counts must match."""
+    dims = [int(d) for d in dims]
+    count = int(np.prod(dims)) if dims else 1
+    if flat.size == 1:
+        return np.full(dims, flat.reshape(-1)[0], dtype=flat.dtype)
+    if flat.size == count:
+        return flat.reshape(dims)
+    shape = "x".join(map(str, dims)) if dims else "scalar"
+    raise UsageError(f"--input-value {spec or name}: input {name!r} has shape {shape} ({count} element(s)), "
+                     f"but {flat.size} values are given (one value fills every element)")
+
+
+def _elem_types(view: GraphView) -> dict[str, int]:
+    return {i.name: i.type.tensor_type.elem_type for i in view.main_inputs if i.type.HasField("tensor_type")}
+
+
+def cast_input_values(view: GraphView, values) -> dict[str, np.ndarray]:
+    """The user's values, names checked and cast to each input's dtype (flat; no shapes needed)."""
+    names = [i.name for i in view.main_inputs]
+    user = normalize_input_values(values, names)
+    types = _elem_types(view)
+    out = {}
+    for name, value in user.items():
+        if name not in types:
+            raise UsageError(f"--input-value {name}: input {name!r} is not a tensor")
+        out[name] = cast_input_value(name, value, types[name])
+    return out
+
+
+def resolve_input_values(view: GraphView, values, shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """The user's values as feeds: cast to each input's dtype and shaped to its resolved ``shapes``."""
+    user = normalize_input_values(values, [i.name for i in view.main_inputs])
+    cast = cast_input_values(view, user)
+    return {name: shape_input_value(name, flat, shapes[name], _spec(name, user[name])) for name, flat in cast.items()}
+
+
+def describe_input_values(values: Mapping[str, np.ndarray]) -> str:
+    """``sr=16000, ids=1,2,3`` (a constant array shows its one value)."""
+    parts = []
+    for name, value in values.items():
+        flat = np.asarray(value).reshape(-1)
+        if flat.size and np.all(flat == flat[0]):
+            flat = flat[:1]
+        parts.append(_spec(name, flat))
+    return ", ".join(parts)
+
+
+def check_values_agree(feeds: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray], source: str) -> None:
+    """Given inputs (an .npz, calibration data) win over ``--input-value``: a value given for an input
+    they hold must be what they hold (one value: every element; a list: every stacked copy)."""
+    for name, value in values.items():
+        if name not in feeds:
+            continue
+        feed, flat = np.asarray(feeds[name]), np.asarray(value).reshape(-1)
+        try:
+            same = bool(np.all(feed == flat[0])) if flat.size == 1 else (
+                feed.size % flat.size == 0 and bool(np.all(feed.reshape(-1, flat.size) == flat)))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise UsageError(f"{source} gives input {name!r} other values than --input-value {_spec(name, flat)}; "
+                             "the given inputs are used: drop --input-value or change the data")
+
+
 def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """The model with fixed input dims and large weights reduced to dims (cheap to copy and infer)."""
     copy = light_copy(model)
@@ -157,8 +386,10 @@ def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence
     return copy
 
 
-def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], input_dtypes: Mapping[str, int]) -> ShapeTable:
-    table = ShapeTable(input_shapes={k: list(v) for k, v in input_shapes.items()}, input_dtypes=dict(input_dtypes))
+def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], input_dtypes: Mapping[str, int],
+                 input_values: Mapping[str, np.ndarray] | None = None) -> ShapeTable:
+    table = ShapeTable(input_shapes={k: list(v) for k, v in input_shapes.items()}, input_dtypes=dict(input_dtypes),
+                       input_values=dict(input_values or {}))
     for name, dims in input_shapes.items():
         table.set(name, dims, "input", input_dtypes.get(name))
     model = view.model
@@ -194,8 +425,13 @@ def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], inp
     return table
 
 
-def random_inputs(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs by dtype: floats ~ N(0, 1), integers in [0, 10), booleans fair coins."""
+def random_inputs(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, int], seed: int = 0,
+                  values: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs by dtype: floats ~ N(0, 1), integers in [0, 10), booleans fair coins.
+
+    ``values`` (from :func:`resolve_input_values`) replace the random arrays of those inputs; the
+    others get the same random arrays as without them.
+    """
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, dims in shapes.items():
@@ -208,6 +444,8 @@ def random_inputs(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, int]
             feeds[name] = rng.integers(0, 10, size=dims).astype(np_dtype)
         else:
             feeds[name] = np.zeros(dims, dtype=np_dtype)
+    for name, value in (values or {}).items():
+        feeds[name] = value
     return feeds
 
 
@@ -232,7 +470,8 @@ def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ())
 
 
 def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):
-    """One quiet, unoptimized CPU run (node names kept) on seeded inputs at the resolved shapes.
+    """One quiet, unoptimized CPU run (node names kept) on seeded inputs at the resolved shapes
+    (the fixed ``table.input_values`` for those inputs).
 
     Returns the session and the requested outputs; raises whatever onnxruntime raises.
     """
@@ -247,7 +486,8 @@ def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None
     session = ort.InferenceSession(ort_session_bytes(view.model, outputs or ()), opts,
                                    providers=["CPUExecutionProvider"])
     accepted = {i.name for i in session.get_inputs()}
-    feeds = {k: v for k, v in random_inputs(table.input_shapes, table.input_dtypes).items() if k in accepted}
+    feeds = {k: v for k, v in random_inputs(table.input_shapes, table.input_dtypes, values=table.input_values).items()
+             if k in accepted}
     return session, session.run(outputs, feeds)
 
 
