@@ -306,16 +306,21 @@ def benchmark(
     threads: int | None = None,
     providers=None,
     input_shapes=None,
+    input_values=None,
     inputs=None,
     seed: int = 0,
     profile_runs: int = 20,
     spinning: str = "run",
     rewarm: int = 1,
 ) -> BenchReport:
-    """Latency of ``model_a`` (and ``model_b``, in interleaved rounds); see the module doc."""
+    """Latency of ``model_a`` (and ``model_b``, in interleaved rounds); see the module doc.
+
+    Feeds: ``inputs`` (an .npz path or a mapping), else seeded random arrays at ``input_shapes``
+    with the fixed ``input_values`` for those inputs (as :func:`sepify.verify.verify`).  The MAC
+    counts come from audits whose onnxruntime shape fallback runs on the same feeds."""
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
     lb = None if model_b is None else (model_b if isinstance(model_b, LoadedModel) else load_model(model_b))
-    feeds, _ = model_inputs(la, inputs, input_shapes, seed)
+    feeds, _ = model_inputs(la, inputs, input_shapes, seed, input_values)
     sa = bench_session(la.model, providers=providers, threads=threads, spinning=spinning)
     sb = bench_session(lb.model, providers=providers, threads=threads, spinning=spinning) if lb else None
     rounds = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup, rewarm)
@@ -324,7 +329,7 @@ def benchmark(
     report = BenchReport(la.label, Latency.of(list(ta)), threads=threads, rounds=runs, rounds_used=len(idx),
                          contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm, times_a=ta)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
-    report.macs_a = audit(la, shapes, spectra=False).totals.total_macs
+    report.macs_a = audit(la, shapes, input_values=feeds, spectra=False).totals.total_macs
     if lb is None:
         return report
     tb = rounds.of(1, idx)
@@ -334,7 +339,7 @@ def benchmark(
     ratios = ta / tb
     report.speedup = float(np.median(ratios))
     report.speedup_p10, report.speedup_p90 = float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
-    report.macs_b = audit(lb, shapes, spectra=False).totals.total_macs
+    report.macs_b = audit(lb, shapes, input_values=feeds, spectra=False).totals.total_macs
     if profile_runs:
         report.nodes = _rewritten_node_times(la, lb, feeds, profile_runs, providers, threads)
     return report

@@ -141,7 +141,7 @@ def _split_samples(name: str, arrays: list[np.ndarray], declared: list[int | Non
 
 def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, *, samples: int | None = None,
                      seed: int = 0, value_range: tuple[float, float] | None = None,
-                     batch: int = DEFAULT_BATCH) -> CalibrationSet:
+                     batch: int = DEFAULT_BATCH, input_values=None) -> CalibrationSet:
     """Calibration batches for ``model``.
 
     ``data``: ``"random"`` (``samples`` seeded inputs: floats N(0, 1) as ``sepify verify`` draws them, or
@@ -151,8 +151,11 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
     Each array's first axis is the sample axis: ``[S, *input dims]``, or samples stacked on the
     batch axis (``[S·b, …]`` for a fixed batch ``b``).  A model whose batch dim is fixed gets
     samples of that batch one run at a time; a symbolic batch takes up to ``batch`` samples a run.
+    ``input_values`` (see :func:`sepify.audit`) fix those inputs of random samples; given data wins
+    and must agree with them.
     """
-    from .shapes import normalize_input_shapes, resolve_input_shapes
+    from .shapes import cast_input_values, check_values_agree, normalize_input_shapes, resolve_input_shapes
+    from .shapes import resolve_input_values
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     view = GraphView(loaded.model)
@@ -163,6 +166,7 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
     if isinstance(data, str) and data.startswith("random"):
         n = samples or DEFAULT_SAMPLES
         shapes, _ = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
+        fixed = resolve_input_values(view, input_values, shapes)
         rng = np.random.default_rng(seed)
         per_input: dict[str, list[np.ndarray]] = {}
         for name in names:
@@ -175,9 +179,9 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
                 arr = rng.integers(0, 2, size=(n, *shapes[name])).astype(dt)
             else:
                 arr = rng.integers(0, 10, size=(n, *shapes[name])).astype(dt)
-            per_input[name] = list(arr)
+            per_input[name] = list(arr) if name not in fixed else [fixed[name].copy() for _ in range(n)]
         dist = "N(0, 1)" if value_range is None else f"uniform {value_range[0]:g}..{value_range[1]:g}"
-        source = f"random ({n} samples, seed {seed}, {dist})"
+        source = f"random ({n} samples, seed {seed}, {dist}" + (f"; {', '.join(fixed)} fixed" if fixed else "") + ")"
     else:
         if isinstance(data, Mapping):
             raw = {k: [np.asarray(v)] for k, v in data.items()}
@@ -192,6 +196,10 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
         if missing:
             raise UsageError(f"{source}: no calibration array for input(s) {', '.join(missing)} "
                              f"(has {', '.join(raw) or 'none'})")
+        fixed = cast_input_values(view, input_values)
+        for name in fixed:
+            for a in raw.get(name, []):
+                check_values_agree({name: a}, fixed, source)
         per_input = {n: _split_samples(n, raw[n], declared[n]) for n in names}
         for n, arrays in per_input.items():
             odd = next((a.shape for a in arrays if a.shape != arrays[0].shape), None)
@@ -1433,7 +1441,8 @@ class Calibrator:
     def __init__(self, model: ModelSource | LoadedModel, policy=None, data: Any = "random", input_shapes=None, *,
                  allocation: str = "sensitivity", samples: int | None = None, rows: int = DEFAULT_ROWS,
                  seed: int = 0, value_range: tuple[float, float] | None = None, batch: int = DEFAULT_BATCH,
-                 fold_bn: bool = True, drift_metric: str = "channel", progress: bool = False):
+                 fold_bn: bool = True, drift_metric: str = "channel", progress: bool = False,
+                 input_values=None):
         from .plan import Policy, plan as make_plan
 
         if allocation not in ("sensitivity", "plan"):
@@ -1450,10 +1459,12 @@ class Calibrator:
         self.progress = progress
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.calib = data if isinstance(data, CalibrationSet) else load_calibration(
-            data, self.loaded, input_shapes, samples=samples, seed=seed, value_range=value_range, batch=batch)
+            data, self.loaded, input_shapes, samples=samples, seed=seed, value_range=value_range, batch=batch,
+            input_values=input_values)
         self.shapes = _input_shapes_of(self.loaded.model, self.calib, input_shapes)
+        self.input_values = input_values  # for the plans' shape fallback (and benchmarks) at self.shapes
         self.folded_model, self.folded = fold_batchnorms(self.loaded.model) if fold_bn else (self.loaded.model, [])
-        self.base = make_plan(self.folded_model, self.policy, self.shapes)
+        self.base = make_plan(self.folded_model, self.policy, self.shapes, input_values=input_values)
         if allocation == "sensitivity":
             self.layers = _layers_from_plan(self.base)
         else:
@@ -1499,7 +1510,8 @@ class Calibrator:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
         from .plan import plan as make_plan
 
-        p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes)
+        p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes,
+                      input_values=self.input_values)
         return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in p.rewrites}
 
     def solve(self, choices: Mapping[str, tuple[str, int]]):
@@ -1554,7 +1566,7 @@ class Calibrator:
         final_model = substitute(final_src, dense)
         final = make_plan(final_model, Policy(mode="lossless", scheme=policy.scheme, include=policy.include,
                                               exclude=policy.exclude, min_macs=policy.min_macs, chain=policy.chain),
-                          self.shapes)
+                          self.shapes, input_values=self.input_values)
         planned = {n.qualified_name: n for n in self.base.nodes}
         for node in final.nodes:
             res = results.get(node.qualified_name)
@@ -1614,7 +1626,7 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
               max_drift: float | None = None, samples: int | None = None, rows: int = DEFAULT_ROWS, seed: int = 0,
               value_range: tuple[float, float] | None = None, batch: int = DEFAULT_BATCH,
               allocation: str = "auto", fold_bn: bool = True, drift_metric: str = "channel",
-              progress: bool = False, measure: bool = True) -> CalibrationResult:
+              progress: bool = False, measure: bool = True, input_values=None) -> CalibrationResult:
     """Plan and calibrate the factors of ``model`` on sample inputs (see the module docstring).
 
     ``allocation``: ``"sensitivity"`` chooses scheme and rank per layer from drift measured on the
@@ -1623,6 +1635,8 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
     sensitivity for ``--budget`` / ``max_drift``, the plan otherwise.  ``max_drift`` bounds the
     drift measured on the calibration samples: when the first allocation overshoots, the bound is
     tightened and the layers calibrated again (at most 3 tries; the report notes a miss).
+    ``input_values`` (see :func:`sepify.audit`) fix those inputs in random data and in the plans'
+    shape fallback; calibration data that holds them must agree.
     """
     from .plan import Policy
 
@@ -1636,7 +1650,7 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
     t0 = time.perf_counter()
     cal = Calibrator(model, policy, data, input_shapes, allocation=allocation, samples=samples, rows=rows, seed=seed,
                      value_range=value_range, batch=batch, fold_bn=fold_bn, drift_metric=drift_metric,
-                     progress=progress)
+                     progress=progress, input_values=input_values)
     cal.profile()
     budget = policy.budget if policy.mode == "budget" else None
     notes: list[str] = []

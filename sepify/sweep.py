@@ -90,20 +90,23 @@ def parse_budgets(text: str | None) -> list[float]:
 def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGETS, input_shapes=None, *,
           policy=None, eval_data: Any = None, weight_only: bool = True, latency: bool = False,
           latency_runs: int = 30, samples: int | None = None, rows: int | None = None, seed: int = 0,
-          drift_metric: str = "channel", progress: bool = False, calibrator: Calibrator | None = None) -> SweepReport:
-    """Calibrated (and weight-only) conv MACs vs drift at each budget; see the module docstring."""
+          drift_metric: str = "channel", progress: bool = False, calibrator: Calibrator | None = None,
+          input_values=None) -> SweepReport:
+    """Calibrated (and weight-only) conv MACs vs drift at each budget; see the module docstring.
+    ``input_values``: as for :func:`sepify.calibrate.calibrate` (a given ``calibrator`` holds its own)."""
     from .calibrate import DEFAULT_ROWS
     from .plan import Policy
 
     policy = policy or Policy()
     cal = calibrator or Calibrator(model, policy, data, input_shapes, allocation="sensitivity", samples=samples,
-                                   rows=rows or DEFAULT_ROWS, seed=seed, drift_metric=drift_metric, progress=progress)
+                                   rows=rows or DEFAULT_ROWS, seed=seed, drift_metric=drift_metric, progress=progress,
+                                   input_values=input_values)
     if not cal.profiles:
         cal.profile()
     evaluation: CalibrationSet = cal.calib
     if eval_data is not None:
         evaluation = eval_data if isinstance(eval_data, CalibrationSet) else load_calibration(
-            eval_data, cal.loaded, cal.shapes, seed=seed + 1)
+            eval_data, cal.loaded, cal.shapes, seed=seed + 1, input_values=cal.input_values)
     total = cal.conv_macs
     points = []
     for budget in budgets:
@@ -147,7 +150,8 @@ def _latency(cal: Calibrator, results, solved, runs: int) -> dict[str, Any]:
 
     final_model, final_plan, _ = cal.finish(results, solved)
     rewritten, _ = rewrite(final_plan)
-    rep = benchmark(cal.loaded.model, rewritten, runs=runs, warmup=3, input_shapes=cal.shapes, profile_runs=0)
+    rep = benchmark(cal.loaded.model, rewritten, runs=runs, warmup=3, input_shapes=cal.shapes,
+                    input_values=cal.input_values, profile_runs=0)
     return {"runs": runs, "original_ms": rep.latency_a.median_ms,
             "rewritten_ms": rep.latency_b.median_ms if rep.latency_b else None, "speedup": rep.speedup}
 

@@ -20,7 +20,8 @@ import onnx
 from .errors import ModelLoadError, UsageError
 from .graph import GraphView
 from .load import LoadedModel, ModelSource, load_model
-from .shapes import normalize_input_shapes, ort_session_bytes, random_inputs, resolve_input_shapes
+from .shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
+                     ort_session_bytes, random_inputs, resolve_input_shapes, resolve_input_values)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -157,15 +158,26 @@ def load_inputs(path: str | Path, input_names: Sequence[str]) -> dict[str, np.nd
     return {n: feeds[n] for n in input_names}
 
 
-def model_inputs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+def model_inputs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int = 0,
+                 input_values=None) -> tuple[dict[str, np.ndarray], str]:
+    """The feeds and how they were made: ``inputs`` (an .npz path or a mapping) as given, else seeded
+    random arrays at the resolved ``input_shapes`` with the fixed ``input_values`` for those inputs.
+
+    Given inputs win: an ``input_values`` entry for an input they hold must agree with it (else a
+    UsageError), so a value is never silently dropped."""
     view = GraphView(loaded.model)
     names = [i.name for i in view.main_inputs]
-    if isinstance(inputs, (str, Path)):
-        return load_inputs(inputs, names), str(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: np.asarray(v) for k, v in inputs.items()}, "given"
+    if isinstance(inputs, (str, Path, Mapping)):
+        if isinstance(inputs, Mapping):
+            feeds, source = {k: np.asarray(v) for k, v in inputs.items()}, "given"
+        else:
+            feeds, source = load_inputs(inputs, names), str(inputs)
+        check_values_agree(feeds, cast_input_values(view, input_values), source)
+        return feeds, source
     shapes, dtypes = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
-    return random_inputs(shapes, dtypes, seed), f"random (seed {seed})"
+    values = resolve_input_values(view, input_values, shapes)
+    source = f"random (seed {seed})" + (f", fixed {describe_input_values(values)}" if values else "")
+    return random_inputs(shapes, dtypes, seed, values), source
 
 
 def rewritten_tensors(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
@@ -184,6 +196,7 @@ def verify(
     inputs: Mapping[str, np.ndarray] | str | Path | None = None,
     input_shapes=None,
     *,
+    input_values=None,
     seed: int = 0,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
@@ -191,10 +204,13 @@ def verify(
     providers=None,
 ) -> DriftReport:
     """Run both models on the same inputs and compare every graph output (and, with
-    ``per_layer``, the output of every rewritten node, which keeps its name in both)."""
+    ``per_layer``, the output of every rewritten node, which keeps its name in both).
+
+    Without ``inputs`` both run on seeded random inputs, except that inputs named in
+    ``input_values`` (see :func:`sepify.audit`) get those values."""
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
     lb = model_b if isinstance(model_b, LoadedModel) else load_model(model_b)
-    feeds, source = model_inputs(la, inputs, input_shapes, seed)
+    feeds, source = model_inputs(la, inputs, input_shapes, seed, input_values)
     names_a = [o.name for o in la.model.graph.output]
     names_b = {o.name for o in lb.model.graph.output}
     missing = [n for n in names_a if n not in names_b]
