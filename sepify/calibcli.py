@@ -93,7 +93,7 @@ def run_calibrated_rewrite(args) -> int:
     loaded = load_model(args.model)
     lowering = getattr(args, "lowering", None)
     model, report, cal = calibrated_rewrite(loaded, policy, args.calibrate, args.input_shape or None,
-                                            max_drift=args.max_drift, lowering=lowering,
+                                            input_values=args.input_value or None, max_drift=args.max_drift, lowering=lowering,
                                             allocation=args.allocation, **calibration_kwargs(args))
     if not args.dry_run:
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
@@ -117,17 +117,19 @@ def run_calibrated_rewrite(args) -> int:
     if args.verify and not args.dry_run:
         from .verify import verify
 
-        drift = verify(args.model, args.output, input_shapes=args.input_shape or None, atol=args.atol, rtol=args.rtol,
-                       per_layer=bool(args.html))
+        drift = verify(args.model, args.output, input_shapes=args.input_shape or None,
+                       input_values=args.input_value or None, atol=args.atol, rtol=args.rtol, per_layer=bool(args.html))
         sys.stdout.write(render_drift(drift))
         status = EXIT_OK if drift.passed else EXIT_DRIFT
     if args.bench and not args.dry_run:
         from .bench import benchmark
         from .report import render_bench
 
-        sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None)))
+        sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
+                                                input_values=args.input_value or None)))
     if args.html:
-        write_report(args.html, loaded, args.input_shape or None, rewrite=report, calibration=cal, drift=drift)
+        write_report(args.html, loaded, args.input_shape or None, rewrite=report, calibration=cal, drift=drift,
+                     input_values=args.input_value or None)
     return status
 
 
@@ -145,7 +147,7 @@ def _g(v) -> str:
     return "?" if v is None else f"{v:.3g}"
 
 
-def write_report(path, loaded, input_shapes=None, **parts) -> None:
+def write_report(path, loaded, input_shapes=None, *, input_values=None, **parts) -> None:
     """Audit the model and write the HTML page with whatever ``parts`` were computed."""
     from .audit import audit
     from .htmlreport import render_html
@@ -157,7 +159,7 @@ def write_report(path, loaded, input_shapes=None, **parts) -> None:
             shapes = parts[part].input_shapes  # the shapes the calibration data ran at
     notes = []
     try:
-        report = audit(loaded, shapes)
+        report = audit(loaded, shapes, input_values=input_values)
     except SepifyError as exc:  # the page is still useful without the audit table
         report = None
         notes.append(f"no audit table: {str(exc).strip().splitlines()[0]}")
@@ -167,7 +169,7 @@ def write_report(path, loaded, input_shapes=None, **parts) -> None:
 
 def write_rewrite_html(args, loaded, report) -> None:
     """``sepify rewrite … --html FILE`` without calibration."""
-    write_report(args.html, loaded, args.input_shape or None, rewrite=report)
+    write_report(args.html, loaded, args.input_shape or None, rewrite=report, input_values=args.input_value or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def _sweep(args, loaded):
         raise UsageError("--sweep measures drift on data: add --calibrate DATA (or --calibrate random)")
     kw = calibration_kwargs(args)
     return sweep(loaded, args.calibrate, parse_budgets(args.budgets), args.input_shape or None, policy=_policy(args),
-                 eval_data=args.eval, weight_only=not args.no_weight_only, latency=args.latency,
+                 input_values=args.input_value or None, eval_data=args.eval, weight_only=not args.no_weight_only, latency=args.latency,
                  samples=kw["samples"], rows=kw.get("rows"), seed=kw["seed"], drift_metric=kw["drift_metric"],
                  progress=kw["progress"])
 
@@ -227,10 +229,10 @@ def _in_memory(args, loaded):
         from .calibrate import calibrated_rewrite
 
         return calibrated_rewrite(loaded, _policy(args), args.calibrate, args.input_shape or None,
-                                  max_drift=args.max_drift, allocation=args.allocation, **calibration_kwargs(args))
+                                  input_values=args.input_value or None, max_drift=args.max_drift, allocation=args.allocation, **calibration_kwargs(args))
     from .rewrite import rewrite
 
-    model, report = rewrite(loaded, _policy(args), args.input_shape or None)
+    model, report = rewrite(loaded, _policy(args), args.input_shape or None, input_values=args.input_value or None)
     return model, report, None
 
 
@@ -260,7 +262,8 @@ def cmd_plan(args) -> int:
 
             plot_sweep(result, args.plot)
         if args.html:
-            write_report(args.html, loaded, args.input_shape or None, sweep=result)
+            write_report(args.html, loaded, args.input_shape or None, sweep=result,
+                         input_values=args.input_value or None)
     else:
         if args.plot:
             raise UsageError("--plot draws the --sweep curve; add --sweep")
@@ -273,7 +276,8 @@ def cmd_plan(args) -> int:
         else:
             text = render_rewrite(report, None) + (render_calibration(cal) if cal is not None else "")
         if args.html:
-            write_report(args.html, loaded, args.input_shape or None, rewrite=report, calibration=cal)
+            write_report(args.html, loaded, args.input_shape or None, rewrite=report, calibration=cal,
+                         input_values=args.input_value or None)
     if args.output:
         write_text_atomic(args.output, text)
     else:
@@ -294,11 +298,12 @@ def cmd_report(args) -> int:
     if args.verify and report.changed:
         data = args.eval or (args.calibrate if args.calibrate and args.calibrate != "random" else None)
         inputs = _verify_inputs(data, loaded) if data else None
-        parts["drift"] = verify(loaded, model, inputs, args.input_shape or None, per_layer=True)
+        parts["drift"] = verify(loaded, model, inputs, args.input_shape or None, input_values=args.input_value or None,
+                                per_layer=True)
         if data:
             n = next(iter(inputs.values())).shape[0]
             parts["drift"].input_source = f"{data} ({n} sample(s) in one batch)"
-    write_report(args.output, loaded, args.input_shape or None, **parts)
+    write_report(args.output, loaded, args.input_shape or None, input_values=args.input_value or None, **parts)
     sys.stdout.write(f"report written to {args.output}\n")
     return EXIT_OK
 

@@ -28,6 +28,10 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
                    help="concrete dims for an input, e.g. images=1x3x640x640 (repeatable); "
                         "symbolic leading dims default to 1")
+    p.add_argument("--input-value", action="append", default=[], metavar="NAME=V",
+                   help="feed this input a fixed value instead of a random one wherever the model is run "
+                        "(shape fallback, verify, bench, random calibration data), e.g. sr=16000; a list "
+                        "V1,V2,… gives every element (repeatable). For models that branch on an input's value")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +120,9 @@ def cmd_verify(args) -> int:
     from .report import render_drift
     from .verify import verify
 
-    report = verify(args.original, args.rewritten, args.inputs, args.input_shape or None, seed=args.seed,
-                    atol=args.atol, rtol=args.rtol, per_layer=args.per_layer)
+    report = verify(args.original, args.rewritten, args.inputs, args.input_shape or None,
+                    input_values=args.input_value or None, seed=args.seed, atol=args.atol, rtol=args.rtol,
+                    per_layer=args.per_layer)
     sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_drift(report))
     return EXIT_OK if report.passed else EXIT_DRIFT
 
@@ -130,6 +135,7 @@ def cmd_bench(args) -> int:
         raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
     report = benchmark(args.model, args.other, runs=args.runs, warmup=args.warmup, threads=args.threads,
                        providers=args.providers, input_shapes=args.input_shape or None,
+                       input_values=args.input_value or None,
                        profile_runs=0 if args.no_profile else 20, spinning=args.spinning, rewarm=0 if args.cold else 1)
     sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_bench(report))
     return EXIT_OK
@@ -173,8 +179,9 @@ def cmd_rewrite(args) -> int:
         return run_calibrated_rewrite(args)
     try:
         loaded = load_model(args.model)
-        model, report = rewrite(loaded, policy, args.input_shape or None, lowering=args.lowering,
-                                only_faster=args.only_faster, threads=args.threads, latency_runs=args.latency_runs)
+        model, report = rewrite(loaded, policy, args.input_shape or None, input_values=args.input_value or None,
+                                lowering=args.lowering, only_faster=args.only_faster, threads=args.threads,
+                                latency_runs=args.latency_runs)
     except SepifyError as exc:
         named = naming_file(exc, args.model)
         if named is exc:
@@ -197,14 +204,15 @@ def cmd_rewrite(args) -> int:
         if args.verify:
             from .verify import verify
 
-            drift = verify(args.model, args.output, input_shapes=args.input_shape or None, atol=args.atol, rtol=args.rtol)
+            drift = verify(args.model, args.output, input_shapes=args.input_shape or None,
+                           input_values=args.input_value or None, atol=args.atol, rtol=args.rtol)
             sys.stdout.write(render_drift(drift))
             status = EXIT_OK if drift.passed else EXIT_DRIFT
         if args.bench:
             from .bench import benchmark
 
             sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
-                                                    threads=args.threads)))
+                                                    input_values=args.input_value or None, threads=args.threads)))
     if args.html:
         write_rewrite_html(args, loaded, report)
     return status
@@ -234,7 +242,8 @@ def cmd_audit(args) -> int:
     failed = 0
     for path in _expand_models(args.models):
         try:
-            reports.append(audit(path, args.input_shape or None, spectra=not args.no_spectra))
+            reports.append(audit(path, args.input_shape or None, input_values=args.input_value or None,
+                                 spectra=not args.no_spectra))
         except SepifyError as exc:
             failed += 1
             if args.debug:

@@ -238,7 +238,7 @@ def reference_macs(entry: dict):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("entry", IDS, indirect=True)
 def test_audit_macs_match_onnxruntime_shapes(entry):
-    report = sepify.audit(entry["path"], entry["inputs"])
+    report = sepify.audit(entry["path"], entry["inputs"], input_values=entry.get("input_values"))
     ref, unobserved, taken = reference_macs(entry)
 
     all_convs = [q for q, n, _ in _walk(onnx.load(entry["path"], load_external_data=False).graph) if _is_conv(n)]
@@ -297,12 +297,14 @@ def _cli_shape_args(entry: dict) -> list[str]:
     for name, dims in entry["inputs"].items():
         if dims:  # scalars are declared with rank 0 in these models; NAME= cannot spell them
             args += ["--input-shape", f"{name}=" + "x".join(str(d) for d in dims)]
+    for name, value in entry.get("input_values", {}).items():
+        args += ["--input-value", f"{name}={value}"]
     return args
 
 
 @pytest.mark.parametrize("entry", IDS, indirect=True)
 def test_cli_json_matches_api(entry):
-    report = sepify.audit(entry["path"], entry["inputs"], spectra=False)
+    report = sepify.audit(entry["path"], entry["inputs"], input_values=entry.get("input_values"), spectra=False)
     exe = shutil.which("sepify")
     cmd = [*([exe] if exe else [sys.executable, "-m", "sepify.cli"]),
            "audit", entry["path"], "--format", "json", *_cli_shape_args(entry)]
@@ -314,3 +316,35 @@ def test_cli_json_matches_api(entry):
     assert len(nodes) == len(report.nodes)
     assert sum(n["macs"] or 0 for n in nodes) == report.totals.conv_macs
     assert data["totals"]["conv_macs"] == report.totals.conv_macs
+
+
+SILERO = [e["id"] for e in fetcher.MANIFEST if e["id"].startswith("silero_vad")]
+WINDOW = {16000: 512, 8000: 256}  # samples per call silero VAD takes at each rate
+
+
+@pytest.mark.parametrize("sr", [16000, 8000])
+@pytest.mark.parametrize("entry", SILERO, indirect=True)
+def test_input_value_sizes_the_branch_it_takes(entry, sr):
+    """silero VAD's convs sit in an If on the int64 input ``sr``. With ``input_values={"sr": sr}`` every
+    conv onnxruntime executes for that rate is sized, equal to the MACs of the executed shapes; the
+    other rate's convs are not executed and stay unknown, with a warning."""
+    entry = dict(entry, inputs=dict(entry["inputs"], input=[1, WINDOW[sr]]), input_values={"sr": sr})
+    report = sepify.audit(entry["path"], entry["inputs"], input_values=entry["input_values"], spectra=False)
+    ref, unobserved, taken = reference_macs(entry)
+    assert taken, "the convs are expected inside an If"
+    got = {n.qualified_name: n for n in report.nodes}
+    executed = [r for r in ref if not r["forced"]]
+    assert executed and any(got[r["name"]].scope for r in executed)
+    wrong = [f"{r['name']}: sepify {got[r['name']].macs} (in {got[r['name']].input_shape} "
+             f"out {got[r['name']].output_shape}) != ort {r['macs']} (in {r['x']} out {r['y']})"
+             for r in executed if (got[r["name"]].macs, got[r["name"]].input_shape, got[r["name"]].output_shape)
+             != (r["macs"], r["x"], r["y"])]
+    assert not wrong, "\n".join(wrong)
+    not_run = [q for q in got if q not in {r["name"] for r in executed}]
+    assert not_run, "the other rate's branch holds convs too"
+    for q in not_run:
+        assert got[q].macs is None and any(w.startswith(q + ":") for w in report.warnings), q
+    assert report.totals.conv_macs == sum(r["macs"] for r in executed)
+    assert report.totals.unknown_cost_nodes == len(not_run)
+    print(f"\n{entry['id']} sr={sr}: {len(executed)} convs sized ({report.totals.conv_macs:,} MACs), "
+          f"{len(not_run)} in the branch not taken left unknown")
