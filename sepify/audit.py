@@ -334,7 +334,9 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
 
 def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separability:
     tol = exact_tolerance(dtype)
-    schemes = {s: analyze_scheme(w, geo, s, tol) for s in SCHEMES}
+    # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
+    w64 = np.asarray(w, dtype=np.float64)
+    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol) for s in SCHEMES}
     return Separability(
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,

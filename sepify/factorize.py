@@ -183,7 +183,12 @@ def _certified_positive(sub: np.ndarray, shift: float) -> bool:
     return True
 
 
-def certify_tail(mats: np.ndarray, rank: int, error: float) -> bool:
+def energy(mats: np.ndarray) -> float:
+    """``Σ mᵢⱼ²`` over the batch, accumulated in float64 (no float64 copy of the matrices)."""
+    return float(np.einsum("bij,bij->", mats, mats, dtype=np.float64))
+
+
+def certify_tail(mats: np.ndarray, rank: int, error: float, total: float | None = None) -> bool:
     r"""True when *provably* no rank-``rank`` truncation of ``mats`` has a relative error ≤ ``error``.
 
     Courant–Fischer (interlacing): for any ``rank + 1`` columns ``M_S`` of a matrix ``M``, and any
@@ -200,7 +205,8 @@ def certify_tail(mats: np.ndarray, rank: int, error: float) -> bool:
     rows, short = m.shape[1], m.shape[2]
     if rank + 1 > short:
         return False
-    total = float(np.einsum("bij,bij->", m, m, dtype=np.float64))
+    if total is None:
+        total = energy(m)
     if total == 0.0:
         return False
     cols = np.linspace(0, short - 1, rank + 1).round().astype(int)
@@ -208,7 +214,7 @@ def certify_tail(mats: np.ndarray, rank: int, error: float) -> bool:
     few = min(rows, rank + 1 + max(32, (rank + 1) // 4))
     attempts = [np.linspace(0, rows - 1, few).round().astype(int)] if few < rows else []
     for picked in [*attempts, None]:
-        sub = m[:, :, cols] if picked is None else m[:, picked][:, :, cols]
+        sub = m[:, :, cols] if picked is None else m[:, picked[:, None], cols]
         if _certified_positive(np.ascontiguousarray(sub, dtype=np.float64), t):
             return True
     return False
@@ -223,11 +229,12 @@ def spectrum(mats: np.ndarray, useful_rank: int, bound: float) -> Spectrum:
     the report.  Otherwise (a weight that may well be low rank) the full spectrum is computed.
     """
     short = min(mats.shape[1], mats.shape[2])
-    if short <= FULL_SPECTRUM_LIMIT or useful_rank < 1 or not certify_tail(mats, min(useful_rank, short - 1), bound):
+    if short <= FULL_SPECTRUM_LIMIT or useful_rank < 1:
         return Spectrum(relative_errors(singular_values(mats)))
-    m = np.asarray(mats, dtype=np.float64)
-    total = float(np.einsum("bij,bij->", m, m))
-    lead = leading_singular_values(m, min(LEADING_TERMS, short))
+    total = energy(mats)
+    if not certify_tail(mats, min(useful_rank, short - 1), bound, total):
+        return Spectrum(relative_errors(singular_values(mats)))
+    lead = leading_singular_values(mats, min(LEADING_TERMS, short))
     captured = np.concatenate([[0.0], np.cumsum((lead ** 2).sum(axis=0))])
     errors = np.sqrt(np.clip(1.0 - captured / total, 0.0, None))
     return Spectrum(errors, complete=False, exact_above=min(useful_rank, short - 1), certified_error=bound)
