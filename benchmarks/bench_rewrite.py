@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,49 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, window_s: float = 
 
 
 # ----------------------------------------------------------------------------------------------
+# Where the host put our two vCPUs (benchmarks/handoff_latency.c)
+# ----------------------------------------------------------------------------------------------
+FAR_HANDOFF_NS = 250.0  # round trips above this: the two CPUs share no cache (seen: ~100 vs ~420 ns)
+
+
+class HandoffProbe:
+    """Median cache-line round trip between the first two CPUs, from ``handoff_latency.c`` compiled
+    once with the system C compiler; ``sample()`` returns None when there is no compiler or one CPU."""
+
+    def __init__(self, enabled: bool = True):
+        self.exe = None
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if not enabled or cc is None or (os.cpu_count() or 1) < 2:
+            return
+        self._dir = tempfile.TemporaryDirectory(prefix="sepify-handoff-")
+        exe = Path(self._dir.name) / "handoff_latency"
+        src = Path(__file__).with_name("handoff_latency.c")
+        built = subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(src)], capture_output=True, text=True)
+        if built.returncode == 0:
+            self.exe = str(exe)
+        else:
+            print(f"# handoff probe not built: {built.stderr.strip()[:200]}", file=sys.stderr)
+
+    def sample(self) -> float | None:
+        if self.exe is None:
+            return None
+        try:
+            out = subprocess.run([self.exe, "2000", "20"], capture_output=True, text=True, timeout=30).stdout.split()
+            return float(out[0])
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+            return None
+
+
+def placement(before: float | None, after: float | None) -> str | None:
+    """"near" when both probes around a pass found a fast hand-off, "far" when both found a slow
+    one, "mixed" when the host moved a vCPU during the pass, None without a probe."""
+    if before is None or after is None:
+        return None
+    far = [v > FAR_HANDOFF_NS for v in (before, after)]
+    return "far" if all(far) else "near" if not any(far) else "mixed"
+
+
+# ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
 def _contention(b) -> float:
@@ -250,12 +294,15 @@ def measure(cfg: dict, args):
     best = None
     for _ in range(max(args.tries, 1)):
         quiet = wait_for_quiet(args.quiet_wait, args.max_load) if args.quiet_wait > 0 else None
+        handoff_before = args.probe.sample()
         foreign = ForeignLoad()
         b = benchmark(cfg["original"], cfg["rewritten"], runs=args.runs, warmup=args.warmup, threads=cfg["threads"],
                       profile_runs=0, spinning=args.spinning, rewarm=0 if args.cold else 1)
+        load = foreign.cores()
+        handoff = (handoff_before, args.probe.sample())
         score = (_clean(b), -_contention(b))
         if best is None or score > best[0]:
-            best = (score, b, quiet, foreign.cores())
+            best = (score, b, quiet, load, handoff)
         if _clean(b):
             break
     return best[1:]
@@ -263,22 +310,31 @@ def measure(cfg: dict, args):
 
 def aggregate(cfg: dict, passes: list) -> dict:
     """One row from every pass: medians and per-round ratios pooled over the rounds used."""
-    ta = np.concatenate([b.times_a for b, _, _ in passes])
-    tb = np.concatenate([b.times_b for b, _, _ in passes])
-    ratios = np.concatenate([b.times_a / b.times_b for b, _, _ in passes])
+    ta = np.concatenate([b.times_a for b, *_ in passes])
+    tb = np.concatenate([b.times_b for b, *_ in passes])
+    ratios = np.concatenate([b.times_a / b.times_b for b, *_ in passes])
     b0 = passes[0][0]
+    by_placement = {}
+    for where in ("near", "far"):
+        chosen = [b for b, _, _, h in passes if placement(*h) == where]
+        if chosen:
+            eff = float(np.median(np.concatenate([b.times_a / b.times_b for b in chosen]))) / b0.mac_reduction
+            by_placement[where] = {"passes": len(chosen), "efficiency": eff}
     speedup = float(np.median(ratios))
     row = {k: v for k, v in cfg.items() if k not in ("original", "rewritten")}
     row.update({
-        "passes": len(passes), "runs": sum(b.rounds for b, _, _ in passes), "rounds_used": len(ta),
+        "passes": len(passes), "runs": sum(b.rounds for b, *_ in passes), "rounds_used": len(ta),
         "macs_a": b0.macs_a, "macs_b": b0.macs_b, "mac_reduction": b0.mac_reduction,
         "median_a_ms": float(np.median(ta) * 1e3), "median_b_ms": float(np.median(tb) * 1e3),
         "speedup": speedup, "speedup_p10": float(np.percentile(ratios, 10)),
         "speedup_p90": float(np.percentile(ratios, 90)), "efficiency": speedup / b0.mac_reduction,
-        "speedup_per_pass": [b.speedup for b, _, _ in passes],
-        "foreign_cores": max((f for _, _, f in passes if f is not None), default=None),
-        "contention": max(_contention(b) for b, _, _ in passes),
-        "clean": all(_clean(b) for b, _, _ in passes),
+        "speedup_per_pass": [b.speedup for b, *_ in passes],
+        "handoff_ns_per_pass": [list(h) for *_, h in passes],
+        "placement_per_pass": [placement(*h) for *_, h in passes],
+        "by_placement": by_placement,
+        "foreign_cores": max((f for _, _, f, _ in passes if f is not None), default=None),
+        "contention": max(_contention(b) for b, *_ in passes),
+        "clean": all(_clean(b) for b, *_ in passes),
     })
     return row
 
@@ -325,6 +381,16 @@ def _cores(v) -> str:
     return "?" if v is None else f"{v:.1f}"
 
 
+def _handoff(h) -> str:
+    return "?" if h is None or None in h else f"{h[0]:.0f}/{h[1]:.0f} ns"
+
+
+def _by_placement(row) -> str:
+    parts = [f"{row['by_placement'][w]['efficiency']:.2f} ({row['by_placement'][w]['passes']})" if w in row["by_placement"]
+             else "–" for w in ("near", "far")]
+    return " · ".join(parts)
+
+
 def _chosen(row) -> str:
     if row["lowering"] != ONLY_FASTER:
         return row["lowering"]
@@ -338,18 +404,21 @@ def render(rows: list[dict], args, load_before: str) -> str:
              f"{args.repeat} passes × {args.runs} interleaved rounds per row, medians over the clean ones (rounds in which no run's "
              f"threads waited for a CPU more than {CLEAN_WAIT_FRACTION:.0%} of it; all rounds when fewer than a "
              "quarter are clean, marked †: then other processes inflate the speedup); \"other load\": CPU cores "
-             "used by other processes while the row was timed.", ""]
+             "used by other processes while the row was timed; \"near · far\": efficiency over the passes whose "
+             f"vCPU hand-off (benchmarks/handoff_latency.c, before and after the pass) stayed ≤ {FAR_HANDOFF_NS:.0f} ns / "
+             "stayed above it, number of passes in brackets.", ""]
     for name in args.models:
         lines += [f"**{name}**", "",
                   "| scheme | rank | lowering | threads | MAC reduction | original ms | rewritten ms | speedup (p10–p90) "
-                  "| efficiency | clean rounds | other load |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| efficiency | near · far | clean rounds | other load |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if r["model"] != name:
                 continue
             lines.append(f"| {r['scheme']} | {r['rank']} | {_chosen(r)} | {r['threads']} | {r['mac_reduction']:.2f}× | "
                          f"{r['median_a_ms']:.2f} | {r['median_b_ms']:.2f} | {r['speedup']:.2f}× "
                          f"({r['speedup_p10']:.2f}–{r['speedup_p90']:.2f}) | {r['efficiency']:.2f}{'' if r['clean'] else ' †'} | "
+                         f"{_by_placement(r)} | "
                          f"{r['rounds_used']}/{r['runs']} | {_cores(r['foreign_cores'])} |")
             # (speedup_per_pass in the JSON shows how far the passes agree)
         lines.append("")
@@ -375,8 +444,14 @@ def _done_when(rows: list[dict]) -> list[str]:
             if not cand:
                 continue
             best = max(cand, key=lambda r: r["efficiency"])
-            out.append(f"- vgg rank {rank}, {threads} thread(s): best efficiency {best['efficiency']:.2f} "
-                       f"({best['scheme']}, {_chosen(best)}) — bar {bar}: {'met' if best['efficiency'] >= bar else 'NOT met'}")
+            line = (f"- vgg rank {rank}, {threads} thread(s): best efficiency {best['efficiency']:.2f} "
+                    f"({best['scheme']}, {_chosen(best)}) — bar {bar}: {'met' if best['efficiency'] >= bar else 'NOT met'}")
+            split = {w: max((r["by_placement"][w]["efficiency"] for r in cand if w in r["by_placement"]), default=None)
+                     for w in ("near", "far")}
+            if threads > 1 and any(v is not None for v in split.values()):
+                line += "; by vCPU placement: " + ", ".join(
+                    f"{w} {v:.2f}" for w, v in split.items() if v is not None)
+            out.append(line)
     return (["Done-when check (issue 4):", ""] + out + [""]) if out else []
 
 
@@ -402,7 +477,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-load", type=float, default=0.3, metavar="CORES", help="what --quiet-wait waits for")
     p.add_argument("--tries", type=int, default=3,
                    help="measurements per row at most while too few rounds are clean; the cleanest is kept")
+    p.add_argument("--no-handoff", action="store_true",
+                   help="do not probe the vCPU hand-off latency around each pass (needs a C compiler)")
     args = p.parse_args(argv)
+    args.probe = HandoffProbe(enabled=not args.no_handoff)
     load_before = _load()
     models = {name: MODELS[name]() for name in args.models}
     cfgs = [prepare(name, models[name], rank, scheme, lowering, threads, args)
@@ -414,7 +492,8 @@ def main(argv=None) -> int:
             b = done[-1][0]
             print(f"# pass {k + 1}: {cfg['model']} {cfg['scheme']} r={cfg['rank']} {_chosen(cfg)} {cfg['threads']}T: "
                   f"speedup {b.speedup:.2f}x eff {b.efficiency:.2f} clean {b.rounds_used}/{b.rounds}"
-                  f"{'' if _clean(b) else ' †'} other load {_cores(done[-1][2])}", file=sys.stderr, flush=True)
+                  f"{'' if _clean(b) else ' †'} other load {_cores(done[-1][2])} hand-off {_handoff(done[-1][3])}",
+                  file=sys.stderr, flush=True)
     rows = [aggregate(cfg, done) for cfg, done in zip(cfgs, passes)]
     if args.profile:
         for cfg, row in zip(cfgs, rows):
