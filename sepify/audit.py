@@ -28,8 +28,8 @@ from .factorize import (
 from .geometry import ConvGeometry, prod
 from .graph import MATMUL_OPS, GraphView
 from .load import LoadedModel, ModelSource, iter_all_tensors, load_model
-from .shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes, resolve_input_shapes,
-                     resolve_input_values)
+from .shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, input_values_record, normalize_input_shapes,
+                     resolve_input_shapes, resolve_input_values)
 
 SCHEMA_VERSION = 1
 ERROR_RANKS = (1, 2, 3, 4)
@@ -160,6 +160,9 @@ class AuditReport:
     totals: Totals
     nodes: list[NodeAudit]
     warnings: list[str] = field(default_factory=list)
+    # Inputs fed a fixed value (input_values=, --input-value), at their shapes; the other inputs were
+    # random wherever the model ran.  In to_dict: a number for a scalar fill, else the flat list.
+    input_values: dict[str, np.ndarray] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     convention: str = CONVENTION
     sepify_version: str = __version__
@@ -174,6 +177,7 @@ class AuditReport:
             "opset": self.opset,
             "ir_version": self.ir_version,
             "input_shapes": self.input_shapes,
+            "input_values": input_values_record(self.input_values),
             "shape_sources": self.shape_sources,
             "totals": self.totals.to_dict(),
             "nodes": [n.to_dict() for n in self.nodes],
@@ -512,6 +516,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         totals=totals,
         nodes=nodes,
         warnings=an.warnings,
+        input_values=dict(table.input_values),
     )
 
 

@@ -44,6 +44,7 @@ from .factorize import (
     stages_macs,
 )
 from .geometry import ConvGeometry
+from .shapes import input_values_record
 
 POLICY_MODES = ("lossless", "tol", "rank", "budget")
 
@@ -159,6 +160,8 @@ class Plan:
         before, after = self.conv_macs, self.conv_macs_after
         return {
             "policy": self.policy.to_dict(),
+            # the fixed feeds of the analysis (as in AuditReport.to_dict); {} without one
+            "input_values": input_values_record(self.analysis.table.input_values) if self.analysis else {},
             "totals": {
                 "conv_macs": before,
                 "conv_macs_after": after,

@@ -357,6 +357,19 @@ def describe_input_values(values: Mapping[str, np.ndarray]) -> str:
     return ", ".join(parts)
 
 
+def input_values_record(values: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """The fixed feeds as JSON-ready values: one number (or string, bool) when every element holds
+    it (a scalar fill), else the flat list of elements — what ``--input-value NAME=V[,V…]`` takes."""
+    out: dict[str, object] = {}
+    for name, value in values.items():
+        flat = np.asarray(value).reshape(-1)
+        if flat.size and np.all(flat == flat[0]):
+            out[name] = flat[:1].tolist()[0]  # a Python number, bool or str
+        else:
+            out[name] = flat.tolist()
+    return out
+
+
 def check_values_agree(feeds: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray], source: str) -> None:
     """Given inputs (an .npz, calibration data) win over ``--input-value``: a value given for an input
     they hold must be what they hold (one value: every element; a list: every stacked copy)."""

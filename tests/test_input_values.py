@@ -134,6 +134,32 @@ def test_fixed_value_leaves_other_random_inputs_alone(model):
     assert np.array_equal(given["x"], ramp.reshape(1, 3, 16, 16))
 
 
+def test_reports_record_the_fixed_values(capsys, model, model_path):
+    """Audit and Plan JSON say which inputs had fixed values: a number for a scalar fill, else the
+    flat list of elements (what --input-value takes back); inputs left random are not listed."""
+    plain = sepify.audit(model, spectra=False).to_dict()
+    assert plain["input_values"] == {}
+    ramp = np.arange(768, dtype=np.float32)
+    for values, recorded in [({"sr": 16000}, {"sr": 16000}),
+                             (["x=0.5", "sr=8000"], {"x": 0.5, "sr": 8000}),
+                             ({"x": ramp, "sr": [16000]}, {"x": ramp.tolist(), "sr": 16000})]:
+        report = sepify.audit(model, input_values=values, spectra=False)
+        d = json.loads(report.to_json())
+        assert d["input_values"] == recorded
+        assert type(d["input_values"]["sr"]) is int
+        assert d["schema_version"] == 1 and d["input_shapes"] == {"x": [1, 3, 16, 16], "sr": []}
+        assert report.input_values["sr"].dtype == np.int64  # the feeds themselves, at their shapes
+        plan = sepify.plan(model, input_values=values)
+        assert json.loads(plan.to_json())["input_values"] == recorded
+    assert sepify.plan(model).to_dict()["input_values"] == {}
+    assert main(["audit", str(model_path), "--input-value", "sr=16e3", "--format", "json", "--no-spectra"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_values"] == {"sr": 16000}
+    two = main(["audit", str(model_path), str(model_path), "--input-value", "sr=8000", "--format", "json",
+                "--no-spectra"])
+    assert two == 0
+    assert [m["input_values"] for m in json.loads(capsys.readouterr().out)["models"]] == [{"sr": 8000}] * 2
+
+
 # ----------------------------------------------------------------------------------------------
 # plan / rewrite / verify / bench / calibration
 # ----------------------------------------------------------------------------------------------
