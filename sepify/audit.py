@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs
+from .cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs, matmul_operands
 from .errors import ShapeError
 from .factorize import (
     NEAR_EXACT_TOL,
@@ -373,15 +373,20 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
     warnings: list[str] = []
     missing = [n for s in specs if s.shape_source == "unknown" or s.weight_shape is None
                for n in (s.x_name, s.w_name, s.ref.node.output[0])]
-    mm_missing = [
-        i for r in view.nodes if r.op_type in MATMUL_OPS for i in r.node.input[:2] if i and table.get(i) is None
-        and view.constant(i, r) is None
-    ]
+    matmuls = [r for r in view.nodes if r.op_type in MATMUL_OPS]
+
+    def mm_unknown(ref) -> list[str]:  # the operands of a Gemm/MatMul with neither a shape nor a value
+        return [i for i in (ref.node.input[k] for k in matmul_operands(ref.node) if k < len(ref.node.input))
+                if i and table.get(i) is None and view.constant(i, ref) is None]
+
+    mm_missing = [i for r in matmuls for i in mm_unknown(r)]
     if missing or mm_missing:
         fill_with_onnxruntime(view, table, [*missing, *mm_missing])
         specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None else s
                  for ref, s in zip(convs, specs)]
-        still = [s.ref for s in specs if s.shape_source == "unknown"]
+        # What no graph output can expose (inside If/Loop/Scan bodies): convs and Gemm/MatMuls
+        # alike, from one profiled run.
+        still = [s.ref for s in specs if s.shape_source == "unknown"] + [r for r in matmuls if mm_unknown(r)]
         if still:
             fill_from_profile(view, table, still)
             specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]

@@ -232,6 +232,11 @@ def conv_cost(spec: ConvSpec, table: ShapeTable, weight_numel: int | None, bias_
     return Cost(params, macs, flops, nbytes, flops / nbytes if nbytes else None)
 
 
+def matmul_operands(node: onnx.NodeProto) -> tuple[int, int]:
+    """Input indices of the two multiplied operands of a Gemm / MatMul-like node."""
+    return (0, 3) if node.op_type == "QLinearMatMul" else (0, 1)
+
+
 def matmul_macs(view: GraphView, ref: NodeRef, table: ShapeTable) -> int | None:
     """MACs of Gemm / MatMul-like nodes from their operand shapes (None when unknown)."""
     node = ref.node
@@ -245,7 +250,7 @@ def matmul_macs(view: GraphView, ref: NodeRef, table: ShapeTable) -> int | None:
             s = list(c.value.shape) if c is not None else None
         return s
 
-    a_idx, b_idx = (0, 3) if node.op_type == "QLinearMatMul" else (0, 1)
+    a_idx, b_idx = matmul_operands(node)
     a, b = shape(a_idx), shape(b_idx)
     if a is None or b is None:
         return None

@@ -579,6 +579,51 @@ def test_matmul_with_runtime_shape_uses_fallback():
     assert not report.warnings
 
 
+def _matmul_if_model() -> onnx.ModelProto:
+    """``If(cond)``: then x [2, 4, 8] is reshaped to [2, 8, 4] through a runtime-only target, then
+    MatMul by M [4, 5] -> [2, 8, 5], Flatten -> [2, 40], Gemm by G [40, 3] -> [2, 3]; else MatMul by
+    M2 [8, 3] -> [2, 4, 3], Flatten -> [2, 12], Gemm by G2^T (transB) -> [2, 3]: shapes inference knows."""
+    then_graph = helper.make_graph([
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Cast", ["s"], ["sf"], name="cast", to=TensorProto.FLOAT),
+        const_node("factors", np.array([1, 2, 0.5], np.float32)),
+        helper.make_node("Mul", ["sf", "factors"], ["tf"], name="mul"),
+        helper.make_node("Cast", ["tf"], ["target"], name="cast2", to=TensorProto.INT64),
+        helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+        helper.make_node("MatMul", ["r", "M"], ["t_mm"], name="t_matmul"),
+        helper.make_node("Flatten", ["t_mm"], ["t_f"], name="t_flatten", axis=1),
+        helper.make_node("Gemm", ["t_f", "G"], ["t_y"], name="t_gemm"),
+    ], "then", [], [vi("t_y", [2, 3])])
+    else_graph = helper.make_graph([
+        helper.make_node("MatMul", ["x", "M2"], ["e_mm"], name="e_matmul"),
+        helper.make_node("Flatten", ["e_mm"], ["e_f"], name="e_flatten", axis=1),
+        helper.make_node("Gemm", ["e_f", "G2"], ["e_y"], name="e_gemm", transB=1),
+    ], "else", [], [vi("e_y", [2, 3])])
+    return make_model([helper.make_node("If", ["cond"], ["y"], name="myif", then_branch=then_graph,
+                                        else_branch=else_graph)],
+                      [vi("x", [2, 4, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", [2, 3])],
+                      [init("M", rand([4, 5])), init("G", rand([40, 3], 1)), init("M2", rand([8, 3], 2)),
+                       init("G2", rand([3, 12], 3))])
+
+
+def test_matmul_in_if_branch_sized_by_the_profiled_run():
+    """Gemm/MatMul operands inside an If body that only a run can size come from the profiled
+    onnxruntime run, like convs: counted in the branch that runs, reported in the one that does not."""
+    model = _matmul_if_model()
+    x = np.random.default_rng(0).standard_normal([2, 4, 8]).astype(np.float32)
+    assert list(ort_run(model, feeds={"x": x, "cond": np.array(True)})["y"].shape) == [2, 3]
+    assert list(ort_run(model, feeds={"x": x, "cond": np.array(False)})["y"].shape) == [2, 3]
+    then_macs = 2 * 8 * 5 * 4 + 2 * 3 * 40  # MatMul batch·M·N·K + Gemm M·N·K
+    else_macs = 2 * 4 * 3 * 8 + 2 * 3 * 12  # inferred statically: counted either way
+    taken = sepify.audit(model, input_values={"cond": True}, spectra=False)
+    assert taken.totals.matmul_macs == taken.totals.total_macs == then_macs + else_macs
+    assert not taken.warnings
+    skipped = sepify.audit(model, input_values={"cond": False}, spectra=False)
+    assert skipped.totals.matmul_macs == else_macs
+    for name in ("myif/then_branch/t_matmul", "myif/then_branch/t_gemm"):
+        assert any(w.startswith(name + ":") and "not counted" in w for w in skipped.warnings), name
+
+
 # ----------------------------------------------------------------------------------------------
 # ONNX's own backend test cases
 # ----------------------------------------------------------------------------------------------

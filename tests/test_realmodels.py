@@ -346,5 +346,46 @@ def test_input_value_sizes_the_branch_it_takes(entry, sr):
         assert got[q].macs is None and any(w.startswith(q + ":") for w in report.warnings), q
     assert report.totals.conv_macs == sum(r["macs"] for r in executed)
     assert report.totals.unknown_cost_nodes == len(not_run)
+    # Gemm/MatMul: every one that runs (main graph and the taken branch, e.g. the op18 export's
+    # then_branch/node_linear_1) is sized as its operands' real shapes say.
+    from sepify.audit import analyze_model
+    from sepify.cost import matmul_macs
+
+    model = onnx.load(entry["path"])
+    model.ir_version = min(model.ir_version, ORT_MAX_IR)
+    mm_ref = _observe_matmuls(*inline_taken_branches(model, _feeds(entry))[:2], _feeds(entry))
+    an = analyze_model(entry["path"], entry["inputs"], entry["input_values"])
+    sized = {r.qualified_name: matmul_macs(an.view, r, an.table) for r in an.view.nodes
+             if r.op_type in ("Gemm", "MatMul")}
+    assert {q: sized[q] for q in mm_ref} == mm_ref
+    for q in (q for q, m in sized.items() if m is None):
+        assert q not in mm_ref and any(w.startswith(q + ":") for w in report.warnings), q
     print(f"\n{entry['id']} sr={sr}: {len(executed)} convs sized ({report.totals.conv_macs:,} MACs), "
-          f"{len(not_run)} in the branch not taken left unknown")
+          f"{len(not_run)} in the branch not taken left unknown; {len(mm_ref)} Gemm/MatMul run and sized "
+          f"({sum(1 for q in mm_ref if '/' in q)} in a branch)")
+
+
+def _observe_matmuls(model: onnx.ModelProto, qnames: list[str], feeds: dict) -> dict[str, int]:
+    """MACs of every Gemm/MatMul of the (flattened) main graph from its operands' shapes in one run:
+    Gemm ``M·N·K``, MatMul ``batch·M·N·K`` (numpy broadcasting; 1-D operands promoted)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    mms = [(qnames[i], n) for i, n in enumerate(model.graph.node) if n.op_type in ("Gemm", "MatMul")]
+    existing = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(i for _, n in mms for i in n.input[:2]):
+        if name not in inits and name not in existing:
+            model.graph.output.add().name = name
+    sess = _session(model)
+    outs = [o.name for o in sess.get_outputs()]
+    values = dict(zip(outs, sess.run(outs, feeds)))
+    ref = {}
+    for qname, node in mms:
+        a, b = (inits[i] if i in inits else list(np.shape(values[i])) for i in node.input[:2])
+        if node.op_type == "Gemm":
+            trans = {x.name: x.i for x in node.attribute}
+            m, k = (a[1], a[0]) if trans.get("transA") else (a[0], a[1])
+            ref[qname] = m * k * (b[0] if trans.get("transB") else b[1])
+        else:
+            a2, b2 = (a if len(a) > 1 else [1, *a]), (b if len(b) > 1 else [*b, 1])
+            ref[qname] = prod(np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))) * a2[-2] * a2[-1] * b2[-1]
+    return ref
