@@ -37,6 +37,8 @@ import numpy as np
 
 from .audit import audit
 from .load import LoadedModel, ModelSource, load_model
+from .errors import UsageError
+from .shapes import SPINNING, ort_session
 from .verify import model_inputs
 
 
@@ -131,32 +133,11 @@ class BenchReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-SPINNING = ("run", "off")
-
-
 def bench_session(model, providers=None, threads: int | None = None, spinning: str = "run"):
-    """An onnxruntime session for timing (see the module doc for ``spinning``)."""
-    import onnxruntime as ort
-
-    from .errors import ModelLoadError, UsageError
-    from .shapes import ort_session_bytes
-
-    if spinning not in SPINNING:
+    """An onnxruntime session for timing (see the module doc for ``spinning``; :func:`sepify.shapes.ort_session`)."""
+    if spinning not in SPINNING:  # a timing mode is required here (ort_session also takes None: its default)
         raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if spinning == "off":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    else:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(ort_session_bytes(model), opts, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+    return ort_session(model, providers=providers, threads=threads, spinning=spinning)
 
 
 class _Runner:
@@ -269,22 +250,11 @@ def interleaved_times(sessions, feeds, runs: int, warmup: int = 0, rewarm: int =
 
 def profile_node_times(model, feeds, runs: int, providers=None, threads=None) -> dict[str, float]:
     """Median kernel time per node name (µs) from onnxruntime's profiler."""
-    import onnxruntime as ort
-
-    from .shapes import ort_session_bytes
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    # Basic optimizations only: the extended level fuses Conv+activation under new names,
-    # and then no kernel time can be attributed to the rewritten nodes.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory() as tmp:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "prof")
-        sess = ort.InferenceSession(ort_session_bytes(model), opts, providers=providers or ["CPUExecutionProvider"])
+        # Basic optimizations only: the extended level fuses Conv+activation under new names,
+        # and then no kernel time can be attributed to the rewritten nodes.
+        sess = ort_session(model, providers=providers, threads=threads, spinning="off", optimization="basic",
+                           profile_prefix=os.path.join(tmp, "prof"))
         for _ in range(runs):
             sess.run(None, feeds)
         path = sess.end_profiling()

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import ShapeError, UsageError
+from .errors import ModelLoadError, ShapeError, UsageError
 from .graph import GraphView, iter_subgraphs
 from .load import PROTOBUF_LIMIT, light_copy, ort_max_ir_version
 
@@ -482,22 +482,63 @@ def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ())
             del graph.output[len(graph.output) - len(added):]
 
 
+SPINNING = ("run", "off")
+_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, providers=None,
+                threads: int | None = None, spinning: str | None = "off", optimization: str | None = None,
+                profile_prefix: str | None = None, log_severity: int = 3):
+    """The one place sepify makes onnxruntime sessions (verify, bench, the latency-aware rewrite,
+    calibration, the shape probe): ``model`` serialized by :func:`ort_session_bytes` (IR version
+    clamped, ``extra_outputs`` exposed), on ``providers`` (default: CPU only).
+
+    * ``threads``: intra-op threads, with one inter-op thread (None: onnxruntime's defaults).
+    * ``spinning`` (see :mod:`sepify.bench`): ``"off"`` never spins (``session.intra_op.allow_spinning
+      = 0``), so an idle session's threads never steal CPU from the one running; ``"run"`` spins within
+      a run and stops when it returns (``session.force_spinning_stop``), for timing; None: onnxruntime's
+      default.
+    * ``optimization``: ``"disable"``, ``"basic"`` or ``"all"`` graph optimizations (None: onnxruntime's
+      default, all).
+    * ``profile_prefix``: profile every run into a file with this prefix (``session.end_profiling()``).
+
+    A model onnxruntime refuses raises ModelLoadError with its first line.
+    """
+    import onnxruntime as ort
+
+    if spinning is not None and spinning not in SPINNING:
+        raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = log_severity
+    if spinning == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimization is not None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
 def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):
     """One quiet, unoptimized CPU run (node names kept) on seeded inputs at the resolved shapes
     (the fixed ``table.input_values`` for those inputs).
 
-    Returns the session and the requested outputs; raises whatever onnxruntime raises.
+    Returns the session and the requested outputs; raises whatever onnxruntime raises (ModelLoadError
+    when it refuses the model).
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # sepify reports failures itself
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    session = ort.InferenceSession(ort_session_bytes(view.model, outputs or ()), opts,
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(view.model, outputs or (), spinning=None, optimization="disable", log_severity=4,
+                          profile_prefix=profile_prefix)  # quiet: sepify reports failures itself
     accepted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in random_inputs(table.input_shapes, table.input_dtypes, values=table.input_values).items()
              if k in accepted}

@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import ModelLoadError, UsageError
+from .errors import UsageError
 from .graph import GraphView
 from .load import LoadedModel, ModelSource, load_model
 from .shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
-                     ort_session_bytes, random_inputs, resolve_input_shapes, resolve_input_values)
+                     ort_session, random_inputs, resolve_input_shapes, resolve_input_values)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -128,21 +128,9 @@ def compare_tensors(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: 
 
 
 def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), providers=None, threads: int | None = None):
-    """An onnxruntime session with the options every sepify measurement uses."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # An idle session's spinning threads steal CPU from the one being timed.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+    """An onnxruntime session for comparing outputs (and calibration runs): threads never spin, so
+    an idle session steals no CPU from another (:func:`sepify.shapes.ort_session`)."""
+    return ort_session(model, extra_outputs, providers=providers, threads=threads, spinning="off")
 
 
 def load_inputs(path: str | Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
