@@ -143,7 +143,8 @@ def _feeds_spec(m: dict) -> dict[str, list]:
 
 def _cli_args(m: dict) -> list[str]:
     # rank-0 inputs cannot be spelled with NAME=DIMS; the models declare them as scalars anyway
-    return [a for k, s in m["inputs"].items() if s for a in ("--input-shape", f"{k}=" + "x".join(map(str, s)))]
+    shapes = [a for k, s in m["inputs"].items() if s for a in ("--input-shape", f"{k}=" + "x".join(map(str, s)))]
+    return shapes + [a for k, v in m["values"].items() for a in ("--input-value", f"{k}={v}")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def _cli_args(m: dict) -> list[str]:
 def sepify_api(m: dict, spectra: bool = True):
     import sepify
 
-    r = sepify.audit(m["path"], m["inputs"], spectra=spectra)
+    r = sepify.audit(m["path"], m["inputs"], input_values=m["values"] or None, spectra=spectra)
     by_op: dict[str, int] = {}
     for n in r.nodes:
         by_op[n.op_type] = by_op.get(n.op_type, 0) + (n.macs or 0)
