@@ -399,6 +399,28 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
 
+def _if_branches(ref) -> list[tuple[str, str]]:
+    """(If node, branch attribute) for every If that ``ref`` sits in, innermost first."""
+    out = []
+    while ref.parent is not None:
+        parent = ref.parent
+        if parent.op_type == "If":
+            out.append((parent.qualified_name, ref.scope[len(parent.qualified_name) + 1:]))
+        ref = parent
+    return out
+
+
+def _both_branches_counted(counted) -> list[str]:
+    """Totals add every node whose cost is known; an If whose branches both hold such nodes is
+    counted as if both ran (only one does): say so, totals are then an upper bound."""
+    branches: dict[str, set[str]] = {}
+    for ref in counted:
+        for if_name, branch in _if_branches(ref):
+            branches.setdefault(if_name, set()).add(branch)
+    return [f"{name}: nodes in both branches ({', '.join(sorted(b))}) are counted in the totals, though one "
+            "inference runs one branch; totals are an upper bound" for name, b in branches.items() if len(b) > 1]
+
+
 def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=None, spectra: bool = True) -> AuditReport:
     """Cost and separability of every Conv-like node.
 
@@ -471,6 +493,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
             node.reason = ",".join(sorted({a.reason for a in sep.schemes.values() if a.reason}))
             node.eligible = False
     matmul_total = 0
+    counted = [spec.ref for spec, n in zip(an.specs, nodes) if n.macs is not None]
     for ref in view.nodes:
         if ref.op_type in MATMUL_OPS:
             m = matmul_macs(view, ref, table)
@@ -478,6 +501,8 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
                 an.warnings.append(f"{ref.qualified_name}: {ref.op_type} operand shapes unknown; not counted")
             else:
                 matmul_total += m
+                counted.append(ref)
+    an.warnings.extend(_both_branches_counted(counted))
     conv_total = sum(n.macs or 0 for n in nodes)
     total = conv_total + matmul_total
     for n in nodes:

@@ -408,6 +408,10 @@ def test_conv_inside_if_branches():
     assert list(else_y.shape) == [1, 4, 8, 8]
     assert else_node.output_shape == [1, 4, 4, 4]
     assert else_node.macs == 1 * 4 * 4 * 4 * 3 * 3 * 3
+    # Both branches are sized statically, so both are in the totals: an upper bound, and said so.
+    assert report.totals.conv_macs == then_node.macs + else_node.macs
+    [warning] = [w for w in report.warnings if w.startswith("myif:")]
+    assert "else_branch, then_branch" in warning and "upper bound" in warning
     assert else_node.has_bias and else_node.flops == 2 * else_node.macs + 1 * 4 * 4 * 4
     assert else_node.params == 4 * 3 * 3 * 3 + 4
     assert then_node.weight_source == "initializer" and else_node.weight_source == "initializer"
@@ -617,9 +621,11 @@ def test_matmul_in_if_branch_sized_by_the_profiled_run():
     else_macs = 2 * 4 * 3 * 8 + 2 * 3 * 12  # inferred statically: counted either way
     taken = sepify.audit(model, input_values={"cond": True}, spectra=False)
     assert taken.totals.matmul_macs == taken.totals.total_macs == then_macs + else_macs
-    assert not taken.warnings
+    # both branches in the totals: the only warning says they are an upper bound
+    assert [w.split(":")[0] for w in taken.warnings] == ["myif"] and "upper bound" in taken.warnings[0]
     skipped = sepify.audit(model, input_values={"cond": False}, spectra=False)
     assert skipped.totals.matmul_macs == else_macs
+    assert not any(w.startswith("myif:") for w in skipped.warnings)  # one branch counted
     for name in ("myif/then_branch/t_matmul", "myif/then_branch/t_gemm"):
         assert any(w.startswith(name + ":") and "not counted" in w for w in skipped.warnings), name
 
