@@ -479,8 +479,7 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
         if t.HasField("doc_string"):
             stub.doc_string = t.doc_string
         if checkable:
-            stub.dims.extend([1] * len(t.dims))
-            stub.raw_data = bytes(max(1, tensor_nbytes(stub) or 1))
+            _one_zero_element(stub, len(t.dims))
         else:
             stub.dims.extend(t.dims)
     if checkable:
@@ -490,10 +489,15 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
             if t.data_location == TensorProto.EXTERNAL:
                 del t.external_data[:]
                 t.data_location = TensorProto.DEFAULT
-                t.ClearField("dims")
-                t.dims.extend([1] * len(t.dims))
-                t.raw_data = bytes(max(1, tensor_nbytes(t) or 1))
+                _one_zero_element(t, len(t.dims))
     return copy
+
+
+def _one_zero_element(tensor: TensorProto, rank: int) -> None:
+    """Make ``tensor`` hold a single zero element at its rank (every dim 1), in raw data."""
+    tensor.ClearField("dims")
+    tensor.dims.extend([1] * rank)
+    tensor.raw_data = bytes(max(1, tensor_nbytes(tensor) or 1))
 
 
 def _run_checker(model: onnx.ModelProto, label: str) -> None:

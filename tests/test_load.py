@@ -547,3 +547,37 @@ def test_unnamed_input_shape_needs_a_single_input():
     with pytest.raises(UsageError):
         sepify.audit(model, input_shapes=["2x3x8x8"])
     assert sepify.audit(model, input_shapes=["a=2x3x8x8"]).nodes[0].input_shape == [2, 3, 8, 8]
+
+
+def test_external_data_inside_an_if_branch_loads_from_any_working_directory(tmp_path, monkeypatch):
+    # The checker runs on a light copy; external tensors in subgraphs must not send it looking
+    # for their files in the working directory.
+    then_graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w_sub"], ["t_y"], name="conv", pads=[1, 1, 1, 1])], "then_body", [],
+        [vi("t_y", [1, 4, 8, 8])], [init("w_sub", rand([4, 3, 3, 3], 3))])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e_y"])], "else_body", [],
+                                   [vi("e_y", [1, 3, 8, 8])])
+    model = make_model([helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_graph,
+                                         else_branch=else_graph)],
+                       [vi("x", [1, 3, 8, 8]), vi("c", [], TensorProto.BOOL)], [vi("y", ["a", "b", "h", "w"])])
+    path = tmp_path / "m" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.bin",
+              size_threshold=0)
+    stored = onnx.load(path, load_external_data=False)
+    branch_weights = [t for a in stored.graph.node[0].attribute for t in a.g.initializer]
+    assert [t.data_location for t in branch_weights] == [TensorProto.EXTERNAL]
+    monkeypatch.chdir(tmp_path)
+    report = sepify.audit(str(path))
+    assert report.node("branch/then_branch/conv").macs == 4 * 8 * 8 * 3 * 9
+
+
+def test_light_copy_for_the_checker_keeps_each_tensor_rank():
+    from sepify.load import iter_all_tensors, light_copy
+
+    model = make_conv_model([1, 4, 8, 8], [8, 4, 3, 3])
+    copy = light_copy(model, checkable=True)
+    big = [t for t in iter_all_tensors(copy) if t.name in {x.name for x in model.graph.initializer}
+           and len(t.dims) == 4]
+    assert big and all(list(t.dims) == [1, 1, 1, 1] and len(t.raw_data) == 4 for t in big)
+    onnx.checker.check_model(copy.SerializeToString())
