@@ -50,7 +50,7 @@ from .errors import UsageError
 from .factorize import (SCHEMES, Stage, compose, exact_tolerance, factor, scheme_stages, split_kernel_stage,
                         stages_macs)
 from .geometry import ConvGeometry, prod
-from .graph import GraphView, attr
+from .graph import GraphView, attr, list_initializers_as_inputs
 from .load import LoadedModel, ModelSource, load_model
 
 DEFAULT_SAMPLES = 32  # random calibration samples / cap on real ones
@@ -326,13 +326,17 @@ def fold_batchnorms(model: onnx.ModelProto, only: Iterable[str] | None = None) -
     keep = [t for t in out.graph.initializer if t.name in read]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
-    inits = {t.name for t in keep}
     vis = [v for v in out.graph.value_info if v.name != "" and v.name not in {p[0].node.output[0] for p in pairs}]
     del out.graph.value_info[:]
     out.graph.value_info.extend(vis)
-    graph_inputs = [i for i in out.graph.input if i.name in read or i.name not in inits]
+    # Inputs that only listed a dropped initializer (IR 3 lists every initializer as an input) go;
+    # real inputs stay even when unread, so the model's interface does not change.
+    was_init = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in out.graph.input if i.name in read or i.name not in was_init]
     del out.graph.input[:]
     out.graph.input.extend(graph_inputs)
+    if out.ir_version < 4:
+        list_initializers_as_inputs(out.graph, model.graph.input)
     return out, folded
 
 

@@ -25,6 +25,28 @@ MAX_FOLD_ELEMENTS = 1 << 28
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
+def list_initializers_as_inputs(graph: onnx.GraphProto, original_inputs) -> None:
+    """IR version 3 requires every initializer of the main graph to be a graph input as well (the
+    ONNX checker enforces it).  Rebuild ``graph``'s input list after an edit that added or dropped
+    initializers: the ``original_inputs`` in their order (those still inputs, or still initializers),
+    then every initializer not listed yet."""
+    current = {i.name: i for i in graph.input}
+    inits = {t.name for t in graph.initializer}
+    inputs: list[onnx.ValueInfoProto] = []
+    for vi in original_inputs:
+        if vi.name in current:
+            inputs.append(current.pop(vi.name))
+        elif vi.name in inits:
+            inputs.append(vi)
+    inputs.extend(current.values())
+    listed = {vi.name for vi in inputs}
+    inputs.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                  for t in graph.initializer if t.name not in listed)
+    copies = [onnx.ValueInfoProto.FromString(vi.SerializeToString()) for vi in inputs]
+    del graph.input[:]
+    graph.input.extend(copies)
+
+
 @dataclass(eq=False)
 class NodeRef:
     node: onnx.NodeProto

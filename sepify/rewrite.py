@@ -18,6 +18,7 @@ import onnx
 
 from . import __version__
 from .errors import UsageError
+from .graph import list_initializers_as_inputs
 from .factorize import LOWERINGS, Lowered, Stage, lower, lowering_kinds, relative_error, stages_macs
 from .load import ModelSource, ort_max_ir_version
 from .plan import Plan, Policy, plan as make_plan, realize
@@ -294,6 +295,8 @@ def _surgery(source: onnx.ModelProto, realized, policy: Policy) -> onnx.ModelPro
     out = gs.export_onnx(graph, do_type_check=False)
     _drop_shadowing_initializers(out.graph, set())
     out.ir_version = min(source.ir_version, ort_max_ir_version())
+    if out.ir_version < 4:
+        list_initializers_as_inputs(out.graph, source.graph.input)
     del out.opset_import[:]
     out.opset_import.extend(source.opset_import)
     for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
