@@ -110,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tolerance_args(p: argparse.ArgumentParser) -> None:
-    from .verify import DEFAULT_ATOL, DEFAULT_RTOL
+    from .verify import DEFAULT_ATOL, DEFAULT_RTOL, LOW_PRECISION_ULPS
 
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL})")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL})")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"absolute tolerance (default {DEFAULT_ATOL}; float16 outputs: {LOW_PRECISION_ULPS}·eps·max|a|)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"relative tolerance (default {DEFAULT_RTOL}; float16 outputs: 2·eps)")
 
 
 def cmd_verify(args) -> int:

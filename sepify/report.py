@@ -239,8 +239,18 @@ def render_drift(report) -> str:
                           str(d.mismatched) + (f" (+{d.nonfinite_b} non-finite)" if d.nonfinite_b != d.nonfinite_a else ""),
                           "yes" if d.passed else "NO")
         console.print(table)
-    console.print(f"{'PASSED' if report.passed else 'FAILED'}: |a-b| <= {report.atol:g} + {report.rtol:g}*|a| "
-                  f"on every output element; inputs: {report.input_source}")
+    tensors = [*report.outputs, *report.layers]
+    # float16 tensors get their own default tolerances (a few ulps of their largest value)
+    own = [d for d in tensors if d.atol is not None and (d.atol, d.rtol) != (report.atol, report.rtol)]
+    if not own:
+        rule = f"|a-b| <= {report.atol:g} + {report.rtol:g}*|a|"
+    else:
+        parts = [f"{d.name}: {d.atol:.3g} + {d.rtol:.3g}*|a|" for d in own]
+        if len(own) < len(tensors):
+            parts.append(f"others: {report.atol:g} + {report.rtol:g}*|a|")
+        rule = "|a-b| <= atol + rtol*|a| (" + "; ".join(parts) + "; float16: a few ulps of the largest value)"
+    console.print(f"{'PASSED' if report.passed else 'FAILED'}: {rule} on every output element; "
+                  f"inputs: {report.input_source}")
     return buf.getvalue()
 
 

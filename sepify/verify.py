@@ -5,6 +5,13 @@ Pass rule, per output element (as numpy.allclose, ``a`` = the original's value):
     |a − b| ≤ atol + rtol · |a|
 
 plus: an output passes only if NaN/Inf appear in exactly the same places in both.
+
+Default tolerances (when none is given) depend on the output's dtype: float32/float64 outputs
+use ``DEFAULT_ATOL`` / ``DEFAULT_RTOL``.  A lower-precision output (float16) comes out of a
+network that rounds every intermediate to that precision, and a rewritten chain rounds one more
+intermediate per stage, so two correct models differ by a few units in the last place of the
+output's *largest* values, not of each element: atol = ``LOW_PRECISION_ULPS`` · ε · max|a| and
+rtol = 2ε (never below the float32 defaults).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .shapes import (cast_input_values, check_values_agree, describe_input_value
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
+LOW_PRECISION_ULPS = 8  # float16 outputs: atol = 8·ε·max|a| by default (see the module doc)
 LAYER_CHUNK = 16  # rewritten tensors exposed per run in --per-layer mode (bounds memory)
 
 
@@ -44,9 +52,27 @@ class TensorDrift:
     passed: bool
     top1_agreement: float | None = None
     top5_agreement: float | None = None
+    atol: float | None = None  # the tolerances this tensor was checked with
+    rtol: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_tolerance(a: np.ndarray) -> tuple[float, float]:
+    """(atol, rtol) for an original output ``a`` when the caller gives none (see the module doc)."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return DEFAULT_ATOL, DEFAULT_RTOL
+    try:
+        eps = float(np.finfo(a.dtype).eps)
+    except (TypeError, ValueError):  # a float type numpy has no finfo for
+        return DEFAULT_ATOL, DEFAULT_RTOL
+    if eps <= float(np.finfo(np.float32).eps):
+        return DEFAULT_ATOL, DEFAULT_RTOL
+    finite = np.abs(a.astype(np.float64)[np.isfinite(a)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return max(DEFAULT_ATOL, LOW_PRECISION_ULPS * eps * scale), max(DEFAULT_RTOL, 2 * eps)
 
 
 @dataclass
@@ -67,7 +93,9 @@ class DriftReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "rule": "|a-b| <= atol + rtol*|a| elementwise (a = original); NaN/Inf must match",
+            "rule": "|a-b| <= atol + rtol*|a| elementwise (a = original); NaN/Inf must match; "
+                    "each output's atol/rtol are the ones it was checked with (float16 outputs default to "
+                    f"{LOW_PRECISION_ULPS}*eps*max|a| and 2*eps)",
             "model_a": self.model_a,
             "model_b": self.model_b,
             "atol": self.atol,
@@ -82,9 +110,21 @@ class DriftReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def compare_tensors(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> TensorDrift:
+def compare_tensors(name: str, a: np.ndarray, b: np.ndarray, atol: float | None = None,
+                    rtol: float | None = None) -> TensorDrift:
+    """Drift of ``b`` against the original ``a``; ``None`` tolerances take :func:`default_tolerance`."""
     a = np.asarray(a)
     b = np.asarray(b)
+    if atol is None or rtol is None:
+        d_atol, d_rtol = default_tolerance(a)
+        atol = d_atol if atol is None else atol
+        rtol = d_rtol if rtol is None else rtol
+    drift = _compare(name, a, b, atol, rtol)
+    drift.atol, drift.rtol = float(atol), float(rtol)
+    return drift
+
+
+def _compare(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> TensorDrift:
     if a.shape != b.shape:
         return TensorDrift(name, list(a.shape), float("inf"), float("inf"), float("inf"), float("inf"), 0.0,
                            float("-inf"), 0, 0, int(max(a.size, b.size)), False)
@@ -186,8 +226,8 @@ def verify(
     *,
     input_values=None,
     seed: int = 0,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     per_layer: bool = False,
     providers=None,
 ) -> DriftReport:
@@ -195,7 +235,8 @@ def verify(
     ``per_layer``, the output of every rewritten node, which keeps its name in both).
 
     Without ``inputs`` both run on seeded random inputs, except that inputs named in
-    ``input_values`` (see :func:`sepify.audit`) get those values."""
+    ``input_values`` (see :func:`sepify.audit`) get those values.  ``atol`` / ``rtol`` left
+    ``None`` take each output's dtype default (:func:`default_tolerance`)."""
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
     lb = model_b if isinstance(model_b, LoadedModel) else load_model(model_b)
     feeds, source = model_inputs(la, inputs, input_shapes, seed, input_values)
@@ -211,7 +252,8 @@ def verify(
         out_b = sb.run(names_a, feeds)
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"onnxruntime failed to run: {str(exc).strip().splitlines()[0]}") from None
-    report = DriftReport(la.label, lb.label, atol, rtol, seed if source.startswith("random") else None, source,
+    report = DriftReport(la.label, lb.label, DEFAULT_ATOL if atol is None else atol,
+                         DEFAULT_RTOL if rtol is None else rtol, seed if source.startswith("random") else None, source,
                          [compare_tensors(n, x, y, atol, rtol) for n, x, y in zip(names_a, out_a, out_b)])
     if per_layer:
         layer_names = rewritten_tensors(la.model, lb.model)

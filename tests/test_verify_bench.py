@@ -91,3 +91,53 @@ def test_bench_cli_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["latency_a"]["runs"] == 3 and report["model_b"] is None
     assert main(["bench", f"{SAMPLES}/sobel_rgb.onnx", "--runs", "0"]) == 2
+
+
+def _fp16_conv_model(w: np.ndarray):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c_out, c_in = w.shape[:2]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, c_in, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, c_out, 32, 32])],
+        [numpy_helper.from_array(w.astype(np.float16), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_float16_lossless_rewrite_passes_verify(tmp_path, capsys):
+    """A float16 model's exact rewrite rounds one more intermediate to float16: its outputs differ from
+    the original's by ~1 ulp of the largest values, thousands of elements beyond the float32 defaults
+    (atol 1e-4, rtol 1e-3), so every lossless float16 rewrite used to FAIL verify (exit 1).  float16
+    outputs now default to 8·eps·max|a| / 2·eps; a lossy rewrite still fails, and given tolerances
+    are used as given."""
+    import onnx
+
+    from sepify.verify import LOW_PRECISION_ULPS, default_tolerance
+
+    rng = np.random.default_rng(0)
+    exact = np.einsum("nc,ck->nck", rng.standard_normal((32, 1)), rng.standard_normal((1, 9))) \
+        .reshape(32, 1, 9).repeat(16, axis=1)  # every input channel's 32x9 matrix is rank 1
+    exact *= rng.standard_normal((1, 16, 1))
+    src = tmp_path / "fp16.onnx"
+    onnx.save(_fp16_conv_model(exact.reshape(32, 16, 3, 3)), src)
+    out = tmp_path / "fp16_sep.onnx"
+    assert main(["rewrite", str(src), "-o", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "1 node(s) rewritten" in text and "PASSED: |a-b| <= atol + rtol*|a| (y: " in text
+    report = verify(src, out)
+    (y,) = report.outputs
+    eps16 = float(np.finfo(np.float16).eps)
+    assert y.passed and y.max_abs > 0 and y.rtol == 2 * eps16 and y.atol > report.atol
+    assert not verify(src, out, atol=1e-4, rtol=1e-3).passed  # the float32 rule, when asked for
+    lossy = tmp_path / "fp16_r1.onnx"
+    full = rng.standard_normal((32, 16, 3, 3))
+    onnx.save(_fp16_conv_model(full), src)
+    assert main(["rewrite", str(src), "-o", str(lossy), "--rank", "1", "--verify"]) == 1
+    assert default_tolerance(np.ones(3, np.float32)) == (1e-4, 1e-3)
+    a16 = np.array([-40.0, 2.0], np.float16)
+    assert default_tolerance(a16) == (LOW_PRECISION_ULPS * eps16 * 40.0, 2 * eps16)
