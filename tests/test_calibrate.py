@@ -287,6 +287,19 @@ def test_exact_layers_stay_exact():
     np.testing.assert_allclose(run(out, {"x": x})[0], run(m, {"x": x})[0], atol=1e-4)
 
 
+def test_float16_layers_get_no_rounding_note():
+    """The chain is stored in float16, so it differs from the calibrated float64 weight by ~3e-4 from
+    rounding alone; the note meant for unexpected differences (threshold 1e-4) fired on every float16
+    layer.  The threshold is now the dtype's exactness bound (2·eps, 2e-3 for float16)."""
+    w = np.random.default_rng(6).standard_normal((32, 16, 3, 3)).astype(np.float16)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 16, 12, 12], onnx.TensorProto.FLOAT16)],
+                   [vi("y", [1, 32, 12, 12], onnx.TensorProto.FLOAT16)], [init("w", w)])
+    out, report, cal = calibrated_rewrite(m, Policy(mode="rank", rank=2), "random", samples=4)
+    assert [r.qualified_name for r in report.rewritten] == ["conv"]
+    assert not [n for n in cal.notes if "differs from the calibrated weight" in n], cal.notes
+
+
 # ----------------------------------------------------------------------------------------------
 # BatchNorm folding
 # ----------------------------------------------------------------------------------------------
