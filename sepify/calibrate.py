@@ -1468,7 +1468,7 @@ class Calibrator:
         self.shapes = _input_shapes_of(self.loaded.model, self.calib, input_shapes)
         self.input_values = input_values  # for the plans' shape fallback (and benchmarks) at self.shapes
         self.folded_model, self.folded = fold_batchnorms(self.loaded.model) if fold_bn else (self.loaded.model, [])
-        self.base = make_plan(self.folded_model, self.policy, self.shapes, input_values=input_values)
+        self.base = make_plan(self._derived(self.folded_model), self.policy, self.shapes, input_values=input_values)
         if allocation == "sensitivity":
             self.layers = _layers_from_plan(self.base)
         else:
@@ -1510,12 +1510,19 @@ class Calibrator:
         picks, predicted, _ = allocate(self.profiles, self.conv_macs, budget, max_drift)
         return {n: (c.scheme, c.rank) for n, c in picks.items()}, predicted
 
+    def _derived(self, model: onnx.ModelProto) -> LoadedModel:
+        """A model derived from the input (BatchNorms folded, calibrated weights), loaded and checked
+        like any, but labelled as the input so that plans and reports name the user's model."""
+        if model is self.loaded.model:
+            return self.loaded
+        return replace(load_model(model), label=self.loaded.label)
+
     def weight_only_choices(self, budget: float) -> dict[str, tuple[str, int]]:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
         from .plan import plan as make_plan
 
-        p = make_plan(self.folded_model, replace(self.policy, mode="budget", budget=budget), self.shapes,
-                      input_values=self.input_values)
+        p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget),
+                      self.shapes, input_values=self.input_values)
         return {n.qualified_name: (n.scheme, n.rank, getattr(n, "vertical_first", None)) for n in p.rewrites}
 
     def solve(self, choices: Mapping[str, tuple[str, int]]):
@@ -1568,7 +1575,7 @@ class Calibrator:
             final_src, final_folded = self.loaded.model, []
         dense = {n: (compose(st, self.by_name[n].geo), b) for n, (st, b) in solved.items()}
         final_model = substitute(final_src, dense)
-        final = make_plan(final_model, Policy(mode="lossless", scheme=policy.scheme, include=policy.include,
+        final = make_plan(self._derived(final_model), Policy(mode="lossless", scheme=policy.scheme, include=policy.include,
                                               exclude=policy.exclude, min_macs=policy.min_macs, chain=policy.chain),
                           self.shapes, input_values=self.input_values)
         planned = {n.qualified_name: n for n in self.base.nodes}

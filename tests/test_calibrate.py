@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -285,6 +287,18 @@ def test_exact_layers_stay_exact():
     assert report.rewritten[0].weight_error <= 2.4e-7
     x = rng.standard_normal(x_shape).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], run(m, {"x": x})[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_calibrated_report_names_the_input_model(tmp_path, bn):
+    """The calibrated plan is made on a derived ModelProto (BatchNorms folded, calibrated weights),
+    which used to label the plan, the rewrite report (``model`` in --report JSON) and the printed
+    plan title "<ModelProto>" instead of the user's file."""
+    path = tmp_path / "net.onnx"
+    onnx.save(net(bn=bn), path)
+    out, report, cal = calibrated_rewrite(str(path), Policy(mode="budget", budget=0.6), "random", samples=4)
+    assert report.rewritten and report.model == str(path) and cal.model == str(path)
+    assert json.loads(report.to_json())["model"] == str(path)
 
 
 def test_float16_layers_get_no_rounding_note():
