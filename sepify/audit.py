@@ -252,7 +252,9 @@ def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
 
 
 def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
-    if scheme in ("dw-pw", "pw-dw") and geo.cin_per_group == 1:
+    # A group conv with one input channel per group is depthwise already; a plain conv of a
+    # one-channel input (an audio front end, a grey-image stem) is not, and may split.
+    if scheme in ("dw-pw", "pw-dw") and geo.is_depthwise:
         return "depthwise"
     if scheme == "spatial":
         if geo.rank != 2:

@@ -1406,3 +1406,26 @@ def test_edited_plan_is_honoured():
     assert {r.qualified_name: r.rank for r in report.rewritten}["body/a"] == 2
     check_lossless(model, out, report)
     assert "stem" in {n.name for n in out.graph.node}
+
+
+def test_one_input_channel_conv_splits_dw_pw():
+    """A plain 1→24 3×3 conv (a grey-image stem) whose 24×9 weight has rank 4: depthwise 1→4 (3×3)
+    then pointwise 4→24 costs 4·9 + 4·24 = 132 MACs per pixel instead of 216.  It is not a
+    depthwise conv (group 1), so dw-pw applies."""
+    rng = np.random.default_rng(21)
+    w = (rng.standard_normal((24, 4)) @ rng.standard_normal((4, 9))).reshape(24, 1, 3, 3).astype(np.float32)
+    model = conv_model([1, 1, 12, 12], w, pads=[1, 1, 1, 1])
+    audit = sepify.audit(model)
+    (node,) = audit.nodes
+    assert node.eligible and node.separability.schemes["dw-pw"].exact_rank == 4
+    out, report = sepify.rewrite(model)
+    check_lossless(model, out, report, expect_macs_before=144 * 216)
+    (r,) = report.rewritten
+    assert (r.scheme, r.rank, r.macs_after) == ("dw-pw", 4, 144 * 132)
+
+
+def test_true_depthwise_conv_is_no_dw_pw_candidate():
+    w = np.random.default_rng(22).standard_normal((8, 1, 3, 3)).astype(np.float32)
+    model = conv_model([1, 8, 12, 12], w, group=8, pads=[1, 1, 1, 1])
+    schemes = sepify.audit(model).nodes[0].separability.schemes
+    assert schemes["dw-pw"].reason == schemes["pw-dw"].reason == "depthwise"
