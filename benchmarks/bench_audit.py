@@ -38,14 +38,15 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import describe, load_average  # noqa: E402 (benchmarks/environment.py)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESNET = Path("/tmp/sepify-bench/resnet50.onnx")
@@ -255,25 +256,7 @@ def _cell(r: dict):
 
 
 def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for pkg in ("sepify", "onnx-tool", "onnx", "onnxruntime", "numpy"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} (missing)")
-    load = "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    blas = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OPENBLAS_"))
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = ""
-    if rev:
-        parts[0] += f" (repo {rev})"
-    return (f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; "
-            + ", ".join(parts) + (f"; {blas}" if blas else "") + (f"; {load} at the end" if load else ""))
+    return f"{describe(('sepify', 'onnx-tool', 'onnx', 'onnxruntime', 'numpy'))}; {load_average()} at the end"
 
 
 def render(models: list[dict], warm: dict, cold: dict, n: int) -> str:

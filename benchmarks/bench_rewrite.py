@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -58,6 +57,7 @@ import sepify  # noqa: E402
 from sepify import Policy  # noqa: E402
 from sepify.bench import CLEAN_WAIT_FRACTION, benchmark  # noqa: E402
 from sepify.factorize import LOWERINGS  # noqa: E402
+from environment import describe, load_average  # noqa: E402 (benchmarks/environment.py)
 
 OPSET, IR_VERSION = 17, 10
 ONLY_FASTER = "only-faster"
@@ -354,29 +354,6 @@ def configs(args):
 # ----------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for pkg in ("sepify", "onnx", "onnxruntime", "numpy"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} (missing)")
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = ""
-    if rev:
-        parts[0] += f" (repo {rev})"
-    return f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; " + ", ".join(parts)
-
-
-def _load() -> str:
-    return "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load avg ?"
-
-
 def _cores(v) -> str:
     return "?" if v is None else f"{v:.1f}"
 
@@ -399,7 +376,7 @@ def _chosen(row) -> str:
 
 
 def render(rows: list[dict], args, load_before: str) -> str:
-    lines = [f"Environment: {_versions()}; {load_before} before, {_load()} after; "
+    lines = [f"Environment: {describe()}; {load_before} before, {load_average()} after; "
              f"spinning {args.spinning}, {'cold' if args.cold else 'warm'} rounds; "
              f"{args.repeat} passes × {args.runs} interleaved rounds per row, medians over the clean ones (rounds in which no run's "
              f"threads waited for a CPU more than {CLEAN_WAIT_FRACTION:.0%} of it; all rounds when fewer than a "
@@ -481,7 +458,7 @@ def main(argv=None) -> int:
                    help="do not probe the vCPU hand-off latency around each pass (needs a C compiler)")
     args = p.parse_args(argv)
     args.probe = HandoffProbe(enabled=not args.no_handoff)
-    load_before = _load()
+    load_before = load_average()
     models = {name: MODELS[name]() for name in args.models}
     cfgs = [prepare(name, models[name], rank, scheme, lowering, threads, args)
             for name, rank, scheme, lowering, threads in configs(args)]

@@ -1,0 +1,37 @@
+"""What the benchmark scripts print about the machine they ran on (shared by bench_audit and bench_rewrite)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_average() -> str:
+    return "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load avg ?"
+
+
+def describe(packages=("sepify", "onnx", "onnxruntime", "numpy")) -> str:
+    """Python, CPUs, machine, the packages' versions (sepify's with the repo revision) and any
+    OPENBLAS_* settings — enough to tell two runs' figures apart."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in packages:
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (missing)")
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git, not a checkout: the versions still say enough
+        rev = ""
+    if rev and parts and parts[0].startswith("sepify "):
+        parts[0] += f" (repo {rev})"
+    blas = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OPENBLAS_"))
+    return (f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; "
+            + ", ".join(parts) + (f"; {blas}" if blas else ""))
