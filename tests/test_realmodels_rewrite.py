@@ -11,9 +11,6 @@ exact and reproduce the projected model's outputs in onnxruntime to float32 roun
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,24 +21,10 @@ import sepify
 from sepify.verify import verify
 
 pytestmark = pytest.mark.realmodels
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_fetcher():
-    spec = importlib.util.spec_from_file_location("fetch_real_models", REPO / "scripts" / "fetch_real_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fetch_real_models", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fetcher = _load_fetcher()
-IDS = [e["id"] for e in fetcher.MANIFEST]
-
-
-@pytest.fixture(scope="module")
-def fetched() -> dict[str, dict]:
-    return {e["id"]: e for e in fetcher.fetch_all()}
+# The manifest, its ids and the session-wide download fixture of the cost tests.
+from test_realmodels import IDS, fetched  # noqa: E402,F401 - fetched is a fixture
 
 
 def _rank1(m: np.ndarray) -> np.ndarray:
