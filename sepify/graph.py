@@ -22,6 +22,11 @@ MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
 # Constant folding never materializes anything larger than this (memory-bomb guard).
 MAX_FOLD_ELEMENTS = 1 << 28
 
+# onnx's reference evaluator implements DequantizeLinear only from opset 19; versions 10 and 13
+# (int8/uint8/int32, per-tensor or per-axis — what onnxruntime's quantizer writes) are a subset
+# of 19's semantics, so such nodes are folded at 19.
+_FOLD_OPSET_FLOOR = {"DequantizeLinear": 19}
+
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
@@ -233,7 +238,8 @@ class GraphView:
         try:
             from onnx.reference import ReferenceEvaluator
 
-            evaluator = ReferenceEvaluator(_standalone(node, self.opset))
+            opset = max(self.opset, _FOLD_OPSET_FLOOR.get(node.op_type, 0))
+            evaluator = ReferenceEvaluator(_standalone(node, opset))
             feeds = {f"i{k}": v for k, v in enumerate(inputs) if v is not None}
             outputs = evaluator.run(None, feeds)
         except Exception:  # noqa: BLE001 - anything we cannot fold stays "not constant"
