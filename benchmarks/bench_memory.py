@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR = REPO / "scripts" / "make_large_model.py"
 CLI = "import sys; from sepify.cli import main; sys.exit(main())"
-IMPORTS = "import numpy, onnx, onnxruntime, onnx_graphsurgeon, networkx, rich, sepify.cli, sepify.audit, sepify.rewrite"
+IMPORTS = "import numpy, onnx, onnxruntime, onnx_graphsurgeon, networkx, rich, sepify.cli, sepify.pipeline.audit, sepify.pipeline.rewrite"
 
 
 def run_child(argv: list[str], label: str) -> dict:

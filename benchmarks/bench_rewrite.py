@@ -12,8 +12,8 @@ nothing is written to the repo):
 
 Each is rewritten with ``sepify.rewrite(model, Policy(mode="rank", rank=R, scheme=S),
 lowering=L)`` for R in 1, 2, 4, S in dw-pw, pw-dw and every lowering (rank 1 has only one), plus
-``only_faster=True`` (per-node selection by measurement, :mod:`sepify.latency`), and timed with
-``sepify.bench.benchmark(original, rewritten, runs=N, threads=T)`` — interleaved rounds with an
+``only_faster=True`` (per-node selection by measurement, :mod:`sepify.pipeline.latency`), and timed with
+``sepify.pipeline.bench.benchmark(original, rewritten, runs=N, threads=T)`` — interleaved rounds with an
 untimed re-warm run before each timed one, onnxruntime's threads spinning within a run and stopped
 at its end (``--spinning off --cold``: never spinning, no re-warm, the issue-4 setting) — on 1 and
 2 threads.
@@ -55,8 +55,8 @@ sys.path.insert(0, str(REPO))
 
 import sepify  # noqa: E402
 from sepify import Policy  # noqa: E402
-from sepify.bench import CLEAN_WAIT_FRACTION, benchmark  # noqa: E402
-from sepify.factorize import LOWERINGS  # noqa: E402
+from sepify.pipeline.bench import CLEAN_WAIT_FRACTION, benchmark  # noqa: E402
+from sepify.core.factorize import LOWERINGS  # noqa: E402
 from environment import describe, load_average  # noqa: E402 (benchmarks/environment.py)
 
 OPSET, IR_VERSION = 17, 10
@@ -270,7 +270,7 @@ def _contention(b) -> float:
 
 
 def _clean(b) -> bool:
-    """Medians from clean rounds only, or every round clean enough (see sepify.bench)."""
+    """Medians from clean rounds only, or every round clean enough (see sepify.pipeline.bench)."""
     return (b.rounds_used or 0) < (b.rounds or 0) or _contention(b) <= CLEAN_WAIT_FRACTION
 
 

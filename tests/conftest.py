@@ -2,7 +2,7 @@
 
 Every model is built at ``IR_VERSION`` 10 / opset 17 with fully declared input and
 output shapes (or symbolic dims where the test wants them), so that it passes the
-ONNX checker that :func:`sepify.load.load_model` runs.  ``ort_*`` helpers run a model
+ONNX checker that :func:`sepify.model.load.load_model` runs.  ``ort_*`` helpers run a model
 with onnxruntime to obtain the shapes it *actually* produces, which the tests use as
 the ground truth next to hand-computed values.
 """

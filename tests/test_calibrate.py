@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from conftest import init, make_model, vi
-from sepify.calibrate import (
+from sepify.calibration.calibrate import (
     DriftMeter,
     LayerProfile,
     NormalEquations,
@@ -34,9 +34,9 @@ from sepify.calibrate import (
     waves,
 )
 from sepify.errors import UsageError
-from sepify.factorize import compose, factor
-from sepify.geometry import ConvGeometry, conv_out_spatial, explicit_pads
-from sepify.plan import Policy
+from sepify.core.factorize import compose, factor
+from sepify.core.geometry import ConvGeometry, conv_out_spatial, explicit_pads
+from sepify.pipeline.plan import Policy
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -179,7 +179,7 @@ def test_rank_curve_matches_per_rank_solves(scheme):
     for i, r in enumerate((1, 2, 4)):
         st, eq = eqs[r]
         x0 = pack_last(st, np.zeros(8))
-        from sepify.calibrate import _solve, _sq_error
+        from sepify.calibration.calibrate import _solve, _sq_error
 
         eq.flush()
         e = sum(_sq_error(_solve(eq.A[f], eq.B[f], x0, 1e-3), eq.A[1 - f], eq.B[1 - f], eq.yy[1 - f]) for f in (0, 1))
@@ -229,7 +229,7 @@ def held_out_drift(original, rewritten, x) -> float:
 
 
 def test_calibration_beats_weight_only_on_anisotropic_activations():
-    from sepify.rewrite import rewrite
+    from sepify.pipeline.rewrite import rewrite
 
     m = net()
     policy = Policy(mode="rank", rank=2, scheme="dw-pw")
@@ -442,8 +442,8 @@ def test_channel_metric_weighs_channels_alike():
 
 
 def test_waves_follow_dependencies():
-    from sepify.calibrate import _layers_from_plan
-    from sepify.plan import plan
+    from sepify.calibration.calibrate import _layers_from_plan
+    from sepify.pipeline.plan import plan
 
     p = plan(net(), Policy(mode="rank", rank=1))
     layers = _layers_from_plan(p)
@@ -556,12 +556,12 @@ def test_input_shape_strings_and_mismatches(tmp_path):
 
 def test_report_of_a_model_with_symbolic_spatial_dims_uses_the_data_shapes(tmp_path):
     """Like YOLOv8 exports (height/width symbolic): the audit table is made at the samples' shapes."""
-    from sepify.calibcli import write_report
+    from sepify.cli.calibration import write_report
 
     m = net(batch="N", spatial=("H", "W"))
     out, report, cal = calibrated_rewrite(m, Policy(mode="budget", budget=0.6), {"x": anisotropic(4, 1)})
     assert cal.input_shapes == {"x": [1, 8, 12, 12]}
-    from sepify.load import load_model
+    from sepify.model.load import load_model
 
     page = tmp_path / "r.html"
     write_report(page, load_model(m), None, rewrite=report, calibration=cal)

@@ -1,7 +1,7 @@
 """MACs / params / FLOPs of Conv-like and MatMul-like nodes.
 
 Every number is checked twice: against a value written out by hand as arithmetic
-(the convention in ``sepify.cost``), and against the same formula evaluated on the
+(the convention in ``sepify.model.cost``), and against the same formula evaluated on the
 shapes onnxruntime actually produces when it runs the model.
 
 Convention:

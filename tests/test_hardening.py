@@ -27,10 +27,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import sepify.load
-import sepify.save
+import sepify.model.load
+import sepify.model.save
 from sepify.cli import main
-from sepify.load import ort_max_ir_version
+from sepify.model.load import ort_max_ir_version
 
 from conftest import init, make_conv_model, make_model, rand, vi
 from test_rewrite import assert_matches, lowrank_weight, random_conv_stack, random_feeds, session
@@ -412,7 +412,7 @@ def test_malformed_conv_messages_say_what_is_wrong(tmp_path):
         folder = tmp_path / kind
         folder.mkdir()
         with pytest.raises(sepify.SepifyError, match=None) as err:
-            sepify.load.load_model(BAD[kind](folder))
+            sepify.model.load.load_model(BAD[kind](folder))
         assert needle in str(err.value), (kind, str(err.value))
         assert "\n" not in str(err.value)
 
@@ -429,7 +429,7 @@ def test_conv_checks_follow_subgraph_scopes(tmp_path):
                        [vi("x", [1, 3, 8, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
                        [init("w", rand([4, 3, 3, 3]))], check=False)
     with pytest.raises(sepify.SepifyError, match="'inner'.*strides"):
-        sepify.load.load_model(model, check=False)  # (the checker wants typed branch outputs)
+        sepify.model.load.load_model(model, check=False)  # (the checker wants typed branch outputs)
     # A Loop body input named like an outer 5x5 initializer is a runtime value (dims unknown): the
     # body's 3x3 Conv on it is fine; without that input it would read the outer weight, and clash.
     def loop_model(shadow: bool) -> onnx.ModelProto:
@@ -442,9 +442,9 @@ def test_conv_checks_follow_subgraph_scopes(tmp_path):
         return make_model([loop], [vi("x", [1, 3, 8, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
                           [init("w", rand([4, 3, 5, 5]))], check=False)
 
-    sepify.load._check_conv_nodes(loop_model(shadow=True), "<m>")
+    sepify.model.load._check_conv_nodes(loop_model(shadow=True), "<m>")
     with pytest.raises(sepify.SepifyError, match="'body_conv'.*kernel_shape"):
-        sepify.load._check_conv_nodes(loop_model(shadow=False), "<m>")
+        sepify.model.load._check_conv_nodes(loop_model(shadow=False), "<m>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,7 +626,7 @@ def test_minus_o_equal_to_input_refused_even_through_a_symlinked_folder(tmp_path
 def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, capfd, monkeypatch):
     """external=None (the CLI's default for inline inputs) switches to external data when the proto
     is over the limit; the limit is lowered here so that a small model crosses it."""
-    monkeypatch.setattr(sepify.save, "PROTOBUF_LIMIT", 10_000)
+    monkeypatch.setattr(sepify.model.save, "PROTOBUF_LIMIT", 10_000)
     src = tmp_path / "m.onnx"
     shutil.copy(LOWRANK, src)  # 92 KB inline
     assert main(["rewrite", str(src), "-o", str(tmp_path / "big.onnx")]) == 0
@@ -636,7 +636,7 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, c
     feeds = random_feeds(onnx.load(str(LOWRANK)))
     assert_matches(session(LOWRANK).run(None, feeds), session(tmp_path / "big.onnx").run(None, feeds))
     # below the limit: one file
-    monkeypatch.setattr(sepify.save, "PROTOBUF_LIMIT", 2**31 - 1)
+    monkeypatch.setattr(sepify.model.save, "PROTOBUF_LIMIT", 2**31 - 1)
     assert main(["rewrite", str(src), "-o", str(tmp_path / "small.onnx")]) == 0
     capfd.readouterr()
     assert not (tmp_path / "small.onnx.data").exists()
@@ -660,7 +660,7 @@ def test_a_failing_write_leaves_the_old_output_and_no_temp_files(tmp_path, capfd
             raise OSError(28, "No space left on device")
         return real_replace(a, b)
 
-    monkeypatch.setattr(sepify.save.os, "replace", failing_replace)
+    monkeypatch.setattr(sepify.model.save.os, "replace", failing_replace)
     code = main(["rewrite", str(src), "-o", str(dst / "r.onnx")])
     out, err = capfd.readouterr()
     assert code == 2
@@ -768,8 +768,8 @@ def test_mapped_external_data_gives_the_same_reports_and_bytes(tmp_path, capfd, 
     loaded_audit = _audit_json(src, capfd)
     loaded_out = _rewrite_into(src, tmp_path / "loaded", flags)
     capfd.readouterr()
-    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
-    loaded = sepify.load.load_model(src)
+    monkeypatch.setattr(sepify.model.load, "MAP_EXTERNAL_OVER", 0)
+    loaded = sepify.model.load.load_model(src)
     assert loaded.mapped_external and loaded.model.ByteSize() < 10_000
     for t in loaded.model.graph.initializer:
         assert t.data_location == TensorProto.EXTERNAL
@@ -785,15 +785,15 @@ def test_mapped_external_data_gives_the_same_reports_and_bytes(tmp_path, capfd, 
 
 
 def test_mapped_weights_are_views_of_the_file_not_copies(tmp_path, monkeypatch):
-    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    monkeypatch.setattr(sepify.model.load, "MAP_EXTERNAL_OVER", 0)
     w = rand([64, 32, 3, 3])
     folder = tmp_path / "m"
     folder.mkdir()
     src = _save_external(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
                                     [vi("x", [1, 32, 8, 8])], [vi("y", [1, 64, 8, 8])], [init("w", w)]),
                          folder / "m.onnx")
-    loaded = sepify.load.load_model(src)
-    arr = sepify.load.tensor_array(loaded.model.graph.initializer[0])
+    loaded = sepify.model.load.load_model(src)
+    arr = sepify.model.load.tensor_array(loaded.model.graph.initializer[0])
     np.testing.assert_array_equal(arr, w)
     assert not arr.flags.writeable and not arr.flags.owndata
     base = arr
@@ -806,18 +806,18 @@ def test_saving_a_mapped_model_streams_its_weights(tmp_path, monkeypatch):
     """The weights go from the input's data file to the output's in STREAM_CHUNK pieces."""
     import tracemalloc
 
-    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
-    monkeypatch.setattr(sepify.save, "STREAM_CHUNK", 1 << 20)
+    monkeypatch.setattr(sepify.model.load, "MAP_EXTERNAL_OVER", 0)
+    monkeypatch.setattr(sepify.model.save, "STREAM_CHUNK", 1 << 20)
     w = rand([256, 256, 5, 5])  # 6.5 MB
     folder = tmp_path / "m"
     folder.mkdir()
     model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[2, 2, 2, 2])],
                        [vi("x", [1, 256, 4, 4])], [vi("y", [1, 256, 4, 4])], [init("w", w)])
     src = _save_external(model, folder / "m.onnx")
-    loaded = sepify.load.load_model(src)
+    loaded = sepify.model.load.load_model(src)
     tracemalloc.start()
     try:
-        sepify.save.save_model(loaded.model, tmp_path / "o.onnx", external=True, source=loaded)
+        sepify.model.save.save_model(loaded.model, tmp_path / "o.onnx", external=True, source=loaded)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -827,15 +827,15 @@ def test_saving_a_mapped_model_streams_its_weights(tmp_path, monkeypatch):
 
 
 def test_mapped_model_saved_to_one_file_or_in_place(tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr(sepify.load, "MAP_EXTERNAL_OVER", 0)
+    monkeypatch.setattr(sepify.model.load, "MAP_EXTERNAL_OVER", 0)
     folder = tmp_path / "in"
     folder.mkdir()
     src = _save_external(onnx.load(str(LOWRANK)), folder / "m.onnx", location="m.onnx.data")
     feeds = random_feeds(onnx.load(str(LOWRANK)))
     want = session(LOWRANK).run(None, feeds)
     # explicitly one file: the mapped weights are read in
-    loaded = sepify.load.load_model(src)
-    sepify.save.save_model(loaded.model, tmp_path / "single.onnx", external=False, source=loaded)
+    loaded = sepify.model.load.load_model(src)
+    sepify.model.save.save_model(loaded.model, tmp_path / "single.onnx", external=False, source=loaded)
     assert not (tmp_path / "single.onnx.data").exists()
     assert_matches(want, session(tmp_path / "single.onnx").run(None, feeds))
     # in place: the data file it reads from is replaced only once the new one is complete

@@ -16,12 +16,12 @@ import pytest
 from onnx import TensorProto, helper
 
 import sepify
-from sepify.bench import benchmark
-from sepify.calibrate import load_calibration
+from sepify.pipeline.bench import benchmark
+from sepify.calibration.calibrate import load_calibration
 from sepify.cli import main
 from sepify.errors import UsageError
-from sepify.shapes import cast_input_value
-from sepify.verify import model_inputs, verify
+from sepify.model.shapes import cast_input_value
+from sepify.pipeline.verify import model_inputs, verify
 
 from conftest import init, make_model, rand, vi
 
@@ -118,7 +118,7 @@ def test_random_feeds_never_take_the_16k_branch(model):
 
 
 def test_fixed_value_leaves_other_random_inputs_alone(model):
-    from sepify.load import load_model
+    from sepify.model.load import load_model
 
     loaded = load_model(model)
     plain, src = model_inputs(loaded, seed=3)

@@ -17,13 +17,13 @@ from onnx import helper, numpy_helper
 
 import sepify
 from sepify import Policy
-from sepify.bench import Rounds, interleaved_times, round_order
+from sepify.pipeline.bench import Rounds, interleaved_times, round_order
 from sepify.cli import main
-from sepify.factorize import LOWERINGS, factor, lower, lowering_kinds, stages_macs
-from sepify.plan import realize
-from sepify.rewrite import _cast
-from sepify.verify import make_session
-from sepify.latency import (
+from sepify.core.factorize import LOWERINGS, factor, lower, lowering_kinds, stages_macs
+from sepify.pipeline.plan import realize
+from sepify.pipeline.rewrite import _cast
+from sepify.pipeline.verify import make_session
+from sepify.pipeline.latency import (
     SINGLE,
     candidate_lowerings,
     isolated_model,
@@ -140,7 +140,7 @@ def test_concat_structure_dw_pw():
 def test_lowered_macs_and_kinds():
     rng = np.random.default_rng(0)
     case = Case("m", "dw-pw", 3, 8, 16, (12, 12), (3, 3), attrs=P1)
-    from sepify.geometry import ConvGeometry
+    from sepify.core.geometry import ConvGeometry
 
     geo = ConvGeometry(batch=1, c_in=8, c_out=16, group=1, kernel=(3, 3), in_spatial=(12, 12), out_spatial=(12, 12),
                        strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1))
@@ -382,7 +382,7 @@ def test_contended_rounds_are_set_aside_when_enough_are_clean():
 
 
 def test_a_node_onnxruntime_cannot_run_is_kept_with_the_error(monkeypatch):
-    import sepify.latency as latency
+    import sepify.pipeline.latency as latency
 
     def refuse(*a, **k):
         raise sepify.SepifyError("onnxruntime cannot load the model: nope")
@@ -397,7 +397,7 @@ def test_a_node_onnxruntime_cannot_run_is_kept_with_the_error(monkeypatch):
 
 
 def test_benchmark_records_its_timing_conditions(tmp_path):
-    from sepify.bench import benchmark
+    from sepify.pipeline.bench import benchmark
 
     model = _stack_model()
     out, _ = sepify.rewrite(model)

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sepify
 from sepify.errors import ModelLoadError, SepifyError, ShapeError, UsageError
-from sepify.load import load_model
+from sepify.model.load import load_model
 
 from conftest import init, make_conv_model, make_model, rand, vi
 
@@ -484,7 +484,7 @@ def test_endless_device_file_is_refused_not_read_forever():
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
         from sepify.errors import SepifyError
-        from sepify.load import load_model
+        from sepify.model.load import load_model
         try:
             load_model("/dev/zero")
         except SepifyError as exc:
@@ -573,7 +573,7 @@ def test_external_data_inside_an_if_branch_loads_from_any_working_directory(tmp_
 
 
 def test_light_copy_for_the_checker_keeps_each_tensor_rank():
-    from sepify.load import iter_all_tensors, light_copy
+    from sepify.model.load import iter_all_tensors, light_copy
 
     model = make_conv_model([1, 4, 8, 8], [8, 4, 3, 3])
     copy = light_copy(model, checkable=True)

@@ -84,7 +84,7 @@ def test_dequantize_linear_weight_folds_at_every_opset(opset):
     conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
     model = make_model([dq, conv], [vi("x", X)], [vi("y", [1, 4, 8, 8])],
                        [init("wq", q), init("ws", scale), init("wz", zp)], opset=opset)
-    from sepify.graph import GraphView
+    from sepify.model.graph import GraphView
 
     view = GraphView(model)
     info = view.constant("w", next(r for r in view.nodes if r.op_type == "Conv"))

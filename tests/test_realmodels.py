@@ -306,7 +306,7 @@ def _cli_shape_args(entry: dict) -> list[str]:
 def test_cli_json_matches_api(entry):
     report = sepify.audit(entry["path"], entry["inputs"], input_values=entry.get("input_values"), spectra=False)
     exe = shutil.which("sepify")
-    cmd = [*([exe] if exe else [sys.executable, "-m", "sepify.cli"]),
+    cmd = [*([exe] if exe else [sys.executable, "-m", "sepify"]),
            "audit", entry["path"], "--format", "json", *_cli_shape_args(entry)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -348,8 +348,8 @@ def test_input_value_sizes_the_branch_it_takes(entry, sr):
     assert report.totals.unknown_cost_nodes == len(not_run)
     # Gemm/MatMul: every one that runs (main graph and the taken branch, e.g. the op18 export's
     # then_branch/node_linear_1) is sized as its operands' real shapes say.
-    from sepify.audit import analyze_model
-    from sepify.cost import matmul_macs
+    from sepify.pipeline.audit import analyze_model
+    from sepify.model.cost import matmul_macs
 
     model = onnx.load(entry["path"])
     model.ir_version = min(model.ir_version, ORT_MAX_IR)

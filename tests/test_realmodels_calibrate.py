@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from sepify.calibrate import calibrated_rewrite, fold_batchnorms
-from sepify.plan import Policy
-from sepify.verify import make_session
+from sepify.calibration.calibrate import calibrated_rewrite, fold_batchnorms
+from sepify.pipeline.plan import Policy
+from sepify.pipeline.verify import make_session
 
 pytestmark = pytest.mark.realmodels
 REPO = Path(__file__).resolve().parents[1]

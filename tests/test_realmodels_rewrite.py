@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 import sepify
-from sepify.verify import verify
+from sepify.pipeline.verify import verify
 
 pytestmark = pytest.mark.realmodels
 

@@ -1,4 +1,4 @@
-"""sepify.rewrite: exact constructions rewritten losslessly, lossy policies, graph plumbing.
+"""sepify.pipeline.rewrite: exact constructions rewritten losslessly, lossy policies, graph plumbing.
 
 Every "exact" weight is built in float64 as an exact low-rank product for the scheme under
 test and cast to float32 once.  The rewritten model must then reproduce the ORIGINAL model's
@@ -827,7 +827,7 @@ def test_ir3_model_lists_new_initializers_as_inputs(calibrated):
     """IR 3 requires initializers to be graph inputs too.  graphsurgeon's export dropped them from
     the inputs and the factor weights were never listed, so the written model failed the ONNX
     checker (and ``rewrite --verify`` exited 2 on its own output)."""
-    from sepify.calibrate import calibrated_rewrite
+    from sepify.calibration.calibrate import calibrated_rewrite
 
     model = _ir3_conv_bn_model()
     if calibrated:
@@ -1395,7 +1395,7 @@ def test_include_exclude_min_macs(policy, rewritten, kept):
 
 
 def test_edited_plan_is_honoured():
-    """A Plan from sepify.plan, edited (scheme/rank/action), drives the rewrite."""
+    """A Plan from sepify.pipeline.plan, edited (scheme/rank/action), drives the rewrite."""
     model = _three_exact_convs()
     p = sepify.plan(model)
     assert [n.action for n in p.nodes] == ["rewrite"] * 3

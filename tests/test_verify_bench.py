@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import sepify
-from sepify.bench import benchmark
+from sepify.pipeline.bench import benchmark
 from sepify.cli import main
-from sepify.verify import compare_tensors, verify
+from sepify.pipeline.verify import compare_tensors, verify
 
 SAMPLES = "sample_models"
 
@@ -117,7 +117,7 @@ def test_float16_lossless_rewrite_passes_verify(tmp_path, capsys):
     are used as given."""
     import onnx
 
-    from sepify.verify import LOW_PRECISION_ULPS, default_tolerance
+    from sepify.pipeline.verify import LOW_PRECISION_ULPS, default_tolerance
 
     rng = np.random.default_rng(0)
     exact = np.einsum("nc,ck->nck", rng.standard_normal((32, 1)), rng.standard_normal((1, 9))) \

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 

@@ -10,7 +10,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .audit import AuditReport, NodeAudit, _json_default
+from ..pipeline.audit import AuditReport, NodeAudit, _json_default
 
 CSV_FIELDS = [
     "model", "name", "op_type", "group", "kernel_shape", "strides", "pads", "dilations", "input_shape",
@@ -193,7 +193,7 @@ def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", t
 
 
 def render_rewrite(report, written_to: str | None = None, width: int = 160) -> str:
-    from .rewrite import RewriteReport
+    from ..pipeline.rewrite import RewriteReport
 
     assert isinstance(report, RewriteReport)
     buf = io.StringIO()

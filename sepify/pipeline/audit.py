@@ -9,10 +9,10 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from . import __version__
-from .cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs, matmul_operands
-from .errors import ShapeError
-from .factorize import (
+from ..version import __version__
+from ..model.cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs, matmul_operands
+from ..errors import ShapeError
+from ..core.factorize import (
     NEAR_EXACT_TOL,
     SCHEMES,
     chained_macs,
@@ -25,10 +25,10 @@ from .factorize import (
     certify_tail,
     stages_macs,
 )
-from .geometry import ConvGeometry, prod
-from .graph import MATMUL_OPS, GraphView
-from .load import LoadedModel, ModelSource, iter_all_tensors, load_model
-from .shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, input_values_record, normalize_input_shapes,
+from ..core.geometry import ConvGeometry, prod
+from ..model.graph import MATMUL_OPS, GraphView
+from ..model.load import LoadedModel, ModelSource, iter_all_tensors, load_model
+from ..model.shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, input_values_record, normalize_input_shapes,
                      resolve_input_shapes, resolve_input_values)
 
 SCHEMA_VERSION = 1

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
-from .errors import UsageError
-from .graph import list_initializers_as_inputs
-from .factorize import LOWERINGS, Lowered, Stage, lower, lowering_kinds, relative_error, stages_macs
-from .load import ModelSource, ort_max_ir_version
+from ..version import __version__
+from ..errors import UsageError
+from ..model.graph import list_initializers_as_inputs
+from ..core.factorize import LOWERINGS, Lowered, Stage, lower, lowering_kinds, relative_error, stages_macs
+from ..model.load import ModelSource, ort_max_ir_version
 from .plan import Plan, Policy, plan as make_plan, realize
 
 METADATA_KEY = "sepify"
@@ -97,8 +97,8 @@ class _Names:
     """Fresh node and tensor names derived from the original, never colliding."""
 
     def __init__(self, model: onnx.ModelProto):
-        from .load import iter_all_tensors
-        from .graph import GraphView
+        from ..model.load import iter_all_tensors
+        from ..model.graph import GraphView
 
         view = GraphView(model)
         self.used = {r.node.name for r in view.nodes} | set(view.producer) | set(view.consumers)
@@ -188,7 +188,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
 def _check_edit(np_, spec, view) -> None:
     """A hand-edited plan entry must still describe a rewrite sepify can build."""
     from .audit import check_weight, scheme_reason
-    from .factorize import SCHEMES
+    from ..core.factorize import SCHEMES
 
     where = f"plan for {np_.qualified_name}"
     if np_.scheme not in SCHEMES:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .calibrate import CalibrationSet, Calibrator, load_calibration
-from .errors import UsageError
+from ..errors import UsageError
 
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
@@ -95,7 +95,7 @@ def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGET
     """Calibrated (and weight-only) conv MACs vs drift at each budget; see the module docstring.
     ``input_values``: as for :func:`sepify.calibrate.calibrate` (a given ``calibrator`` holds its own)."""
     from .calibrate import DEFAULT_ROWS
-    from .plan import Policy
+    from ..pipeline.plan import Policy
 
     policy = policy or Policy()
     cal = calibrator or Calibrator(model, policy, data, input_shapes, allocation="sensitivity", samples=samples,
@@ -132,7 +132,7 @@ def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGET
 
 
 def _macs_saved(cal: Calibrator, choices) -> int:
-    from .factorize import scheme_stages, stages_macs
+    from ..core.factorize import scheme_stages, stages_macs
 
     saved = 0
     for name, (scheme, r, *order) in choices.items():
@@ -145,8 +145,8 @@ def _macs_saved(cal: Calibrator, choices) -> int:
 
 
 def _latency(cal: Calibrator, results, solved, runs: int) -> dict[str, Any]:
-    from .bench import benchmark
-    from .rewrite import rewrite
+    from ..pipeline.bench import benchmark
+    from ..pipeline.rewrite import rewrite
 
     final_model, final_plan, _ = cal.finish(results, solved)
     rewritten, _ = rewrite(final_plan)

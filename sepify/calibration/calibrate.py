@@ -46,12 +46,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import UsageError
-from .factorize import (SCHEMES, Stage, compose, exact_tolerance, factor, scheme_stages, split_kernel_stage,
+from ..errors import UsageError
+from ..core.factorize import (SCHEMES, Stage, compose, exact_tolerance, factor, scheme_stages, split_kernel_stage,
                         stages_macs)
-from .geometry import ConvGeometry, prod
-from .graph import GraphView, attr, list_initializers_as_inputs
-from .load import LoadedModel, ModelSource, load_model
+from ..core.geometry import ConvGeometry, prod
+from ..model.graph import GraphView, attr, list_initializers_as_inputs
+from ..model.load import LoadedModel, ModelSource, load_model
 
 DEFAULT_SAMPLES = 32  # random calibration samples / cap on real ones
 DEFAULT_ROWS = 4096  # sampled output positions per layer
@@ -154,8 +154,8 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
     ``input_values`` (see :func:`sepify.audit`) fix those inputs of random samples; given data wins
     and must agree with them.
     """
-    from .shapes import cast_input_values, check_values_agree, normalize_input_shapes, resolve_input_shapes
-    from .shapes import resolve_input_values
+    from ..model.shapes import cast_input_values, check_values_agree, normalize_input_shapes, resolve_input_shapes
+    from ..model.shapes import resolve_input_values
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     view = GraphView(loaded.model)
@@ -242,7 +242,7 @@ def _fresh(used: set[str], base: str) -> str:
 
 
 def _all_names(model: onnx.ModelProto) -> set[str]:
-    from .load import iter_all_tensors
+    from ..model.load import iter_all_tensors
 
     view = GraphView(model)
     used = {r.node.name for r in view.nodes} | set(view.producer) | set(view.consumers)
@@ -706,7 +706,7 @@ class WorkingModel:
         bt.CopyFrom(self.original[name][1])
 
     def session(self, extra_outputs: Sequence[str] = (), threads: int | None = None):
-        from .verify import make_session
+        from ..pipeline.verify import make_session
 
         return make_session(self.model, extra_outputs, threads=threads)
 
@@ -940,7 +940,7 @@ def _run_rows(layer: Layer, start: int, b: int, rows: int, samples: int, seed: i
 
 def _systems(layer: Layer, schemes: Sequence[str]):
     """Per scheme: (r_max, SVD stages at r_max, candidate ranks, MACs) for a layer."""
-    from .audit import scheme_reason
+    from ..pipeline.audit import scheme_reason
 
     out = {}
     for s in schemes:
@@ -1381,7 +1381,7 @@ def _layers_from_plan(the_plan, names: Iterable[str] | None = None) -> list[Laye
 def _input_shapes_of(model: onnx.ModelProto, calib: CalibrationSet, input_shapes) -> dict[str, list[int]]:
     """The shapes the plan is made at: the user's (resolved), else the calibration samples' (batch 1
     where the batch dim is symbolic), so every conv's geometry matches the activations."""
-    from .shapes import normalize_input_shapes, resolve_input_shapes
+    from ..model.shapes import normalize_input_shapes, resolve_input_shapes
 
     view = GraphView(model)
     names = [i.name for i in view.main_inputs]
@@ -1447,7 +1447,7 @@ class Calibrator:
                  seed: int = 0, value_range: tuple[float, float] | None = None, batch: int = DEFAULT_BATCH,
                  fold_bn: bool = True, drift_metric: str = "channel", progress: bool = False,
                  input_values=None):
-        from .plan import Policy, plan as make_plan
+        from ..pipeline.plan import Policy, plan as make_plan
 
         if allocation not in ("sensitivity", "plan"):
             raise UsageError(f"unknown allocation {allocation!r} (sensitivity, plan)")
@@ -1519,7 +1519,7 @@ class Calibrator:
 
     def weight_only_choices(self, budget: float) -> dict[str, tuple[str, int]]:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
-        from .plan import plan as make_plan
+        from ..pipeline.plan import plan as make_plan
 
         p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget),
                       self.shapes, input_values=self.input_values)
@@ -1565,7 +1565,7 @@ class Calibrator:
     def finish(self, results: dict[str, LayerResult], solved: dict[str, tuple[list[Stage], np.ndarray]]):
         """The model to rewrite (BatchNorms folded only where a conv is rewritten, calibrated dense
         weights in) and a plan on it that :func:`sepify.rewrite.rewrite` realizes."""
-        from .plan import Policy, plan as make_plan
+        from ..pipeline.plan import Policy, plan as make_plan
 
         policy = self.policy
         bn_of = {f["conv"]: f["bn"] for f in self.folded}
@@ -1628,7 +1628,7 @@ def _factor(layer: Layer, scheme: str, r: int, vertical_first: bool | None = Non
 
 
 def make_reference_session(model: onnx.ModelProto):
-    from .verify import make_session
+    from ..pipeline.verify import make_session
 
     return make_session(model)
 
@@ -1649,7 +1649,7 @@ def calibrate(model: ModelSource | LoadedModel, policy=None, data: Any = "random
     ``input_values`` (see :func:`sepify.audit`) fix those inputs in random data and in the plans'
     shape fallback; calibration data that holds them must agree.
     """
-    from .plan import Policy
+    from ..pipeline.plan import Policy
 
     policy = policy or Policy()
     if max_drift is not None and not max_drift >= 0:
@@ -1701,7 +1701,7 @@ def calibrated_rewrite(model: ModelSource | LoadedModel, policy=None, data: Any 
     ``weight_error`` is against the original (BatchNorm-folded) weight and ``planned_error`` is the
     layer's relative output error on the calibration data.
     """
-    from .rewrite import METADATA_KEY, rewrite
+    from ..pipeline.rewrite import METADATA_KEY, rewrite
 
     result = calibrate(model, policy, data, input_shapes, **kw)
     kwargs = {"lowering": lowering} if lowering is not None else {}

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .load import tensor_array
 
 CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")

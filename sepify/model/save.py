@@ -10,7 +10,7 @@ from typing import Iterator
 
 from onnx.external_data_helper import ExternalDataInfo
 
-from .errors import UsageError
+from ..errors import UsageError
 from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version
 
 

@@ -10,8 +10,8 @@ import math
 import time
 from typing import Any, Sequence
 
-from . import __version__
-from .report import human
+from ..version import __version__
+from .text import human
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 SCHEME_COLORS = {"dw-pw": "#1f77b4", "pw-dw": "#2ca02c", "spatial": "#9467bd"}

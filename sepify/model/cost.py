@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .geometry import ConvGeometry, conv_out_spatial, conv_transpose_out_spatial, explicit_pads, prod
+from ..core.geometry import ConvGeometry, conv_out_spatial, conv_transpose_out_spatial, explicit_pads, prod
 from .graph import GraphView, NodeRef, attr
 from .shapes import ShapeTable
 

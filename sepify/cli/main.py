@@ -13,8 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_INTERNAL, EXIT_OK, SepifyError, UsageError
+from ..version import __version__
+from ..errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_INTERNAL, EXIT_OK, SepifyError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="OUT", help="where to write the rewritten model")
     r.add_argument("--in-place", action="store_true", help="overwrite MODEL (only when asked)")
     _add_shape_args(r)
-    from .calibcli import add_policy_args
+    from .calibration import add_policy_args
 
     add_policy_args(r)
     r.add_argument("--lowering", choices=("branches", "grouped", "concat"), default=None,
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="compare original and rewritten outputs after writing")
     r.add_argument("--bench", action="store_true", help="time original vs rewritten after writing")
     _add_tolerance_args(r)
-    from .calibcli import add_calibration_args
+    from .calibration import add_calibration_args
 
     add_calibration_args(r)
 
@@ -103,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cold", action="store_true",
                    help="time each run right after the other model's (no untimed re-warm run per round)")
     b.add_argument("--format", choices=("table", "json"), default="table")
-    from .calibcli import add_commands
+    from .calibration import add_commands
 
     add_commands(sub, _add_shape_args)
     return parser
 
 
 def _add_tolerance_args(p: argparse.ArgumentParser) -> None:
-    from .verify import DEFAULT_ATOL, DEFAULT_RTOL, LOW_PRECISION_ULPS
+    from ..pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL, LOW_PRECISION_ULPS
 
     p.add_argument("--atol", type=float, default=None,
                    help=f"absolute tolerance (default {DEFAULT_ATOL}; float16 outputs: {LOW_PRECISION_ULPS}·eps·max|a|)")
@@ -119,8 +119,8 @@ def _add_tolerance_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .report import render_drift
-    from .verify import verify
+    from ..render.text import render_drift
+    from ..pipeline.verify import verify
 
     report = verify(args.original, args.rewritten, args.inputs, args.input_shape or None,
                     input_values=args.input_value or None, seed=args.seed, atol=args.atol, rtol=args.rtol,
@@ -130,8 +130,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import benchmark
-    from .report import render_bench
+    from ..pipeline.bench import benchmark
+    from ..render.text import render_bench
 
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
@@ -144,7 +144,7 @@ def cmd_bench(args) -> int:
 
 
 def _policy_from_args(args):
-    from .plan import Policy
+    from ..pipeline.plan import Policy
 
     return Policy.from_args(
         lossless=args.lossless, tol=args.tol, rank=args.rank, budget=args.budget, scheme=args.scheme,
@@ -153,10 +153,10 @@ def _policy_from_args(args):
 
 
 def cmd_rewrite(args) -> int:
-    from .load import load_model
-    from .report import render_rewrite
-    from .rewrite import rewrite
-    from .save import check_writable, save_model, same_file, write_text_atomic
+    from ..model.load import load_model
+    from ..render.text import render_rewrite
+    from ..pipeline.rewrite import rewrite
+    from ..model.save import check_writable, save_model, same_file, write_text_atomic
 
     policy = _policy_from_args(args)
     if args.threads is not None and args.threads < 1:
@@ -175,7 +175,7 @@ def cmd_rewrite(args) -> int:
     for target in ([] if args.dry_run else [args.output]) + ([args.report] if args.report else []) + \
             ([args.html] if args.html else []):
         check_writable(target)  # before any work: a bad target must not leave a model written
-    from .calibcli import run_calibrated_rewrite, wants_calibration, write_rewrite_html
+    from .calibration import run_calibrated_rewrite, wants_calibration, write_rewrite_html
 
     if wants_calibration(args):
         return run_calibrated_rewrite(args)
@@ -196,22 +196,22 @@ def cmd_rewrite(args) -> int:
     if args.format == "json":
         sys.stdout.write(report.to_json() + "\n")
     else:
-        from .latency import render_latency
+        from ..pipeline.latency import render_latency
 
         sys.stdout.write(render_rewrite(report, args.output if not args.dry_run else None) + render_latency(report))
     status = EXIT_OK
     if (args.verify or args.bench) and not args.dry_run:
-        from .report import render_bench, render_drift
+        from ..render.text import render_bench, render_drift
 
         if args.verify:
-            from .verify import verify
+            from ..pipeline.verify import verify
 
             drift = verify(args.model, args.output, input_shapes=args.input_shape or None,
                            input_values=args.input_value or None, atol=args.atol, rtol=args.rtol)
             sys.stdout.write(render_drift(drift))
             status = EXIT_OK if drift.passed else EXIT_DRIFT
         if args.bench:
-            from .bench import benchmark
+            from ..pipeline.bench import benchmark
 
             sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
                                                     input_values=args.input_value or None, threads=args.threads)))
@@ -235,8 +235,8 @@ def _expand_models(items: Sequence[str]) -> list[Path]:
 
 
 def cmd_audit(args) -> int:
-    from .audit import audit
-    from .report import render_audit
+    from ..pipeline.audit import audit
+    from ..render.text import render_audit
 
     if args.top is not None and args.top < 1:
         raise UsageError("--top needs a positive number of nodes")
@@ -254,7 +254,7 @@ def cmd_audit(args) -> int:
     if reports:
         text = render_audit(reports, args.format, args.sort, args.top)
         if args.output and not failed:
-            from .save import write_text_atomic
+            from ..model.save import write_text_atomic
 
             write_text_atomic(args.output, text)
         else:
@@ -279,13 +279,13 @@ def _print_error(exc: BaseException, path: Path | None = None) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .calibcli import cmd_plan as run
+    from .calibration import cmd_plan as run
 
     return run(args)
 
 
 def cmd_report(args) -> int:
-    from .calibcli import cmd_report as run
+    from .calibration import cmd_report as run
 
     return run(args)
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import ModelLoadError, ShapeError, UsageError
+from ..errors import ModelLoadError, ShapeError, UsageError
 from .graph import GraphView, iter_subgraphs
 from .load import PROTOBUF_LIMIT, light_copy, ort_max_ir_version
 

@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import UsageError
-from .factorize import LOWERINGS, Lowered, lower, lowering_kinds
-from .load import ort_max_ir_version
+from ..errors import UsageError
+from ..core.factorize import LOWERINGS, Lowered, lower, lowering_kinds
+from ..model.load import ort_max_ir_version
 from .plan import Plan, Policy, realize
 
 MIN_RUNS = 10

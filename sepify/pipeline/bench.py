@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from .audit import audit
-from .load import LoadedModel, ModelSource, load_model
-from .errors import UsageError
-from .shapes import SPINNING, ort_session
+from ..model.load import LoadedModel, ModelSource, load_model
+from ..errors import UsageError
+from ..model.shapes import SPINNING, ort_session
 from .verify import model_inputs
 
 

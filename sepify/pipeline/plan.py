@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from .audit import ModelAnalysis, analyze_model, check_weight, scheme_reason
-from .cost import ConvSpec
-from .errors import UsageError
-from .factorize import (
+from ..model.cost import ConvSpec
+from ..errors import UsageError
+from ..core.factorize import (
     SCHEMES,
     Stage,
     chained_macs,
@@ -43,8 +43,8 @@ from .factorize import (
     split_kernel_stage,
     stages_macs,
 )
-from .geometry import ConvGeometry
-from .shapes import input_values_record
+from ..core.geometry import ConvGeometry
+from ..model.shapes import input_values_record
 
 POLICY_MODES = ("lossless", "tol", "rank", "budget")
 
@@ -279,7 +279,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
             np_.exact_tolerance = st.tol_exact
             np_.dtype = str(st.weight.dtype)
         else:
-            from .cost import conv_cost
+            from ..model.cost import conv_cost
 
             np_.macs = conv_cost(spec, an.table, None, 0).macs
         if reason is not None:

@@ -24,10 +24,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import UsageError
-from .graph import GraphView
-from .load import LoadedModel, ModelSource, load_model
-from .shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
+from ..errors import UsageError
+from ..model.graph import GraphView
+from ..model.load import LoadedModel, ModelSource, load_model
+from ..model.shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
                      ort_session, random_inputs, resolve_input_shapes, resolve_input_values)
 
 DEFAULT_ATOL = 1e-4

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EXIT_DRIFT, EXIT_OK, SepifyError, UsageError
+from ..errors import EXIT_DRIFT, EXIT_OK, SepifyError, UsageError
 
 
 def add_calibration_args(p: argparse.ArgumentParser, *, html: bool = True) -> None:
@@ -72,7 +72,7 @@ def calibration_kwargs(args) -> dict:
 
 
 def _policy(args):
-    from .cli import _policy_from_args
+    from .main import _policy_from_args
 
     return _policy_from_args(args)
 
@@ -82,10 +82,10 @@ def _policy(args):
 # ----------------------------------------------------------------------------------------------
 def run_calibrated_rewrite(args) -> int:
     """``sepify rewrite … --calibrate DATA``: plan, calibrate, rewrite, save, then the usual extras."""
-    from .calibrate import calibrated_rewrite
-    from .load import load_model
-    from .report import render_drift, render_rewrite
-    from .save import save_model, write_text_atomic
+    from ..calibration.calibrate import calibrated_rewrite
+    from ..model.load import load_model
+    from ..render.text import render_drift, render_rewrite
+    from ..model.save import save_model, write_text_atomic
 
     if getattr(args, "only_faster", False):
         raise UsageError("--only-faster cannot be combined with --calibrate yet")
@@ -115,15 +115,15 @@ def run_calibrated_rewrite(args) -> int:
     status = EXIT_OK
     drift = None
     if args.verify and not args.dry_run:
-        from .verify import verify
+        from ..pipeline.verify import verify
 
         drift = verify(args.model, args.output, input_shapes=args.input_shape or None,
                        input_values=args.input_value or None, atol=args.atol, rtol=args.rtol, per_layer=bool(args.html))
         sys.stdout.write(render_drift(drift))
         status = EXIT_OK if drift.passed else EXIT_DRIFT
     if args.bench and not args.dry_run:
-        from .bench import benchmark
-        from .report import render_bench
+        from ..pipeline.bench import benchmark
+        from ..render.text import render_bench
 
         sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=args.input_shape or None,
                                                 input_values=args.input_value or None)))
@@ -149,9 +149,9 @@ def _g(v) -> str:
 
 def write_report(path, loaded, input_shapes=None, *, input_values=None, **parts) -> None:
     """Audit the model and write the HTML page with whatever ``parts`` were computed."""
-    from .audit import audit
-    from .htmlreport import render_html
-    from .save import write_text_atomic
+    from ..pipeline.audit import audit
+    from ..render.html import render_html
+    from ..model.save import write_text_atomic
 
     shapes = input_shapes
     for part in ("calibration", "sweep"):
@@ -212,7 +212,7 @@ def add_commands(sub, add_shape_args) -> None:
 
 
 def _sweep(args, loaded):
-    from .sweep import parse_budgets, sweep
+    from ..calibration.sweep import parse_budgets, sweep
 
     if not args.calibrate:
         raise UsageError("--sweep measures drift on data: add --calibrate DATA (or --calibrate random)")
@@ -226,11 +226,11 @@ def _sweep(args, loaded):
 def _in_memory(args, loaded):
     """(ModelProto, RewriteReport, CalibrationReport | None); nothing is written."""
     if wants_calibration(args):
-        from .calibrate import calibrated_rewrite
+        from ..calibration.calibrate import calibrated_rewrite
 
         return calibrated_rewrite(loaded, _policy(args), args.calibrate, args.input_shape or None,
                                   input_values=args.input_value or None, max_drift=args.max_drift, allocation=args.allocation, **calibration_kwargs(args))
-    from .rewrite import rewrite
+    from ..pipeline.rewrite import rewrite
 
     model, report = rewrite(loaded, _policy(args), args.input_shape or None, input_values=args.input_value or None)
     return model, report, None
@@ -239,9 +239,9 @@ def _in_memory(args, loaded):
 def cmd_plan(args) -> int:
     import json
 
-    from .load import load_model
-    from .report import render_rewrite
-    from .save import write_text_atomic
+    from ..model.load import load_model
+    from ..render.text import render_rewrite
+    from ..model.save import write_text_atomic
 
     if args.plot and args.sweep:
         import importlib.util
@@ -254,11 +254,11 @@ def cmd_plan(args) -> int:
         if args.format == "json":
             text = result.to_json() + "\n"
         else:
-            from .sweep import render_sweep
+            from ..calibration.sweep import render_sweep
 
             text = render_sweep(result)
         if args.plot:
-            from .sweep import plot_sweep
+            from ..calibration.sweep import plot_sweep
 
             plot_sweep(result, args.plot)
         if args.html:
@@ -286,8 +286,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .load import load_model
-    from .verify import verify
+    from ..model.load import load_model
+    from ..pipeline.verify import verify
 
     loaded = load_model(args.model)
     parts: dict = {}
@@ -312,7 +312,7 @@ def _verify_inputs(data, loaded):
     """One feed for ``verify``: the samples concatenated on the batch axis when it is symbolic, else the first."""
     import numpy as np
 
-    from .calibrate import load_calibration
+    from ..calibration.calibrate import load_calibration
 
     cs = load_calibration(data, loaded, samples=16)
     if len(cs.feeds) == 1:
