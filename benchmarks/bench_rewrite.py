@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 import sepify  # noqa: E402
 from sepify import Policy  # noqa: E402
 from sepify.pipeline.bench import CLEAN_WAIT_FRACTION, benchmark  # noqa: E402
-from sepify.core.factorize import LOWERINGS  # noqa: E402
+from sepify.core.lowering import LOWERINGS  # noqa: E402
 from environment import describe, load_average  # noqa: E402 (benchmarks/environment.py)
 
 OPSET, IR_VERSION = 17, 10

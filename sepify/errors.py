@@ -24,3 +24,12 @@ class ShapeError(SepifyError):
 
 class UsageError(SepifyError):
     """Bad command-line or API arguments."""
+
+
+class ParameterError(UsageError):
+    """An API parameter with a value it cannot take.  The message names the parameter
+    (``budget=2: must be a fraction in (0, 1]``); the CLI names the flag instead (``--budget 2: …``)."""
+
+    def __init__(self, param: str, value, problem: str):
+        self.param, self.value, self.problem = param, value, problem
+        super().__init__(f"{param}={value!r}: {problem}")

@@ -11,30 +11,18 @@ import pytest
 from onnx import helper
 
 from conftest import init, make_model, vi
-from sepify.calibration.calibrate import (
-    DriftMeter,
-    LayerProfile,
-    NormalEquations,
-    SchemeCurve,
-    allocate,
-    apply_stage,
-    calibrate,
-    calibrated_rewrite,
-    fold_batchnorms,
-    gather_patches,
-    last_stage_design,
-    load_calibration,
-    pack_last,
-    positions,
-    rank_curve,
-    rank_inner,
-    solve_ridge_cv,
-    truncate,
-    unpack_last,
-    waves,
-)
+from sepify.calibration.bnfold import fold_batchnorms
+from sepify.calibration.calibrate import calibrate, calibrated_rewrite
+from sepify.calibration.capture import DriftMeter
+from sepify.calibration.data import load_calibration
+from sepify.calibration.lstsq import (NormalEquations, apply_stage, gather_patches, last_stage_design, pack_last,
+                                      positions, rank_curve, rank_inner, solve_ridge_cv, unpack_last)
+from sepify.calibration.profiling import LayerProfile, SchemeCurve
+from sepify.calibration.solve import waves
+from sepify.core.allocate import greedy
+from sepify.core.schemes import get as get_scheme
+from sepify.core.stages import compose
 from sepify.errors import UsageError
-from sepify.core.factorize import compose, factor
 from sepify.core.geometry import ConvGeometry, conv_out_spatial, explicit_pads
 from sepify.pipeline.plan import Policy
 
@@ -97,7 +85,7 @@ def test_stage_chain_on_patches_equals_composed_weight(scheme, attrs):
     x_shape = [1, 4, 9, 8]
     w = rng.standard_normal((6, 4, 3, 3))
     geo = geometry(w, x_shape, **attrs)
-    stages = factor(w, geo, scheme, 2)
+    stages = get_scheme(scheme).factor(w, geo, 2)
     x = rng.standard_normal(x_shape)
     pos = np.arange(int(np.prod(geo.out_spatial)))
     patches = gather_patches(x, geo, np.zeros(len(pos), int), pos)
@@ -114,7 +102,7 @@ def test_stage_chain_on_patches_equals_composed_weight(scheme, attrs):
 # ----------------------------------------------------------------------------------------------
 def _exact_low_rank(scheme, rank, geo, rng):
     w = rng.standard_normal((geo.c_out, geo.c_in, *geo.kernel))
-    return compose(factor(w, geo, scheme, rank), geo)
+    return compose(get_scheme(scheme).factor(w, geo, rank), geo)
 
 
 @pytest.mark.parametrize("scheme", ["dw-pw", "pw-dw", "spatial"])
@@ -127,7 +115,7 @@ def test_least_squares_reproduces_exact_low_rank_weights(scheme, attrs):
     w = _exact_low_rank(scheme, 2, geo, rng)
     bias = rng.standard_normal(6)
     x = rng.standard_normal(x_shape)
-    stages = factor(w, geo, scheme, 2)
+    stages = get_scheme(scheme).factor(w, geo, 2)
     last = stages[-1]
     eq = NormalEquations(last.group, last.in_per_group * int(np.prod(last.kernel)), last.out_channels // last.group)
     n_out = int(np.prod(geo.out_spatial))
@@ -158,11 +146,11 @@ def test_rank_curve_matches_per_rank_solves(scheme):
     w = rng.standard_normal((8, 6, 3, 3))
     x = rng.standard_normal(x_shape) * np.linspace(3, 0.1, 6)[None, :, None, None]
     r_max = 4
-    big = factor(w, geo, scheme, r_max)
+    big = get_scheme(scheme).factor(w, geo, r_max)
     eqs = {}
     for r in (1, 2, 4):
-        st = truncate(big, geo, scheme, r_max, r) if r < r_max else big
-        np.testing.assert_allclose(compose(st, geo), compose(factor(w, geo, scheme, r), geo), atol=1e-9)
+        st = get_scheme(scheme).truncate(big, geo, r_max, r) if r < r_max else big
+        np.testing.assert_allclose(compose(st, geo), compose(get_scheme(scheme).factor(w, geo, r), geo), atol=1e-9)
         last = st[-1]
         eqs[r] = (st, NormalEquations(last.group, last.in_per_group * int(np.prod(last.kernel)),
                                       last.out_channels // last.group))
@@ -179,12 +167,12 @@ def test_rank_curve_matches_per_rank_solves(scheme):
     for i, r in enumerate((1, 2, 4)):
         st, eq = eqs[r]
         x0 = pack_last(st, np.zeros(8))
-        from sepify.calibration.calibrate import _solve, _sq_error
+        from sepify.calibration.lstsq import ridge_solve, sq_error
 
         eq.flush()
-        e = sum(_sq_error(_solve(eq.A[f], eq.B[f], x0, 1e-3), eq.A[1 - f], eq.B[1 - f], eq.yy[1 - f]) for f in (0, 1))
+        e = sum(sq_error(ridge_solve(eq.A[f], eq.B[f], x0, 1e-3), eq.A[1 - f], eq.B[1 - f], eq.yy[1 - f]) for f in (0, 1))
         assert errs[i] == pytest.approx(np.sqrt(e / eq.yy.sum()), rel=1e-6)
-        e0 = _sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0))
+        e0 = sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0))
         assert base[i] == pytest.approx(np.sqrt(e0 / eq.yy.sum()), rel=1e-6)
     assert errs[0] >= errs[1] >= errs[2] - 1e-9
 
@@ -268,7 +256,7 @@ def test_max_drift_bounds_the_measured_drift():
 
 
 def test_sensitivity_allocation_needs_a_budget_or_a_drift_bound():
-    with pytest.raises(UsageError, match="--budget F or --max-drift"):
+    with pytest.raises(UsageError, match="needs a budget or a max_drift"):
         calibrate(net(), Policy(mode="tol", tol=0.5), {"x": anisotropic(2, 1)}, allocation="sensitivity")
     res = calibrate(net(), Policy(mode="tol", tol=0.5), {"x": anisotropic(4, 1)})  # auto: the plan's ranks
     assert res.report.allocation == "plan"
@@ -420,14 +408,14 @@ def _profile(name, macs, s, points):
 def test_allocation_is_greedy_on_convex_hulls():
     a = _profile("a", 100, 1.0, [(1, 20, 0.5), (2, 40, 0.1), (3, 60, 0.05)])
     b = _profile("b", 100, 10.0, [(1, 30, 0.3), (2, 60, 0.1)])
-    picks, drift, spent = allocate({"a": a, "b": b}, 200, budget=0.7)
-    assert spent <= 140 and spent == sum(c.macs for c in picks.values()) + 100 * (2 - len(picks))
+    layers = {p.name: (p.macs, p.options()) for p in (a, b)}
+    res = greedy(layers, target=0.7 * 200, convex=True)
+    assert res.cost <= 140 and res.cost == sum(o.cost for o in res.chosen.values()) + 100 * (2 - len(res.chosen))
     # Cheapest drift per MAC first: layer a (s=1) gives up MACs before b (s=10).
-    assert "a" in picks
-    picks_d, drift_d, _ = allocate({"a": a, "b": b}, 200, max_drift=0.01)
-    assert drift_d <= 0.01
-    none, d0, s0 = allocate({"a": a, "b": b}, 200, max_drift=0.0)
-    assert none == {} and s0 == 200
+    assert "a" in res.chosen
+    assert greedy(layers, max_loss=0.01, convex=True).loss <= 0.01
+    none = greedy(layers, max_loss=0.0, convex=True)
+    assert none.chosen == {} and none.cost == 200
 
 
 def test_channel_metric_weighs_channels_alike():
@@ -442,11 +430,11 @@ def test_channel_metric_weighs_channels_alike():
 
 
 def test_waves_follow_dependencies():
-    from sepify.calibration.calibrate import _layers_from_plan
+    from sepify.calibration.layers import layers_from_plan
     from sepify.pipeline.plan import plan
 
     p = plan(net(), Policy(mode="rank", rank=1))
-    layers = _layers_from_plan(p)
+    layers = layers_from_plan(p)
     assert [[l.name for l in w] for w in waves(net(), layers)] == [["conv1"], ["conv2"], ["conv3"]]
 
 
@@ -556,7 +544,7 @@ def test_input_shape_strings_and_mismatches(tmp_path):
 
 def test_report_of_a_model_with_symbolic_spatial_dims_uses_the_data_shapes(tmp_path):
     """Like YOLOv8 exports (height/width symbolic): the audit table is made at the samples' shapes."""
-    from sepify.cli.calibration import write_report
+    from sepify.render.html import write_html_report as write_report
 
     m = net(batch="N", spatial=("H", "W"))
     out, report, cal = calibrated_rewrite(m, Policy(mode="budget", budget=0.6), {"x": anisotropic(4, 1)})

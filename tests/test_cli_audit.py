@@ -17,6 +17,7 @@ import pytest
 from onnx import helper
 
 from sepify.cli import main
+from sepify.serialize import SCHEMA_VERSION
 
 from conftest import init, make_conv_model, make_model, rand, vi
 
@@ -86,7 +87,7 @@ def test_json_schema(capsys, model_path):
     assert code == 0, err
     assert err == ""
     data = json.loads(out)
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == SCHEMA_VERSION
     assert "MACs" in data["convention"] and "C_in/group" in data["convention"]
     assert data["model"] == str(model_path)
     totals = data["totals"]
@@ -194,7 +195,7 @@ def test_output_file_replaces_existing(capsys, tmp_path, model_path):
     target = tmp_path / "r.json"
     target.write_text("old")
     assert main(["audit", str(model_path), "--format", "json", "-o", str(target)]) == 0
-    assert json.loads(target.read_text())["schema_version"] == 1
+    assert json.loads(target.read_text())["schema_version"] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("fmt", ["csv", "md", "table"])
@@ -229,7 +230,7 @@ def test_multiple_models_json(capsys, model_path, sobel_path):
     code, out, err = _run(capsys, "audit", model_path, sobel_path, "--format", "json")
     assert code == 0 and err == ""
     data = json.loads(out)
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == SCHEMA_VERSION
     assert [m["model"] for m in data["models"]] == [str(model_path), str(sobel_path)]
     assert data["models"][0]["totals"]["conv_macs"] == sum(MACS.values())
     assert data["models"][1]["totals"]["conv_macs"] == 1 * 1 * 16 * 16 * 1 * 3 * 3

@@ -16,8 +16,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import sepify
+from sepify.serialize import SCHEMA_VERSION
 from sepify.pipeline.bench import benchmark
-from sepify.calibration.calibrate import load_calibration
+from sepify.calibration.data import load_calibration
 from sepify.cli import main
 from sepify.errors import UsageError
 from sepify.model.shapes import cast_input_value
@@ -147,7 +148,7 @@ def test_reports_record_the_fixed_values(capsys, model, model_path):
         d = json.loads(report.to_json())
         assert d["input_values"] == recorded
         assert type(d["input_values"]["sr"]) is int
-        assert d["schema_version"] == 1 and d["input_shapes"] == {"x": [1, 3, 16, 16], "sr": []}
+        assert d["schema_version"] == SCHEMA_VERSION and d["input_shapes"] == {"x": [1, 3, 16, 16], "sr": []}
         assert report.input_values["sr"].dtype == np.int64  # the feeds themselves, at their shapes
         plan = sepify.plan(model, input_values=values)
         assert json.loads(plan.to_json())["input_values"] == recorded

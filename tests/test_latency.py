@@ -19,9 +19,10 @@ import sepify
 from sepify import Policy
 from sepify.pipeline.bench import Rounds, interleaved_times, round_order
 from sepify.cli import main
-from sepify.core.factorize import LOWERINGS, factor, lower, lowering_kinds, stages_macs
-from sepify.pipeline.plan import realize
-from sepify.pipeline.rewrite import _cast
+from sepify.core.lowering import LOWERINGS, lower, lowering_kinds
+from sepify.core.schemes import get as get_scheme
+from sepify.core.stages import stages_macs
+from sepify.pipeline.realize import factor_node, realize
 from sepify.pipeline.verify import make_session
 from sepify.pipeline.latency import (
     SINGLE,
@@ -29,8 +30,8 @@ from sepify.pipeline.latency import (
     isolated_model,
     lowered_model,
     measure_plan,
-    render_latency,
 )
+from sepify.render.text import render_latency
 
 from test_rewrite import (
     Case,
@@ -146,14 +147,14 @@ def test_lowered_macs_and_kinds():
                        strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1))
     w = rng.standard_normal((16, 8, 3, 3))
     for scheme in ("dw-pw", "pw-dw"):
-        stages = factor(w, geo, scheme, case.rank)
+        stages = get_scheme(scheme).factor(w, geo, case.rank)
         assert lowering_kinds(stages) == ["branches", "grouped", "concat"]
         for k in LOWERINGS:
             lw = lower(stages, k)
             assert lw.kind == k and lw.macs(geo) == stages_macs(geo, stages)
-        assert lowering_kinds(factor(w, geo, scheme, 1)) == []  # rank 1: one way to write it
+        assert lowering_kinds(get_scheme(scheme).factor(w, geo, 1)) == []  # rank 1: one way to write it
     with pytest.raises(ValueError):
-        lower(factor(w, geo, "dw-pw", 2), "bogus")
+        lower(get_scheme("dw-pw").factor(w, geo, 2), "bogus")
 
 
 def test_plan_lowering_edit_wins_and_bad_one_is_refused():
@@ -201,12 +202,11 @@ def test_isolated_model_has_the_conv_its_fused_relu_and_real_weights():
     full = make_session(model, ["r"]).run(["r"], feeds)[0]
     assert_matches([full], run(iso, feeds), rel=1e-6)
     # the rewritten chain (every lowering) computes the same as the isolated original
-    weight = an.view.constant("w", spec.ref).value
-    stages = _cast(realize(weight, spec.geometry(), plan.node("conv"), 0.0), weight.dtype)
-    cands = candidate_lowerings(stages, None)
+    rz = realize(an, spec, plan.node("conv"))
+    cands = candidate_lowerings(rz.stages, None)
     assert sorted(cands) == sorted(LOWERINGS)
     for lw in cands.values():
-        new = lowered_model(iso, spec, lw)
+        new = lowered_model(iso, rz, lw)
         assert "Relu" in [n.op_type for n in new.graph.node]
         assert_matches(run(iso, feeds), run(new, feeds), rel=1e-5)
 
@@ -223,12 +223,12 @@ def test_candidate_lowerings_single_and_restricted():
     plan = sepify.plan(build_case(case))
     an = plan.analysis
     spec = an.specs[0]
-    stages = realize(an.view.constant("w", spec.ref).value, spec.geometry(), plan.node("conv"), 0.0)
+    stages = factor_node(an.view.constant("w", spec.ref).value, spec.geometry(), plan.node("conv"), 0.0)
     assert list(candidate_lowerings(stages)) == [SINGLE]
     g2 = Case("g", "dw-pw", 2, 8, 16, (10, 10), (3, 3), group=2, attrs=P1)
     plan = sepify.plan(build_case(g2))
     spec = plan.analysis.specs[0]
-    stages = realize(plan.analysis.view.constant("w", spec.ref).value, spec.geometry(), plan.node("conv"), 0.0)
+    stages = factor_node(plan.analysis.view.constant("w", spec.ref).value, spec.geometry(), plan.node("conv"), 0.0)
     assert list(candidate_lowerings(stages)) == ["branches", "grouped"]  # no concat across groups
     assert list(candidate_lowerings(stages, ["concat"])) == ["branches"]  # its fallback
 

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
-from sepify.calibration.calibrate import calibrated_rewrite, fold_batchnorms
+from sepify.calibration.bnfold import fold_batchnorms
+from sepify.calibration.calibrate import calibrated_rewrite
 from sepify.pipeline.plan import Policy
 from sepify.pipeline.verify import make_session
 

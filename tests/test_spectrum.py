@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sepify.core import factorize as F
+from sepify.core import linalg as F
 import sepify
 
 

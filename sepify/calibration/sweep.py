@@ -15,13 +15,16 @@ computes — the same function as the rewritten graph, up to float rounding.
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
-from .calibrate import CalibrationSet, Calibrator, load_calibration
-from ..errors import UsageError
+from ..core.schemes import get as get_scheme
+from ..errors import ParameterError
+from ..pipeline.plan import Policy
+from ..serialize import SCHEMA_VERSION, dumps
+from .calibrate import DRIFT_DEFINITION, Calibrator, options_of
+from .data import CalibrationSet, load_calibration
+from .options import CalibrationOptions
 
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
@@ -57,22 +60,15 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "model": self.model, "data": self.data, "eval_data": self.eval_data, "drift_metric": self.drift_metric,
-            "drift_definition": "1 - cosine of each float output over all samples (channel: each output channel "
-                                "scaled to unit RMS first), mean over outputs",
+            "drift_definition": DRIFT_DEFINITION,
             "conv_macs": self.conv_macs, "input_shapes": self.input_shapes, "points": [p.to_dict() for p in self.points],
             "layers": self.layers, "seconds": self.seconds,
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_default)
-
-
-def _default(o):
-    try:
-        return o.item()
-    except AttributeError:
-        raise TypeError(type(o).__name__) from None
+        return dumps(self.to_dict())
 
 
 def parse_budgets(text: str | None) -> list[float]:
@@ -81,32 +77,30 @@ def parse_budgets(text: str | None) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--budgets {text!r}: give fractions like 0.9,0.7,0.5") from None
+        raise ParameterError("budgets", text, "give fractions like 0.9,0.7,0.5") from None
     if not values or any(not 0 < v <= 1 for v in values):
-        raise UsageError("--budgets: every budget must be a fraction in (0, 1]")
+        raise ParameterError("budgets", text, "every budget must be a fraction in (0, 1]")
     return sorted(set(values), reverse=True)
 
 
 def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGETS, input_shapes=None, *,
           policy=None, eval_data: Any = None, weight_only: bool = True, latency: bool = False,
-          latency_runs: int = 30, samples: int | None = None, rows: int | None = None, seed: int = 0,
-          drift_metric: str = "channel", progress: bool = False, calibrator: Calibrator | None = None,
-          input_values=None) -> SweepReport:
+          latency_runs: int = 30, calibrator: Calibrator | None = None, options: CalibrationOptions | None = None,
+          input_values=None, **kw) -> SweepReport:
     """Calibrated (and weight-only) conv MACs vs drift at each budget; see the module docstring.
-    ``input_values``: as for :func:`sepify.calibrate.calibrate` (a given ``calibrator`` holds its own)."""
-    from .calibrate import DEFAULT_ROWS
-    from ..pipeline.plan import Policy
 
+    ``options`` (or their fields as keywords) as for :func:`sepify.calibration.calibrate.calibrate`
+    — every option reaches the calibration the curve is made of; ``input_values`` likewise (a given
+    ``calibrator`` holds its own)."""
     policy = policy or Policy()
-    cal = calibrator or Calibrator(model, policy, data, input_shapes, allocation="sensitivity", samples=samples,
-                                   rows=rows or DEFAULT_ROWS, seed=seed, drift_metric=drift_metric, progress=progress,
-                                   input_values=input_values)
+    opts = replace(options_of(options, kw), allocation="sensitivity")
+    cal = calibrator or Calibrator(model, policy, data, input_shapes, options=opts, input_values=input_values)
     if not cal.profiles:
         cal.profile()
     evaluation: CalibrationSet = cal.calib
     if eval_data is not None:
         evaluation = eval_data if isinstance(eval_data, CalibrationSet) else load_calibration(
-            eval_data, cal.loaded, cal.shapes, seed=seed + 1, input_values=cal.input_values)
+            eval_data, cal.loaded, cal.shapes, seed=cal.seed + 1, input_values=cal.input_values)
     total = cal.conv_macs
     points = []
     for budget in budgets:
@@ -132,84 +126,24 @@ def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGET
 
 
 def _macs_saved(cal: Calibrator, choices) -> int:
-    from ..core.factorize import scheme_stages, stages_macs
-
     saved = 0
-    for name, (scheme, r, *order) in choices.items():
+    for name, (scheme, r, variant) in choices.items():
         layer = cal.by_name.get(name)
         if layer is not None:
-            vf = order[0] if order and scheme == "spatial" else None
-            stages = scheme_stages(layer.geo, scheme, r, vf) if vf is not None else scheme_stages(layer.geo, scheme, r)
-            saved += layer.geo.macs - stages_macs(layer.geo, stages)
+            saved += layer.geo.macs - get_scheme(scheme).macs(layer.geo, r, variant)
     return saved
 
 
 def _latency(cal: Calibrator, results, solved, runs: int) -> dict[str, Any]:
     from ..pipeline.bench import benchmark
-    from ..pipeline.rewrite import rewrite
+    from ..pipeline.rewrite import finish_rewrite
 
-    final_model, final_plan, _ = cal.finish(results, solved)
-    rewritten, _ = rewrite(final_plan)
+    realized, kept, _ = cal.realizations(results, solved)
+    rewritten, _ = finish_rewrite(cal.loaded, cal.policy.to_dict(), cal.conv_macs, realized, kept, cal.policy)
     rep = benchmark(cal.loaded.model, rewritten, runs=runs, warmup=3, input_shapes=cal.shapes,
                     input_values=cal.input_values, profile_runs=0)
     return {"runs": runs, "original_ms": rep.latency_a.median_ms,
             "rewritten_ms": rep.latency_b.median_ms if rep.latency_b else None, "speedup": rep.speedup}
 
 
-def render_sweep(report: SweepReport) -> str:
-    """The sweep as a rich table."""
-    import io
-
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{report.model}: conv MACs vs drift ({report.drift_metric}; eval on {report.eval_data})")
-    for col in ("budget", "MACs", "drift", "1-cos", "predicted", "weight-only MACs", "weight-only drift",
-                "weight-only 1-cos", "ratio", "latency"):
-        t.add_column(col, justify="right")
-    for p in report.points:
-        ratio = (p.drift_weight_only / p.drift) if p.drift_weight_only is not None and p.drift > 0 else None
-        lat = ""
-        if p.latency and "speedup" in p.latency and p.latency["speedup"] is not None:
-            lat = f"{p.latency['speedup']:.2f}x"
-        t.add_row(f"{p.budget:.2f}", f"{p.macs_ratio:.3f}", f"{p.drift:.2e}", f"{p.drift_cosine:.2e}",
-                  "" if p.predicted_drift is None else f"{p.predicted_drift:.2e}",
-                  "" if p.macs_ratio_weight_only is None else f"{p.macs_ratio_weight_only:.3f}",
-                  "" if p.drift_weight_only is None else f"{p.drift_weight_only:.2e}",
-                  "" if p.drift_cosine_weight_only is None else f"{p.drift_cosine_weight_only:.2e}",
-                  "" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x", lat)
-    buf = io.StringIO()
-    Console(file=buf, width=160, force_terminal=False).print(t)
-    return buf.getvalue()
-
-
-def plot_sweep(report: SweepReport, path, *, title: str | None = None) -> None:
-    """The curve as a PNG/SVG/PDF (by ``path``'s suffix) with matplotlib (``pip install sepify[plot]``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("plotting needs matplotlib: pip install 'sepify[plot]'") from None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
-    pts = report.points
-    for ax, key, label in ((axes[0], "drift", f"drift ({report.drift_metric})"),
-                           (axes[1], "drift_cosine", "1 − cosine (sepify verify)")):
-        ax.plot([p.macs_ratio for p in pts], [max(getattr(p, key), 1e-12) for p in pts], "o-", color="#1f77b4",
-                label="calibrated (sensitivity allocation + LS factors)")
-        wo = [p for p in pts if p.drift_weight_only is not None]
-        if wo:
-            ax.plot([p.macs_ratio_weight_only for p in wo], [max(getattr(p, key + "_weight_only")
-                    if key == "drift" else p.drift_cosine_weight_only, 1e-12) for p in wo], "s--", color="#d62728",
-                    label="weight-only SVD (spectral budget)")
-        ax.set_yscale("log")
-        ax.set_xlabel("conv MACs kept (fraction)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.invert_xaxis()
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title or f"{report.model.rsplit('/', 1)[-1]} — eval: {report.eval_data.rsplit('/', 1)[-1]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+__all__ = ["DEFAULT_BUDGETS", "SweepPoint", "SweepReport", "parse_budgets", "sweep"]

@@ -8,13 +8,13 @@ Subgraph nodes (If/Loop/Scan bodies) get a qualified name
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import onnx
 
 from ..errors import ModelLoadError
 from .load import tensor_array
+from .walk import subgraph_reads
 
 CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
@@ -109,29 +109,37 @@ class GraphView:
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), onnx.defs.onnx_opset_version()
         )
+        self._ordered: list[NodeRef] = []
         self._walk(model.graph, scope="", parent_scope=None, parent_node=None)
+        self.nodes = _preorder(self._ordered)
+        del self._ordered
         self._nx = None
 
     # -- construction -----------------------------------------------------------------
     def _walk(self, graph: onnx.GraphProto, scope: str, parent_scope: _Scope | None, parent_node: NodeRef | None) -> None:
-        sc = _Scope(graph=graph, parent=parent_scope)
-        sc.initializers = {t.name: t for t in graph.initializer}
-        sc.graph_inputs = {i.name for i in graph.input if i.name not in sc.initializers}
-        self._scope_of_graph[id(graph)] = sc
-        for index, node in enumerate(graph.node):
-            ref = NodeRef(node=node, graph=graph, scope=scope, index=index, parent=parent_node)
-            self.nodes.append(ref)
-            self._node_scope[id(node)] = sc
-            for out in node.output:
-                if out:
-                    self.producer[out] = ref
-            for inp in node.input:
-                if inp:
-                    self.consumers.setdefault(inp, []).append(ref)
-            for a in node.attribute:
-                subgraphs = [a.g] if a.HasField("g") else list(a.graphs)
-                for sub in subgraphs:
-                    self._walk(sub, f"{ref.qualified_name}/{a.name}", sc, ref)
+        """Index every node: a subgraph's nodes follow the node holding it (depth first), iteratively."""
+        pending: list[tuple] = [(graph, scope, parent_scope, parent_node)]
+        while pending:
+            g, sc_name, outer, parent = pending.pop()
+            sc = _Scope(graph=g, parent=outer)
+            sc.initializers = {t.name: t for t in g.initializer}
+            sc.graph_inputs = {i.name for i in g.input if i.name not in sc.initializers}
+            self._scope_of_graph[id(g)] = sc
+            nested: list[tuple] = []
+            for index, node in enumerate(g.node):
+                ref = NodeRef(node=node, graph=g, scope=sc_name, index=index, parent=parent)
+                self._ordered.append(ref)
+                self._node_scope[id(node)] = sc
+                for out in node.output:
+                    if out:
+                        self.producer[out] = ref
+                for inp in node.input:
+                    if inp:
+                        self.consumers.setdefault(inp, []).append(ref)
+                for a in node.attribute:
+                    for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+                        nested.append((sub, f"{ref.qualified_name}/{a.name}", sc, ref))
+            pending.extend(reversed(nested))
 
     def scope_of(self, ref: NodeRef) -> _Scope:
         return self._node_scope[id(ref.node)]
@@ -144,28 +152,24 @@ class GraphView:
     def conv_nodes(self) -> list[NodeRef]:
         return [r for r in self.nodes if r.op_type in CONV_OPS and r.node.domain in ("", "ai.onnx")]
 
-    def nx_graph(self):
-        """Node-level dataflow graph (subgraph nodes included; outer-scope reads become edges)."""
+    def dataflow(self):
+        """The main graph's node-level dataflow (networkx DiGraph on main-graph node indices): an edge
+        u → v when node v reads a tensor node u writes, directly or inside one of its subgraphs
+        (an If/Loop body reading an outer tensor makes the If/Loop node depend on its producer)."""
         import networkx as nx  # only here: importing it costs more than auditing a small model
 
         if self._nx is None:
+            nodes = list(self.model.graph.node)
+            producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
             g = nx.DiGraph()
-            for i, ref in enumerate(self.nodes):
-                g.add_node(i, ref=ref)
-            index = {id(r.node): i for i, r in enumerate(self.nodes)}
-            for i, ref in enumerate(self.nodes):
-                for inp in ref.node.input:
-                    prod = self.producer.get(inp)
-                    if prod is not None:
-                        g.add_edge(index[id(prod.node)], i, tensor=inp)
+            g.add_nodes_from(range(len(nodes)))
+            for i, n in enumerate(nodes):
+                for t in {*n.input, *subgraph_reads(n)}:
+                    u = producer.get(t)
+                    if u is not None and u != i:
+                        g.add_edge(u, i)
             self._nx = g
         return self._nx
-
-    def topological_order(self) -> list[NodeRef]:
-        import networkx as nx
-
-        g = self.nx_graph()
-        return [g.nodes[i]["ref"] for i in nx.topological_sort(g)]
 
     def shared_weights(self) -> dict[str, list[str]]:
         """Weight tensor name -> qualified names of the conv-like nodes reading it (only if more than one)."""
@@ -197,15 +201,45 @@ class GraphView:
         return False
 
     def constant(self, name: str, ref: NodeRef | None = None) -> ConstantInfo | None:
-        """The constant value of a tensor as seen from ``ref``'s scope, or None if it depends on inputs."""
+        """The constant value of a tensor as seen from ``ref``'s scope, or None if it depends on inputs.
+
+        Folding follows producers back to initializers and Constant nodes with an explicit stack (a
+        chain of thousands of nodes needs no recursion); a cycle in a malformed graph is "not constant".
+        """
         scope = self.scope_of(ref) if ref is not None else self._scope_of_graph[id(self.model.graph)]
         key = (id(scope), name)
-        if key not in self._const_cache:
-            self._const_cache[key] = None  # breaks cycles in malformed graphs
-            self._const_cache[key] = self._resolve_constant(name, scope)
-        return self._const_cache[key]
+        cache = self._const_cache
+        if key in cache and cache[key] is not _PENDING:
+            return cache[key]
+        stack: list[tuple[str, _Scope]] = [(name, scope)]
+        while stack:
+            n, sc = stack[-1]
+            k = (id(sc), n)
+            state = cache.get(k, _MISSING)
+            if state is not _MISSING and state is not _PENDING:
+                stack.pop()
+                continue
+            step = self._fold_step(n, sc)
+            if not isinstance(step, list):  # decided without other constants
+                cache[k] = step
+                stack.pop()
+                continue
+            deps = [d for d in step if d is not None]
+            if state is _MISSING:
+                cache[k] = _PENDING
+                todo = [d for d in deps if cache.get((id(d[1]), d[0]), _MISSING) is _MISSING]
+                if todo:
+                    stack.extend(reversed(todo))
+                    continue
+            # Every input is decided now (or pending further up the stack: a cycle, not constant).
+            values = [None if d is None else cache.get((id(d[1]), d[0])) for d in step]
+            cache[k] = self._fold(n, sc, step, [None if v is _PENDING else v for v in values])
+            stack.pop()
+        return cache[key]
 
-    def _resolve_constant(self, name: str, scope: _Scope) -> ConstantInfo | None:
+    def _fold_step(self, name: str, scope: _Scope):
+        """A tensor's value when it needs no other constant (ConstantInfo or None), else the
+        (input name, scope) of every input of its producer (None for an empty input)."""
         init = self._lookup_initializer(name, scope)
         if init is not None:
             return ConstantInfo(tensor_array(init), "initializer")  # external data of a big model: mapped
@@ -219,19 +253,22 @@ class GraphView:
             return None
         if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
             return None
+        node_scope = self.scope_of(producer)
+        return [(inp, node_scope) if inp else None for inp in node.input]
+
+    def _fold(self, name: str, scope: _Scope, deps, values) -> ConstantInfo | None:
+        """Evaluate the producer of ``name`` on its constant inputs (``values``, None for empty inputs)."""
+        node = self.producer[name].node
         inputs = []
         via_dq = node.op_type == "DequantizeLinear"
-        node_scope = self.scope_of(producer)
-        for inp in node.input:
-            if not inp:
+        for dep, info in zip(deps, values):
+            if dep is None:
                 inputs.append(None)
                 continue
-            info = self.constant(inp, producer)
             if info is None:
                 return None
             via_dq = via_dq or info.via_dequantize
             inputs.append(info.value)
-        del node_scope
         if node.op_type == "ConstantOfShape" and inputs and inputs[0] is not None:
             if int(np.prod(inputs[0])) > MAX_FOLD_ELEMENTS:
                 return None
@@ -244,8 +281,7 @@ class GraphView:
             outputs = evaluator.run(None, feeds)
         except Exception:  # noqa: BLE001 - anything we cannot fold stays "not constant"
             return None
-        value = outputs[list(node.output).index(name)]
-        value = np.asarray(value)
+        value = np.asarray(outputs[list(node.output).index(name)])
         if value.size > MAX_FOLD_ELEMENTS:
             return None
         return ConstantInfo(value, "constant_subgraph", via_dequantize=via_dq)
@@ -255,6 +291,26 @@ class GraphView:
             return "graph_input"
         info = self.constant(name, ref)
         return info.source if info is not None else "computed"
+
+
+_PENDING = object()  # a constant being folded (on the stack)
+_MISSING = object()
+
+
+def _preorder(entries: list[NodeRef]) -> list[NodeRef]:
+    """Node refs in the order a recursive walk gives: each node, then its subgraphs' nodes (``entries``
+    come from the iterative walk, graph by graph, a node's subgraphs in attribute order)."""
+    by_parent: dict[int, list[NodeRef]] = {}
+    top: list[NodeRef] = []
+    for ref in entries:
+        (by_parent.setdefault(id(ref.parent), []) if ref.parent is not None else top).append(ref)
+    out: list[NodeRef] = []
+    stack = list(reversed(top))
+    while stack:
+        ref = stack.pop()
+        out.append(ref)
+        stack.extend(reversed(by_parent.get(id(ref), [])))
+    return out
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
@@ -301,14 +357,3 @@ def _standalone(node: onnx.NodeProto, opset: int) -> onnx.ModelProto:
     graph = onnx.helper.make_graph([n], "fold", inputs, outputs)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     return model
-
-
-def iter_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield a.g
-                yield from iter_subgraphs(a.g)
-            for sub in a.graphs:
-                yield sub
-                yield from iter_subgraphs(sub)

@@ -11,13 +11,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo
 
 from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
@@ -80,9 +83,10 @@ def ort_max_opset() -> int:
 
 def iter_all_tensors(model: onnx.ModelProto, *, sparse: bool = True) -> Iterator[TensorProto]:
     """Initializers and tensor attributes, in every (sub)graph — the tensors that can hold weights
-    (with ``sparse``, the values of sparse initializers too)."""
+    (with ``sparse``, the values of sparse initializers too).  Graph order: a subgraph's tensors
+    come where its node's attribute is (the order external data is written in); iterative."""
 
-    def walk_graph(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    def items(graph: onnx.GraphProto):
         yield from graph.initializer
         if sparse:
             for sp in graph.sparse_initializer:
@@ -93,11 +97,18 @@ def iter_all_tensors(model: onnx.ModelProto, *, sparse: bool = True) -> Iterator
                     yield attr.t
                 yield from attr.tensors
                 if attr.HasField("g"):
-                    yield from walk_graph(attr.g)
-                for sub in attr.graphs:
-                    yield from walk_graph(sub)
+                    yield attr.g
+                yield from attr.graphs
 
-    yield from walk_graph(model.graph)
+    stack = [items(model.graph)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, onnx.GraphProto):
+            stack.append(items(item))
+        else:
+            yield item
 
 
 def tensor_nbytes(tensor: TensorProto) -> int | None:

@@ -26,9 +26,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..errors import ModelLoadError, ShapeError, UsageError
-from .graph import GraphView, iter_subgraphs
-from .load import PROTOBUF_LIMIT, light_copy, ort_max_ir_version
+from ..errors import ShapeError, UsageError
+from .graph import GraphView
+from .walk import iter_graphs
+from .load import PROTOBUF_LIMIT, light_copy
+from .session import ort_session
 
 DEFAULT_BATCH = 1
 
@@ -407,10 +409,8 @@ def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], inp
         table.set(name, dims, "input", input_dtypes.get(name))
     model = view.model
     # Initializers' dims are known without inference.
-    for t in model.graph.initializer:
-        table.set(t.name, t.dims, "model", t.data_type)
-    for sub in iter_subgraphs(model.graph):
-        for t in sub.initializer:
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
             table.set(t.name, t.dims, "model", t.data_type)
     copy = _shape_only_copy(model, input_shapes)
     try:
@@ -420,7 +420,7 @@ def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], inp
             inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=False)
         except Exception:  # noqa: BLE001
             inferred = copy
-    graphs = [inferred.graph, *iter_subgraphs(inferred.graph)]
+    graphs = list(iter_graphs(inferred.graph))
     for g in graphs:
         for vi in [*g.value_info, *g.output, *g.input]:
             if vi.name in table.shapes and table.source[vi.name] in ("input", "model"):
@@ -460,74 +460,6 @@ def random_inputs(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, int]
     for name, value in (values or {}).items():
         feeds[name] = value
     return feeds
-
-
-def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> bytes:
-    """Serialize ``model`` for onnxruntime: IR version clamped, extra tensors exposed as outputs.
-
-    The model is restored afterwards, so the caller's proto is unchanged.
-    """
-    graph = model.graph
-    existing = {o.name for o in graph.output}
-    added = [n for n in dict.fromkeys(extra_outputs) if n not in existing]
-    old_ir = model.ir_version
-    for name in added:
-        graph.output.add().name = name
-    model.ir_version = min(old_ir, ort_max_ir_version())
-    try:
-        return model.SerializeToString()
-    finally:
-        model.ir_version = old_ir
-        if added:
-            del graph.output[len(graph.output) - len(added):]
-
-
-SPINNING = ("run", "off")
-_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
-
-
-def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, providers=None,
-                threads: int | None = None, spinning: str | None = "off", optimization: str | None = None,
-                profile_prefix: str | None = None, log_severity: int = 3):
-    """The one place sepify makes onnxruntime sessions (verify, bench, the latency-aware rewrite,
-    calibration, the shape probe): ``model`` serialized by :func:`ort_session_bytes` (IR version
-    clamped, ``extra_outputs`` exposed), on ``providers`` (default: CPU only).
-
-    * ``threads``: intra-op threads, with one inter-op thread (None: onnxruntime's defaults).
-    * ``spinning`` (see :mod:`sepify.bench`): ``"off"`` never spins (``session.intra_op.allow_spinning
-      = 0``), so an idle session's threads never steal CPU from the one running; ``"run"`` spins within
-      a run and stops when it returns (``session.force_spinning_stop``), for timing; None: onnxruntime's
-      default.
-    * ``optimization``: ``"disable"``, ``"basic"`` or ``"all"`` graph optimizations (None: onnxruntime's
-      default, all).
-    * ``profile_prefix``: profile every run into a file with this prefix (``session.end_profiling()``).
-
-    A model onnxruntime refuses raises ModelLoadError with its first line.
-    """
-    import onnxruntime as ort
-
-    if spinning is not None and spinning not in SPINNING:
-        raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = log_severity
-    if spinning == "off":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    elif spinning == "run":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if optimization is not None:
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):

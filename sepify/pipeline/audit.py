@@ -2,47 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 import onnx
 
-from ..version import __version__
-from ..model.cost import CONVENTION, ConvSpec, conv_cost, conv_spec, matmul_macs, matmul_operands
-from ..errors import ShapeError
-from ..core.factorize import (
-    NEAR_EXACT_TOL,
-    SCHEMES,
-    chained_macs,
-    exact_rank,
-    exact_tolerance,
-    scheme_matrices,
-    scheme_stages,
-    spatial_orders,
-    spectrum,
-    certify_tail,
-    stages_macs,
-)
+from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
-from ..model.graph import MATMUL_OPS, GraphView
-from ..model.load import LoadedModel, ModelSource, iter_all_tensors, load_model
-from ..model.shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, input_values_record, normalize_input_shapes,
-                     resolve_input_shapes, resolve_input_values)
+from ..core.linalg import NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
+from ..core.reasons import Reason, join
+from ..core.schemes import get as get_scheme, names as scheme_names
+from ..model.cost import CONVENTION, conv_cost, matmul_macs
+from ..model.graph import MATMUL_OPS
+from ..model.load import LoadedModel, ModelSource, iter_all_tensors
+from ..model.shapes import input_values_record
+from ..serialize import SCHEMA_VERSION, dumps
+from ..version import __version__
+from .analysis import analyze_model, check_weight
 
-SCHEMA_VERSION = 1
 ERROR_RANKS = (1, 2, 3, 4)
 MAX_CURVE_POINTS = 64  # error/MAC curves list at most this many ranks
 
-SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 @dataclass
 class SchemeAnalysis:
     scheme: str
     eligible: bool
-    reason: str | None = None
+    reason: Reason | None = None
     exact_rank: int | None = None
     max_rank: int | None = None
     errors: dict[int, float] = field(default_factory=dict)  # rank -> relative Frobenius weight error
@@ -51,7 +39,7 @@ class SchemeAnalysis:
     exact_saves_macs: bool = False
     curve_errors: list[float] = field(default_factory=list)  # error at rank 0, 1, 2, …
     macs_per_rank: int | None = None
-    vertical_first: bool | None = None  # spatial: kh×1 stage first
+    variant: str = ""  # the scheme's variant analysed (spatial: "v" kh×1 first, "h" 1×kw first)
     # False: a large matrix certified to have no (near-)exact factorization up to break-even
     # (exact_rank is then None, "above exact_rank_above"); the errors are estimates (±1e-4).
     spectrum_complete: bool = True
@@ -185,7 +173,7 @@ class AuditReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        return dumps(self.to_dict(), indent=indent)
 
     def node(self, name: str) -> NodeAudit:
         for n in self.nodes:
@@ -194,112 +182,42 @@ class AuditReport:
         raise KeyError(name)
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
-
 # ----------------------------------------------------------------------------------------------
-def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | None, via_dq: bool) -> str | None:
-    """Why a node cannot be rewritten at all (None when some scheme may apply)."""
-    op = spec.ref.op_type
-    if op in ("ConvInteger", "QLinearConv"):
-        return "quantized_op"
-    if op == "ConvTranspose":
-        return "transposed_conv"
-    if weight_source in ("graph_input", "computed"):
-        return "weight_not_constant"
-    if via_dq:
-        return "quantized_weight"
-    if spec.weight_dtype not in SUPPORTED_DTYPES:
-        return "unsupported_dtype"
-    if weight is not None and not np.all(np.isfinite(weight)):
-        return "nonfinite_weight"
-    if spec.fits_input() is False:
-        return "weight_shape_mismatch"
-    if spec.geometry() is None:
-        return "shape_unknown"
-    if spec.kernel is not None and prod(spec.kernel) == 1:
-        return "pointwise_kernel"
-    return None
-
-
-@dataclass
-class WeightCheck:
-    """Where a conv's weight comes from, its value when constant, and why the node cannot be rewritten."""
-
-    source: str  # initializer | constant_node | constant_subgraph | graph_input | computed | missing
-    weight: np.ndarray | None
-    reason: str | None
-
-
-def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
-    source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
-    if source in ("graph_input", "computed", "missing"):
-        return WeightCheck(source, None, node_level_reason(spec, source, None, False))
-    if source == "initializer":
-        # Decide from attributes first: most weights of a big model (1×1 convs) never need reading.
-        reason = node_level_reason(spec, source, None, False)
-        if reason is not None:
-            return WeightCheck(source, None, reason)
-    const = view.constant(spec.w_name, spec.ref)
-    return WeightCheck(source, const.value, node_level_reason(spec, source, const.value, const.via_dequantize))
-
-
-def scheme_reason(geo: ConvGeometry, scheme: str) -> str | None:
-    # A group conv with one input channel per group is depthwise already; a plain conv of a
-    # one-channel input (an audio front end, a grey-image stem) is not, and may split.
-    if scheme in ("dw-pw", "pw-dw") and geo.is_depthwise:
-        return "depthwise"
-    if scheme == "spatial":
-        if geo.rank != 2:
-            return "not_2d"
-        if 1 in geo.kernel:
-            return "kernel_already_1d"
-    return None
-
-
 def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
-                   vertical_first: bool | None = None) -> SchemeAnalysis:
-    reason = scheme_reason(geo, scheme)
+                   variant: str | None = None) -> SchemeAnalysis:
+    sch = get_scheme(scheme)
+    reason = sch.reason(geo)
     if reason is not None:
         return SchemeAnalysis(scheme, eligible=False, reason=reason)
-    if scheme == "spatial" and vertical_first is None:
-        # Cross-channel splits have a different spectrum in each order: an exact split in the
-        # costlier order still beats an inexact one in the cheaper order.
-        cheaper, *others = spatial_orders(geo)
+    variants = sch.variants(geo)
+    if variant is None and len(variants) > 1:
+        # Variants with different spectra (the spatial split's two orders): an exact split in the
+        # costlier variant still beats an inexact one in the cheaper.
+        cheaper, *others = variants
         options = [analyze_scheme(w, geo, scheme, tol, cheaper)]
-        for order in others:
-            # The costlier order only matters if it has an exact split: a certificate that it
+        for other in others:
+            # The costlier variant only matters if it has an exact split: a certificate that it
             # has none up to its break-even rank settles that without analysing it further.
-            mats = scheme_matrices(w, geo, scheme, order)
-            per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1, order))
-            break_even = min(min(mats.shape[1:]) - 1, (geo.macs - 1) // per_rank)
+            break_even = min(sch.max_rank(geo, other) - 1, (geo.macs - 1) // sch.macs_per_rank(geo, other))
             if break_even < 1:
-                continue  # saves nothing in this order
-            if certify_tail(mats, break_even, tol):  # never reported: no need for its spectrum
+                continue  # saves nothing in this variant
+            if certify_tail(sch.matrices(w, geo, other), break_even, tol):  # never reported: no spectrum needed
                 continue
-            options.append(analyze_scheme(w, geo, scheme, tol, order))
+            options.append(analyze_scheme(w, geo, scheme, tol, other))
         exact = [a for a in options if a.exact_saves_macs]
         return min(exact, key=lambda a: a.macs_per_rank * a.exact_rank) if exact else options[0]
-    mats = scheme_matrices(w, geo, scheme, vertical_first)
-    max_rank = min(mats.shape[1], mats.shape[2])
-    per_rank = stages_macs(geo, scheme_stages(geo, scheme, 1, vertical_first))
-    original = geo.macs
-    break_even = max(0, min(max_rank, (original - 1) // per_rank)) if per_rank else max_rank
-    spec = spectrum(mats, break_even, max(NEAR_EXACT_TOL, tol))
+    variant = sch.resolve(geo, variant)
+    max_rank = sch.max_rank(geo, variant)
+    per_rank = sch.macs_per_rank(geo, variant)
+    break_even = sch.break_even(geo, variant)
+    spec = sch.spectrum(w, geo, variant, max(NEAR_EXACT_TOL, tol), break_even)
     errors = spec.errors
     # Incomplete spectra come with a certificate that nothing up to break-even is (near-)exact.
     ex = exact_rank(errors, tol) if spec.complete else None
-    analysis = SchemeAnalysis(
+    return SchemeAnalysis(
         scheme,
         eligible=break_even > 0,
-        reason=None if break_even > 0 else "no_mac_saving",
+        reason=None if break_even > 0 else Reason.NO_MAC_SAVING,
         exact_rank=ex,
         max_rank=max_rank,
         errors={r: float(errors[r]) for r in ERROR_RANKS if r <= max_rank},
@@ -308,11 +226,10 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         exact_saves_macs=ex is not None and 0 < ex <= break_even,
         curve_errors=[float(e) for e in errors[: MAX_CURVE_POINTS + 1]],
         macs_per_rank=per_rank,
-        vertical_first=vertical_first if scheme == "spatial" else None,
+        variant=variant,
         spectrum_complete=spec.complete,
         exact_rank_above=spec.exact_above,
     )
-    return analysis
 
 
 def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
@@ -342,7 +259,7 @@ def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separab
     tol = exact_tolerance(dtype)
     # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
     w64 = np.asarray(w, dtype=np.float64)
-    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol) for s in SCHEMES}
+    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol) for s in scheme_names()}
     return Separability(
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,
@@ -350,55 +267,6 @@ def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separab
         best_exact=_best(schemes, tol, geo.macs, w, geo, tol),
         best_near_exact=_best(schemes, max(NEAR_EXACT_TOL, tol), geo.macs),
     )
-
-
-@dataclass
-class ModelAnalysis:
-    """What audit, plan and rewrite share: the loaded model, its graph view, shapes and conv specs."""
-
-    loaded: LoadedModel
-    view: GraphView
-    input_shapes: dict[str, list[int]]
-    specs: list[ConvSpec]
-    table: Any
-    warnings: list[str]
-
-
-def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None) -> ModelAnalysis:
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    view = GraphView(loaded.model)
-    user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])
-    shapes, dtypes = resolve_input_shapes(view, user)
-    table = infer_shapes(view, shapes, dtypes, resolve_input_values(view, input_values, shapes))
-    convs = view.conv_nodes()
-    specs = [conv_spec(view, ref, table) for ref in convs]
-    warnings: list[str] = []
-    missing = [n for s in specs if s.shape_source == "unknown" or s.weight_shape is None
-               for n in (s.x_name, s.w_name, s.ref.node.output[0])]
-    matmuls = [r for r in view.nodes if r.op_type in MATMUL_OPS]
-
-    def mm_unknown(ref) -> list[str]:  # the operands of a Gemm/MatMul with neither a shape nor a value
-        return [i for i in (ref.node.input[k] for k in matmul_operands(ref.node) if k < len(ref.node.input))
-                if i and table.get(i) is None and view.constant(i, ref) is None]
-
-    mm_missing = [i for r in matmuls for i in mm_unknown(r)]
-    if missing or mm_missing:
-        fill_with_onnxruntime(view, table, [*missing, *mm_missing])
-        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None else s
-                 for ref, s in zip(convs, specs)]
-        # What no graph output can expose (inside If/Loop/Scan bodies): convs and Gemm/MatMuls
-        # alike, from one profiled run.
-        still = [s.ref for s in specs if s.shape_source == "unknown"] + [r for r in matmuls if mm_unknown(r)]
-        if still:
-            fill_from_profile(view, table, still)
-            specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
-    for s in specs:
-        if s.fits_input() is False:
-            warnings.append(f"{s.ref.qualified_name}: weight {s.weight_shape} does not fit input {s.input_shape}; "
-                            "its cost is not counted")
-        elif s.shape_source == "unknown" or s.weight_shape is None:
-            warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
-    return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
 
 def _if_branches(ref) -> list[tuple[str, str]]:
@@ -492,7 +360,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         node = nodes[index]
         node.separability = sep = analyze_weight(weight, geo, weight.dtype)
         if not any(a.eligible for a in sep.schemes.values()):
-            node.reason = ",".join(sorted({a.reason for a in sep.schemes.values() if a.reason}))
+            node.reason = join(a.reason for a in sep.schemes.values())
             node.eligible = False
     matmul_total = 0
     counted = [spec.ref for spec, n in zip(an.specs, nodes) if n.macs is not None]
@@ -561,4 +429,4 @@ def _dtype_name(dtype: int | None) -> str | None:
         return str(dtype)
 
 
-__all__ = ["AuditReport", "NodeAudit", "ShapeError", "analyze_model", "audit", "analyze_weight"]
+__all__ = ["AuditReport", "NodeAudit", "analyze_weight", "audit"]

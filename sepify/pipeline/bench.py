@@ -38,7 +38,7 @@ import numpy as np
 from .audit import audit
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..errors import UsageError
-from ..model.shapes import SPINNING, ort_session
+from ..model.session import SPINNING, ort_session
 from .verify import model_inputs
 
 
@@ -140,7 +140,7 @@ def bench_session(model, providers=None, threads: int | None = None, spinning: s
     return ort_session(model, providers=providers, threads=threads, spinning=spinning)
 
 
-class _Runner:
+class Runner:
     """One inference of a session on fixed feeds, outputs kept in onnxruntime's arena (IO binding)."""
 
     def __init__(self, session, feeds):
@@ -163,7 +163,7 @@ class _Runner:
             self.session.run(None, self.feeds)
 
 
-def _timed(run) -> float:
+def timed(run) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
@@ -230,7 +230,7 @@ def interleaved_times(sessions, feeds, runs: int, warmup: int = 0, rewarm: int =
     """``runs`` rounds in which every session runs ``rewarm`` times untimed and then once timed,
     in :func:`round_order`: wall times and, where the OS tells, the time the threads waited for a
     CPU during each timed run."""
-    runners = [_Runner(s, feeds) for s in sessions]
+    runners = [Runner(s, feeds) for s in sessions]
     for _ in range(warmup):
         for run in runners:
             run()
@@ -241,7 +241,7 @@ def interleaved_times(sessions, feeds, runs: int, warmup: int = 0, rewarm: int =
             for _ in range(rewarm):
                 runners[j]()
             w0 = cpu_wait_s() if waits is not None else None
-            times[j].append(_timed(runners[j]))
+            times[j].append(timed(runners[j]))
             if waits is not None:
                 w1 = cpu_wait_s()
                 waits[j].append(max(0.0, w1 - w0) if w0 is not None and w1 is not None else 0.0)

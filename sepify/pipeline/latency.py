@@ -24,7 +24,6 @@ between :data:`MIN_RUNS` and :data:`MAX_RUNS` — fewer for big layers.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
@@ -32,10 +31,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import UsageError
-from ..core.factorize import LOWERINGS, Lowered, lower, lowering_kinds
+from ..core.lowering import LOWERINGS, Lowered, lower, lowering_kinds
+from ..core.realization import Realization
+from ..core.reasons import Reason
+from ..errors import ParameterError, UsageError
 from ..model.load import ort_max_ir_version
-from .plan import Plan, Policy, realize
+from .bench import Runner, bench_session, interleaved_times, timed
+from .emit import emit
+from .plan import Plan
+from .realize import realize
 
 MIN_RUNS = 10
 MAX_RUNS = 50
@@ -129,13 +133,12 @@ def isolated_model(an, spec, *, activation: bool = True) -> onnx.ModelProto:
     return model
 
 
-def lowered_model(original: onnx.ModelProto, spec, lowered: Lowered) -> onnx.ModelProto:
-    """``original`` (from :func:`isolated_model`) with its conv replaced by ``lowered``, through the
-    same surgery the rewrite uses."""
-    from .rewrite import NodeRewrite, _surgery
-
-    record = NodeRewrite(spec.ref.name, spec.ref.qualified_name, "", 0, False, 0.0, 0.0, 0, 0)
-    return _surgery(original, [(spec, lowered, record)], Policy())
+def lowered_model(original: onnx.ModelProto, rz: Realization, lowered: Lowered | None = None) -> onnx.ModelProto:
+    """``original`` (from :func:`isolated_model`) with its conv replaced by ``rz``'s chain (written
+    as ``lowered`` when given), through the emitter the rewrite uses."""
+    if lowered is not None:
+        rz = replace(rz, lowered=lowered)
+    return emit(original, [rz], {})[0]
 
 
 def candidate_lowerings(stages, lowerings: Sequence[str] | None = None) -> dict[str, Lowered]:
@@ -159,26 +162,24 @@ def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None
                 spinning: str = "run", rewarm: int = 1):
     """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models`` as :func:`sepify.bench.benchmark`
     takes them; ``runs`` rounds, or as many as fit ``budget_s``."""
-    from .bench import _Runner, _timed, bench_session, interleaved_times
-
     sessions = [bench_session(m, providers=providers, threads=threads, spinning=spinning) for m in models]
-    runners = [_Runner(s, feeds) for s in sessions]
+    runners = [Runner(s, feeds) for s in sessions]
     for _ in range(max(warmup, 1) - 1):
         for run in runners:
             run()
-    probe = sum(_timed(run) for run in runners)  # the last warm-up round sizes the experiment
+    probe = sum(timed(run) for run in runners)  # the last warm-up round sizes the experiment
     if runs is None:
         runs = int(np.clip(budget_s / max(probe * (1 + rewarm), 1e-9), MIN_RUNS, MAX_RUNS))
     return interleaved_times(sessions, feeds, runs, rewarm=rewarm)
 
 
-def measure_node(an, spec, stages, *, lowerings: Sequence[str] | None = None, threads: int | None = None,
+def measure_node(an, spec, rz: Realization, *, lowerings: Sequence[str] | None = None, threads: int | None = None,
                  runs: int | None = None, warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S,
                  min_speedup: float = 1.0, providers=None, seed: int = 0) -> NodeLatency:
-    """Time the conv of ``spec`` against ``stages`` (cast factors) in each candidate lowering."""
+    """Time the conv of ``spec`` against its realization ``rz`` in each candidate lowering."""
     original = isolated_model(an, spec)
-    cands = candidate_lowerings(stages, lowerings)
-    models = [original] + [lowered_model(original, spec, lw) for lw in cands.values()]
+    cands = candidate_lowerings(rz.stages, lowerings)
+    models = [original] + [lowered_model(original, rz, lw) for lw in cands.values()]
     np_dtype = helper.tensor_dtype_to_np_dtype(spec.dtype or onnx.TensorProto.FLOAT)
     feeds = {spec.x_name: np.random.default_rng(seed).standard_normal(spec.input_shape).astype(np_dtype)}
     rounds = time_models(models, feeds, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s,
@@ -204,18 +205,16 @@ def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = N
     holds the figures, its ``lowering`` the fastest measured lowering, and a rewrite no lowering
     makes faster than ``min_speedup`` becomes ``action="keep"`` with reason ``not_faster`` (or
     ``latency_not_measured``, with the error in ``latency``, when onnxruntime cannot run it)."""
-    from .rewrite import _cast, _check_edit
-
     an = plan.analysis
     if an is None:
         raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
     if threads is not None and threads < 1:
-        raise UsageError("threads must be ≥ 1")
+        raise ParameterError("threads", threads, "must be ≥ 1")
     if runs is not None and runs < 1:
-        raise UsageError("latency runs must be ≥ 1")
+        raise ParameterError("runs", runs, "must be ≥ 1")
     for k in lowerings or ():
         if k not in LOWERINGS:
-            raise UsageError(f"unknown lowering {k!r} (one of {', '.join(LOWERINGS)})")
+            raise ParameterError("lowering", k, f"unknown lowering (one of {', '.join(LOWERINGS)})")
     specs = {s.ref.qualified_name: s for s in an.specs}
     nodes = []
     for np_ in plan.nodes:
@@ -224,30 +223,25 @@ def measure_plan(plan: Plan, *, threads: int | None = None, runs: int | None = N
         if np_.action != "rewrite":
             continue
         spec = specs[np_.qualified_name]
-        _check_edit(np_, spec, an.view)
-        weight = an.view.constant(spec.w_name, spec.ref).value
-        stages = _cast(realize(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0), weight.dtype)
+        rz = realize(an, spec, np_)
         wanted = [np_.lowering] if np_.lowering else lowerings
         try:
-            lat = measure_node(an, spec, stages, lowerings=wanted, threads=threads, runs=runs, warmup=warmup,
+            lat = measure_node(an, spec, rz, lowerings=wanted, threads=threads, runs=runs, warmup=warmup,
                                budget_s=budget_s, min_speedup=min_speedup, providers=providers, seed=seed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime refused a model: not shown faster, so kept
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             np_.latency = {"node": np_.qualified_name, "threads": threads, "error": msg}
-            np_.action, np_.reason = "keep", "latency_not_measured"
+            np_.action, np_.reason = "keep", Reason.LATENCY_NOT_MEASURED
             continue
         np_.latency = lat.to_dict()
         if lat.faster:
             if lat.chosen != SINGLE:
                 np_.lowering = lat.chosen
         else:
-            np_.action, np_.reason = "keep", "not_faster"
+            np_.action, np_.reason = "keep", Reason.NOT_FASTER
     return Plan(plan.policy, nodes, plan.analysis)
 
 
-# ----------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------
 def latency_rows(report) -> list[dict[str, Any]]:
     """Timed nodes of a RewriteReport: rewritten ones and those kept as not faster."""
     rows = [r.latency for r in report.rewritten if r.latency]
@@ -255,30 +249,5 @@ def latency_rows(report) -> list[dict[str, Any]]:
     return rows
 
 
-def render_latency(report, width: int = 160) -> str:
-    """A table of the measured rewrites: original vs each lowering, speedup, decision."""
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = latency_rows(report)
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
-    threads = rows[0].get("threads")
-    table = Table(title=f"onnxruntime latency per node (isolated, {threads or 'default'} thread(s), medians)")
-    for col in ("node", "original", "lowerings (µs)", "best", "speedup", "runs", "rewritten"):
-        table.add_column(col, justify="left" if col in ("node", "lowerings (µs)", "best") else "right", overflow="fold")
-    for d in rows:
-        if "error" in d:
-            table.add_row(d["node"], "?", f"not measured: {d['error']}", "", "", "", "no")
-            continue
-        lows = ", ".join(f"{k} {v:.0f}" for k, v in d["lowerings_us"].items())
-        table.add_row(d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
-                      lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no")
-    console.print(table)
-    return buf.getvalue()
-
-
-__all__ = ["NodeLatency", "isolated_model", "lowered_model", "measure_node", "measure_plan", "render_latency",
+__all__ = ["NodeLatency", "isolated_model", "latency_rows", "lowered_model", "measure_node", "measure_plan",
            "time_models"]

@@ -27,8 +27,9 @@ import onnx
 from ..errors import UsageError
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
+from ..model.session import ort_session
 from ..model.shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
-                     ort_session, random_inputs, resolve_input_shapes, resolve_input_values)
+                            random_inputs, resolve_input_shapes, resolve_input_values)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -169,7 +170,7 @@ def _compare(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) 
 
 def make_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), providers=None, threads: int | None = None):
     """An onnxruntime session for comparing outputs (and calibration runs): threads never spin, so
-    an idle session steals no CPU from another (:func:`sepify.shapes.ort_session`)."""
+    an idle session steals no CPU from another (:func:`sepify.model.session.ort_session`)."""
     return ort_session(model, extra_outputs, providers=providers, threads=threads, spinning="off")
 
 

@@ -14,7 +14,15 @@ from ..version import __version__
 from .text import human
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
-SCHEME_COLORS = {"dw-pw": "#1f77b4", "pw-dw": "#2ca02c", "spatial": "#9467bd"}
+SCHEME_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#bcbd22", "#e377c2")
+
+
+def scheme_color(name: str) -> str:
+    """A stable colour per registered scheme (registry order), so a new scheme needs no entry here."""
+    from ..core.schemes import names
+
+    known = names()
+    return SCHEME_PALETTE[known.index(name) % len(SCHEME_PALETTE)] if name in known else "#7f7f7f"
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -220,12 +228,12 @@ def _spectra_section(audit, profiles: Sequence[dict] | None, top: int = 12) -> s
             ranks = list(range(len(a.curve_errors)))[1:]
             macs = [min(a.macs_per_rank * r / n.macs, 1.5) if a.macs_per_rank and n.macs else None for r in ranks]
             series.append({"x": macs, "y": a.curve_errors[1:], "label": f"{name} weight", "marker": False,
-                           "color": SCHEME_COLORS.get(name)})
+                           "color": scheme_color(name)})
         prof = by_name.get(n.qualified_name)
         if prof:
             for name, c in prof.get("curves", {}).items():
                 series.append({"x": [m / n.macs for m in c["macs"]], "y": c["error"], "label": f"{name} output (LS)",
-                               "dash": True, "color": SCHEME_COLORS.get(name)})
+                               "dash": True, "color": scheme_color(name)})
         if series:
             charts.append(line_chart(series, width=360, height=230, xlabel="MACs after / before",
                                      ylabel="relative error", logy=True, title=n.qualified_name[-52:]))
@@ -339,3 +347,26 @@ def render_html(*, title: str, audit=None, rewrite=None, calibration=None, drift
         parts.append(_audit_section(audit))
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def write_html_report(path, loaded, input_shapes=None, *, input_values=None, **parts) -> None:
+    """Audit the model and write the HTML page (atomically) with whatever ``parts`` were computed
+    (``rewrite``, ``calibration``, ``sweep``, ``drift``)."""
+    from pathlib import Path
+
+    from ..errors import SepifyError
+    from ..model.save import write_text_atomic
+    from ..pipeline.audit import audit
+
+    shapes = input_shapes
+    for part in ("calibration", "sweep"):
+        if not shapes and parts.get(part) is not None and getattr(parts[part], "input_shapes", None):
+            shapes = parts[part].input_shapes  # the shapes the calibration data ran at
+    notes = []
+    try:
+        report = audit(loaded, shapes, input_values=input_values)
+    except SepifyError as exc:  # the page is still useful without the audit table
+        report = None
+        notes.append(f"no audit table: {str(exc).strip().splitlines()[0]}")
+    title = f"sepify report: {Path(loaded.label).name}"
+    write_text_atomic(path, render_html(title=title, audit=report, notes=notes, **parts))

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 import io
 import json
+import math
 from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from ..pipeline.audit import AuditReport, NodeAudit, _json_default
+from ..pipeline.audit import AuditReport, NodeAudit
+from ..serialize import json_default
+
+if TYPE_CHECKING:
+    from ..calibration.sweep import SweepReport
+
 
 CSV_FIELDS = [
     "model", "name", "op_type", "group", "kernel_shape", "strides", "pads", "dilations", "input_shape",
@@ -132,9 +140,9 @@ def _report_dict(r: AuditReport, sort: str, top: int | None) -> dict:
 
 def render_audit_json(reports: Sequence[AuditReport], sort: str = "graph", top: int | None = None) -> str:
     if len(reports) == 1:
-        return json.dumps(_report_dict(reports[0], sort, top), indent=2, default=_json_default)
+        return json.dumps(_report_dict(reports[0], sort, top), indent=2, default=json_default)
     return json.dumps({"schema_version": reports[0].schema_version,
-                       "models": [_report_dict(r, sort, top) for r in reports]}, indent=2, default=_json_default)
+                       "models": [_report_dict(r, sort, top) for r in reports]}, indent=2, default=json_default)
 
 
 def _csv_row(r: AuditReport, n: NodeAudit) -> dict:
@@ -193,9 +201,6 @@ def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", t
 
 
 def render_rewrite(report, written_to: str | None = None, width: int = 160) -> str:
-    from ..pipeline.rewrite import RewriteReport
-
-    assert isinstance(report, RewriteReport)
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     table = Table(title=f"{report.model}: {report.policy.mode} rewrite plan")
@@ -280,3 +285,66 @@ def render_bench(report) -> str:
                        f"{n.speedup:.2f}x" if n.speedup else "?")
         console.print(nt)
     return buf.getvalue()
+
+
+def render_latency(report, width: int = 160) -> str:
+    """A table of the measured rewrites: original vs each lowering, speedup, decision."""
+    from ..pipeline.latency import latency_rows
+
+    rows = latency_rows(report)
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    threads = rows[0].get("threads")
+    table = Table(title=f"onnxruntime latency per node (isolated, {threads or 'default'} thread(s), medians)")
+    for col in ("node", "original", "lowerings (µs)", "best", "speedup", "runs", "rewritten"):
+        table.add_column(col, justify="left" if col in ("node", "lowerings (µs)", "best") else "right", overflow="fold")
+    for d in rows:
+        if "error" in d:
+            table.add_row(d["node"], "?", f"not measured: {d['error']}", "", "", "", "no")
+            continue
+        lows = ", ".join(f"{k} {v:.0f}" for k, v in d["lowerings_us"].items())
+        table.add_row(d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
+                      lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no")
+    console.print(table)
+    return buf.getvalue()
+
+
+
+
+def render_sweep(report: SweepReport) -> str:
+    """The sweep as a rich table."""
+    t = Table(title=f"{report.model}: conv MACs vs drift ({report.drift_metric}; eval on {report.eval_data})")
+    for col in ("budget", "MACs", "drift", "1-cos", "predicted", "weight-only MACs", "weight-only drift",
+                "weight-only 1-cos", "ratio", "latency"):
+        t.add_column(col, justify="right")
+    for p in report.points:
+        ratio = (p.drift_weight_only / p.drift) if p.drift_weight_only is not None and p.drift > 0 else None
+        lat = ""
+        if p.latency and "speedup" in p.latency and p.latency["speedup"] is not None:
+            lat = f"{p.latency['speedup']:.2f}x"
+        t.add_row(f"{p.budget:.2f}", f"{p.macs_ratio:.3f}", f"{p.drift:.2e}", f"{p.drift_cosine:.2e}",
+                  "" if p.predicted_drift is None else f"{p.predicted_drift:.2e}",
+                  "" if p.macs_ratio_weight_only is None else f"{p.macs_ratio_weight_only:.3f}",
+                  "" if p.drift_weight_only is None else f"{p.drift_weight_only:.2e}",
+                  "" if p.drift_cosine_weight_only is None else f"{p.drift_cosine_weight_only:.2e}",
+                  "" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x", lat)
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False).print(t)
+    return buf.getvalue()
+
+
+def render_calibration(cal) -> str:
+    """The calibration report's summary lines under the rewrite table."""
+    lines = [f"calibration: {cal.data}, {cal.samples} samples, allocation {cal.allocation}; "
+             f"drift ({cal.drift_metric}) {_g(cal.drift)} vs weight-only {_g(cal.drift_weight_only)}; "
+             f"1-cosine {_g(cal.drift_cosine)} vs {_g(cal.drift_cosine_weight_only)} (on the calibration samples)"]
+    if cal.folded_batchnorms:
+        lines.append(f"BatchNormalization folded into {len(cal.folded_batchnorms)} rewritten conv(s)")
+    lines.extend(f"note: {n}" for n in cal.notes)
+    return "\n".join(lines) + "\n"
+
+
+def _g(v) -> str:
+    return "?" if v is None else f"{v:.3g}"

@@ -1,0 +1,208 @@
+"""Profiling: the reference pass (targets; per-layer output-error curves per scheme and rank; a
+probe per layer) and per-layer sensitivities.
+
+A layer's **sensitivity** ``s`` is the model's drift when only that layer carries one calibrated
+candidate's error (drift ≈ s·e²: 1 − cos is quadratic in a small perturbation, and independent
+layers add).  Output-error curves come from the normal equations of one pass, validated on the
+other fold (:func:`sepify.calibration.lstsq.rank_curve`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.allocate import Option
+from ..core.geometry import prod
+from ..core.schemes import get as get_scheme
+from ..core.stages import Stage, compose
+from .capture import DriftMeter, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
+from .data import CalibrationSet
+from .layers import Layer, candidate_ranks
+from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
+                    positions, rank_curve, rank_inner, rank_mask, solve_ridge_cv, unpack_last)
+
+GRAM_BUDGET = 768 << 20  # bytes of normal equations held at once in the reference pass
+SENSITIVITY_TARGET = 0.3  # relative output error of the perturbation used to measure sensitivity
+
+
+@dataclass
+class SchemeCurve:
+    """Relative output error of one scheme per rank, on calibration activations (two-fold validation)."""
+
+    scheme: str
+    ranks: list[int]
+    macs: list[int]
+    error: list[float]  # least-squares factors
+    error_weight_only: list[float]  # SVD factors
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Probe:
+    """The perturbation a layer's sensitivity is measured with: one calibrated candidate."""
+
+    scheme: str
+    rank: int
+    error: float
+    weight: np.ndarray = field(repr=False)
+    bias: np.ndarray = field(repr=False)
+
+
+@dataclass
+class LayerProfile:
+    name: str
+    macs: int
+    curves: dict[str, SchemeCurve] = field(default_factory=dict)
+    probe: Probe | None = None
+    sensitivity: float | None = None  # model drift per unit squared relative output error
+    probe_drift: float | None = None
+
+    def options(self) -> list[Option]:
+        """(MACs, predicted drift = s·e², (scheme, rank)) of every candidate, for the allocator."""
+        s = self.sensitivity or 0.0
+        return [Option(m, s * e * e, (c.scheme, r)) for c in self.curves.values()
+                for r, m, e in zip(c.ranks, c.macs, c.error)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "macs": self.macs, "sensitivity": self.sensitivity, "probe_drift": self.probe_drift,
+                "probe": None if self.probe is None else {"scheme": self.probe.scheme, "rank": self.probe.rank,
+                                                          "output_error": self.probe.error},
+                "curves": {k: v.to_dict() for k, v in self.curves.items()}}
+
+
+def _run_rows(layer: Layer, start: int, b: int, rows: int, samples: int, seed: int):
+    """Sampled rows of one run: (batch index, flat output position, global sample) per row."""
+    n_out = prod(layer.geo.out_spatial)
+    k = layer.rows_per_sample(rows, samples)
+    order = sorted(range(b), key=lambda j: ((start + j) % 2, j))  # rows of one fold together
+    pos = [positions(seed, layer.index, start + j, n_out, k) for j in order]
+    bidx = np.concatenate([np.full(len(p), j) for j, p in zip(order, pos)])
+    return bidx, np.concatenate(pos), bidx + start
+
+
+def _systems(layer: Layer, schemes: Sequence[str]):
+    """Per scheme: (r_max, SVD stages at r_max, candidate ranks, MACs) for a layer."""
+    out = {}
+    for s in schemes:
+        sch = get_scheme(s)
+        if sch.reason(layer.geo) is not None:
+            continue
+        ranks, macs = candidate_ranks(layer.geo, s)
+        if not ranks:
+            continue
+        r_max = ranks[-1]
+        out[s] = (r_max, sch.factor(layer.w64, layer.geo, r_max), ranks, macs)
+    return out
+
+
+def _eq_bytes(stages: Sequence[Stage]) -> int:
+    last = stages[-1]
+    d = last.in_per_group * prod(last.kernel) + 1
+    return 2 * last.group * d * (d + last.out_channels // last.group) * 8
+
+
+def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: CalibrationSet, *, rows: int, seed: int,
+                   schemes: Sequence[str] | None, targets: Targets, progress=None,
+                   probe_target: float = SENSITIVITY_TARGET) -> dict[str, LayerProfile]:
+    """One pass per chunk of layers over the original model: stores the targets (original conv
+    outputs at the sampled positions) and, when ``schemes`` is given, every layer's output-error
+    curves per scheme and rank plus a probe candidate for its sensitivity."""
+    profiles: dict[str, LayerProfile] = {}
+    chunks: list[list[tuple[Layer, dict]]] = []
+    budget = 0
+    for layer in layers:
+        systems = _systems(layer, schemes) if schemes else {}
+        size = sum(_eq_bytes(v[1]) for v in systems.values())
+        if not chunks or budget + size > GRAM_BUDGET:
+            chunks.append([])
+            budget = 0
+        chunks[-1].append((layer, systems))
+        budget += size
+    task = progress.add_task("reference activations", total=len(layers)) if progress else None
+    for chunk in chunks:
+        names = list(dict.fromkeys(n for layer, systems in chunk
+                                   for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
+        session = work.session(names)
+        eqs = {layer.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
+                                               v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
+                            for s, v in systems.items()} for layer, systems in chunk}
+        for start, b, values in iterate_runs(session, calib, names):
+            for layer, systems in chunk:
+                y_all = values[layer.y_name]
+                bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
+                y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
+                for s_idx in range(start, start + b):
+                    sel = smp == s_idx
+                    targets.put(layer.name, s_idx, pos[sel], y[sel])
+                if not systems:
+                    continue
+                patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
+                folds = folds_of(smp, calib.samples)
+                for s, (r_max, stages, _, _) in systems.items():
+                    z = last_stage_design(patches, stages, np.float32)
+                    add_rows(eqs[layer.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
+        for layer, systems in chunk:
+            prof = LayerProfile(layer.name, layer.geo.macs)
+            best = None
+            for s, (r_max, stages, ranks, macs) in systems.items():
+                eq = eqs[layer.name][s]
+                x0 = pack_last(stages, layer.bias)
+                errs, errs_w = rank_curve(eq, x0, rank_inner(stages, r_max), ranks)
+                prof.curves[s] = SchemeCurve(s, list(ranks), [macs[r] for r in ranks], errs, errs_w)
+                for r, e in zip(ranks, errs):
+                    score = abs(math.log(max(e, 1e-12) / probe_target))
+                    if e > 1e-6 and (best is None or score < best[0]):
+                        best = (score, s, r)
+            if best is not None:
+                _, s, r = best
+                r_max, stages, _, _ = systems[s]
+                mask = rank_mask(stages, r_max, r)
+                x, lam, e = solve_ridge_cv(eqs[layer.name][s], pack_last(stages, layer.bias), mask)
+                new, bias = unpack_last(stages, x)
+                small = get_scheme(s).truncate(new, layer.geo, r_max, r)
+                prof.probe = Probe(s, r, e, compose(small, layer.geo), bias)
+            profiles[layer.name] = prof
+            eqs.pop(layer.name)
+            if progress:
+                progress.advance(task)
+        del session
+    return profiles
+
+
+def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles: dict[str, LayerProfile],
+                          calib: CalibrationSet, *, max_samples: int = 16, metric: str = "channel",
+                          progress=None) -> None:
+    """Model drift when only one layer carries its probe perturbation: ``s = drift / e²``.
+
+    ``1 − cos`` of the outputs is quadratic in a small perturbation, so a layer whose output is
+    off by a relative ``e`` moves the model's drift by about ``s·e²``, and independent layers add.
+    """
+    sizes = np.cumsum(calib.batch_sizes)
+    n_feeds = int(np.searchsorted(sizes, max_samples) + 1)  # runs until max_samples samples are in
+    feeds = CalibrationSet(calib.feeds[:n_feeds], calib.source, int(sizes[min(n_feeds, len(sizes)) - 1]))
+    outs = float_outputs(work.model)
+    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs), metric)
+    task = progress.add_task("layer sensitivities", total=len(layers)) if progress else None
+    for layer in layers:
+        prof = profiles.get(layer.name)
+        if prof is not None and prof.probe is not None:
+            work.set(layer.name, prof.probe.weight, prof.probe.bias)
+            try:
+                d = meter.drift(run_outputs(work.session(), feeds.feeds, outs))
+            finally:
+                work.reset(layer.name)
+            prof.probe_drift = d
+            prof.sensitivity = d / max(prof.probe.error ** 2, 1e-12)
+        elif prof is not None:
+            prof.sensitivity = 0.0
+        if progress:
+            progress.advance(task)
+
+
+__all__ = ["LayerProfile", "Probe", "SchemeCurve", "measure_sensitivities", "reference_pass"]

@@ -1,0 +1,49 @@
+"""Why a node is not rewritten: one machine-readable code per cause, shared by every stage.
+
+The codes are strings (``Reason.DEPTHWISE == "depthwise"``), so reports and JSON carry them as
+they are; the README lists each with its meaning (``tests/test_architecture.py`` checks that).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    # the node itself (no scheme can apply)
+    QUANTIZED_OP = "quantized_op"  # ConvInteger / QLinearConv
+    TRANSPOSED_CONV = "transposed_conv"
+    WEIGHT_NOT_CONSTANT = "weight_not_constant"  # a graph input or computed at run time
+    QUANTIZED_WEIGHT = "quantized_weight"  # float weight behind DequantizeLinear (QDQ)
+    UNSUPPORTED_DTYPE = "unsupported_dtype"  # not float32/float16
+    NONFINITE_WEIGHT = "nonfinite_weight"
+    WEIGHT_SHAPE_MISMATCH = "weight_shape_mismatch"  # the weight does not fit the input
+    SHAPE_UNKNOWN = "shape_unknown"
+    # a scheme (by geometry)
+    POINTWISE_KERNEL = "pointwise_kernel"  # 1×1 (1-element) kernel: nothing spatial to split
+    DEPTHWISE = "depthwise"  # one input channel per group: no dw-pw / pw-dw
+    NOT_2D = "not_2d"  # spatial (kh×1 then 1×kw) needs two spatial axes
+    KERNEL_ALREADY_1D = "kernel_already_1d"
+    NO_MAC_SAVING = "no_mac_saving"  # no rank of the scheme costs fewer MACs than the conv
+    # the plan (policy)
+    NOT_SELECTED = "not_selected"  # --include / --exclude
+    BELOW_MIN_MACS = "below_min_macs"
+    NO_EXACT_SAVING = "no_exact_saving"  # lossless: no exact factorization cuts MACs
+    NO_SAVING_WITHIN_TOL = "no_saving_within_tol"
+    RANK_SAVES_NOTHING = "rank_saves_nothing"
+    NOT_NEEDED_FOR_BUDGET = "not_needed_for_budget"
+    # the rewrite
+    EXACTNESS_LOST_IN_ROUNDING = "exactness_lost_in_rounding"  # exact in float64, not after the cast
+    NOT_FASTER = "not_faster"  # --only-faster measured no gain
+    LATENCY_NOT_MEASURED = "latency_not_measured"  # onnxruntime could not run the isolated node
+
+    def __str__(self) -> str:  # f-strings and joins give the code, not "Reason.X"
+        return self.value
+
+
+def join(reasons) -> str:
+    """Several scheme-level reasons of one node as one code list, sorted (``depthwise,no_mac_saving``)."""
+    return ",".join(sorted({str(r) for r in reasons if r}))
+
+
+__all__ = ["Reason", "join"]

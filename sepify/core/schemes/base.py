@@ -1,0 +1,113 @@
+r"""The scheme interface: how one family of decompositions rearranges, factorizes and lowers a weight.
+
+A convolution weight ``W`` has shape ``[N, C/g, k_1 … k_d]`` (``g`` groups, ``Cg = C/g`` inputs and
+``Ng = N/g`` outputs per group, ``K = prod(k)``).  A scheme arranges ``W`` into a batch of matrices
+(:meth:`Scheme.matrices`) whose rank-``r`` truncated SVDs are the factors of a chain of
+convolutions (:meth:`Scheme.stages`, :meth:`Scheme.factor`).  The relative weight error at rank
+``r`` is then the tail energy of those spectra (:func:`sepify.core.linalg.relative_errors`).
+
+Some schemes come in *variants* whose spectra differ (the spatial split's two orders); a
+variant is a short string, ``""`` where a scheme has one form.  :meth:`Scheme.variants` lists the
+ones worth analysing, the cheaper (fewer MACs per rank) first.
+
+Conventions every scheme keeps, which calibration relies on (:mod:`sepify.calibration.lstsq`):
+the chain's *last* stage reads channels whose rank index ``j`` is the innermost index within each
+of its groups, and the rank-``r`` chain is the rank-``r_max`` chain with the ranks ``≥ r`` cut
+(:meth:`Scheme.truncate`) — SVD factors are nested.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+from ..geometry import ConvGeometry
+from ..linalg import Spectrum, relative_errors, singular_values, spectrum
+from ..reasons import Reason
+from ..stages import Stage, stages_macs
+
+
+class Scheme(ABC):
+    """One family of decompositions (a registry entry; see :mod:`sepify.core.schemes`)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: what the chain is
+
+    # -- eligibility and shapes (no weight needed) ----------------------------------------------
+    @abstractmethod
+    def reason(self, geo: ConvGeometry) -> Reason | None:
+        """Why this scheme cannot apply to a conv of this geometry (None: it can)."""
+
+    def variants(self, geo: ConvGeometry) -> tuple[str, ...]:
+        """The variants whose spectra differ, cheaper first."""
+        return ("",)
+
+    def resolve(self, geo: ConvGeometry, variant: str | None) -> str:
+        """``variant``, or the cheaper one when it is None or empty."""
+        return variant or self.variants(geo)[0]
+
+    @abstractmethod
+    def stages(self, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
+        """Shape-only stages at rank ``r``."""
+
+    @abstractmethod
+    def matrix_shape(self, geo: ConvGeometry, variant: str = "") -> tuple[int, int, int]:
+        """``(B, m, n)`` of :meth:`matrices` (without reading the weight)."""
+
+    def macs(self, geo: ConvGeometry, r: int, variant: str = "") -> int:
+        return stages_macs(geo, self.stages(geo, r, self.resolve(geo, variant)))
+
+    def macs_per_rank(self, geo: ConvGeometry, variant: str = "") -> int:
+        """MACs of one rank: every scheme here costs ``r`` times this."""
+        return self.macs(geo, 1, variant)
+
+    def max_rank(self, geo: ConvGeometry, variant: str = "") -> int:
+        _, m, n = self.matrix_shape(geo, self.resolve(geo, variant))
+        return min(m, n)
+
+    def break_even(self, geo: ConvGeometry, variant: str = "") -> int:
+        """The largest rank that still costs fewer MACs than the conv (0: none), capped at the max rank."""
+        per = self.macs_per_rank(geo, variant)
+        top = self.max_rank(geo, variant)
+        return max(0, min(top, (geo.macs - 1) // per)) if per else top
+
+    # -- the weight ------------------------------------------------------------------------------
+    @abstractmethod
+    def matrices(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
+        """The batch of matrices ``[B, m, n]`` whose spectra give the errors of this scheme."""
+
+    @abstractmethod
+    def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
+        """Stages with float64 weights whose composition approximates ``w`` at rank ``r``."""
+
+    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
+        """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64)."""
+        return relative_errors(singular_values(self.matrices(w, geo, self.resolve(geo, variant))))
+
+    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int) -> Spectrum:
+        """Errors by rank, certified instead of decomposed for large matrices (:func:`sepify.core.linalg.spectrum`)."""
+        return spectrum(self.matrices(w, geo, self.resolve(geo, variant)), useful_rank, bound)
+
+    def truncate(self, stages: Sequence[Stage], geo: ConvGeometry, r_max: int, r: int,
+                 variant: str = "") -> list[Stage]:
+        """The rank-``r`` chain inside a rank-``r_max`` one (the SVD factors are nested): the first
+        stage's channels ``(…, j)`` and the following stages' per-group inputs ``(…, j)`` with ``j < r``."""
+        small = self.stages(geo, r, self.resolve(geo, variant))
+        out = []
+        for big, st in zip(stages, small):
+            w = np.asarray(big.weight)
+            if st.out_channels != big.out_channels:
+                w = w.reshape(-1, r_max, *w.shape[1:])[:, :r].reshape(st.out_channels, *w.shape[1:])
+            if st.in_per_group != big.in_per_group:
+                w = w.reshape(w.shape[0], -1, r_max, *w.shape[2:])[:, :, :r].reshape(
+                    w.shape[0], st.in_per_group, *w.shape[2:])
+            out.append(Stage(st.out_channels, st.in_per_group, st.group, big.kernel, big.axes, w, big.role))
+        return out
+
+    def __repr__(self) -> str:
+        return f"<scheme {self.name}>"
+
+
+__all__ = ["Scheme"]

@@ -1,0 +1,82 @@
+"""The one place sepify makes onnxruntime sessions: verify, bench, latency, calibration and the
+shape probe all come through :func:`ort_session` (with their own presets of its options)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+
+from ..errors import ModelLoadError, UsageError
+from .load import ort_max_ir_version
+
+
+def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> bytes:
+    """Serialize ``model`` for onnxruntime: IR version clamped, extra tensors exposed as outputs.
+
+    The model is restored afterwards, so the caller's proto is unchanged.
+    """
+    graph = model.graph
+    existing = {o.name for o in graph.output}
+    added = [n for n in dict.fromkeys(extra_outputs) if n not in existing]
+    old_ir = model.ir_version
+    for name in added:
+        graph.output.add().name = name
+    model.ir_version = min(old_ir, ort_max_ir_version())
+    try:
+        return model.SerializeToString()
+    finally:
+        model.ir_version = old_ir
+        if added:
+            del graph.output[len(graph.output) - len(added):]
+
+
+SPINNING = ("run", "off")
+_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, providers=None,
+                threads: int | None = None, spinning: str | None = "off", optimization: str | None = None,
+                profile_prefix: str | None = None, log_severity: int = 3):
+    """The one place sepify makes onnxruntime sessions (verify, bench, the latency-aware rewrite,
+    calibration, the shape probe): ``model`` serialized by :func:`ort_session_bytes` (IR version
+    clamped, ``extra_outputs`` exposed), on ``providers`` (default: CPU only).
+
+    * ``threads``: intra-op threads, with one inter-op thread (None: onnxruntime's defaults).
+    * ``spinning`` (see :mod:`sepify.bench`): ``"off"`` never spins (``session.intra_op.allow_spinning
+      = 0``), so an idle session's threads never steal CPU from the one running; ``"run"`` spins within
+      a run and stops when it returns (``session.force_spinning_stop``), for timing; None: onnxruntime's
+      default.
+    * ``optimization``: ``"disable"``, ``"basic"`` or ``"all"`` graph optimizations (None: onnxruntime's
+      default, all).
+    * ``profile_prefix``: profile every run into a file with this prefix (``session.end_profiling()``).
+
+    A model onnxruntime refuses raises ModelLoadError with its first line.
+    """
+    import onnxruntime as ort
+
+    if spinning is not None and spinning not in SPINNING:
+        raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = log_severity
+    if spinning == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimization is not None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+__all__ = ["SPINNING", "ort_session", "ort_session_bytes"]

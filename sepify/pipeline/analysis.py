@@ -1,0 +1,118 @@
+"""What audit, plan, rewrite and calibration share: the loaded model, its graph view, shapes,
+conv specs, and why a node cannot be rewritten at all (:func:`check_weight`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..core.geometry import prod
+from ..core.reasons import Reason
+from ..model.cost import ConvSpec, conv_spec, matmul_operands
+from ..model.graph import MATMUL_OPS, GraphView
+from ..model.load import LoadedModel, ModelSource, load_model
+from ..model.shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes,
+                            resolve_input_shapes, resolve_input_values)
+
+SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | None, via_dq: bool) -> Reason | None:
+    """Why a node cannot be rewritten at all (None when some scheme may apply)."""
+    op = spec.ref.op_type
+    if op in ("ConvInteger", "QLinearConv"):
+        return Reason.QUANTIZED_OP
+    if op == "ConvTranspose":
+        return Reason.TRANSPOSED_CONV
+    if weight_source in ("graph_input", "computed"):
+        return Reason.WEIGHT_NOT_CONSTANT
+    if via_dq:
+        return Reason.QUANTIZED_WEIGHT
+    if spec.weight_dtype not in SUPPORTED_DTYPES:
+        return Reason.UNSUPPORTED_DTYPE
+    if weight is not None and not np.all(np.isfinite(weight)):
+        return Reason.NONFINITE_WEIGHT
+    if spec.fits_input() is False:
+        return Reason.WEIGHT_SHAPE_MISMATCH
+    if spec.geometry() is None:
+        return Reason.SHAPE_UNKNOWN
+    if spec.kernel is not None and prod(spec.kernel) == 1:
+        return Reason.POINTWISE_KERNEL
+    return None
+
+
+@dataclass
+class WeightCheck:
+    """Where a conv's weight comes from, its value when constant, and why the node cannot be rewritten."""
+
+    source: str  # initializer | constant_node | constant_subgraph | graph_input | computed | missing
+    weight: np.ndarray | None
+    reason: Reason | None
+
+
+def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
+    source = view.weight_origin(spec.w_name, spec.ref) if spec.w_name else "missing"
+    if source in ("graph_input", "computed", "missing"):
+        return WeightCheck(source, None, node_level_reason(spec, source, None, False))
+    if source == "initializer":
+        # Decide from attributes first: most weights of a big model (1×1 convs) never need reading.
+        reason = node_level_reason(spec, source, None, False)
+        if reason is not None:
+            return WeightCheck(source, None, reason)
+    const = view.constant(spec.w_name, spec.ref)
+    return WeightCheck(source, const.value, node_level_reason(spec, source, const.value, const.via_dequantize))
+
+
+@dataclass
+class ModelAnalysis:
+    """What audit, plan and rewrite share: the loaded model, its graph view, shapes and conv specs."""
+
+    loaded: LoadedModel
+    view: GraphView
+    input_shapes: dict[str, list[int]]
+    specs: list[ConvSpec]
+    table: Any
+    warnings: list[str]
+
+
+def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None) -> ModelAnalysis:
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    view = GraphView(loaded.model)
+    user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])
+    shapes, dtypes = resolve_input_shapes(view, user)
+    table = infer_shapes(view, shapes, dtypes, resolve_input_values(view, input_values, shapes))
+    convs = view.conv_nodes()
+    specs = [conv_spec(view, ref, table) for ref in convs]
+    warnings: list[str] = []
+    missing = [n for s in specs if s.shape_source == "unknown" or s.weight_shape is None
+               for n in (s.x_name, s.w_name, s.ref.node.output[0])]
+    matmuls = [r for r in view.nodes if r.op_type in MATMUL_OPS]
+
+    def mm_unknown(ref) -> list[str]:  # the operands of a Gemm/MatMul with neither a shape nor a value
+        return [i for i in (ref.node.input[k] for k in matmul_operands(ref.node) if k < len(ref.node.input))
+                if i and table.get(i) is None and view.constant(i, ref) is None]
+
+    mm_missing = [i for r in matmuls for i in mm_unknown(r)]
+    if missing or mm_missing:
+        fill_with_onnxruntime(view, table, [*missing, *mm_missing])
+        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None else s
+                 for ref, s in zip(convs, specs)]
+        # What no graph output can expose (inside If/Loop/Scan bodies): convs and Gemm/MatMuls
+        # alike, from one profiled run.
+        still = [s.ref for s in specs if s.shape_source == "unknown"] + [r for r in matmuls if mm_unknown(r)]
+        if still:
+            fill_from_profile(view, table, still)
+            specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
+    for s in specs:
+        if s.fits_input() is False:
+            warnings.append(f"{s.ref.qualified_name}: weight {s.weight_shape} does not fit input {s.input_shape}; "
+                            "its cost is not counted")
+        elif s.shape_source == "unknown" or s.weight_shape is None:
+            warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
+    return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
+
+
+__all__ = ["ModelAnalysis", "SUPPORTED_DTYPES", "WeightCheck", "analyze_model", "check_weight", "node_level_reason"]
