@@ -16,7 +16,6 @@ import pytest
 from onnx import helper, numpy_helper
 
 import sepify
-from sepify import Policy
 from sepify.pipeline.bench import Rounds, interleaved_times, round_order
 from sepify.cli import main
 from sepify.core.lowering import LOWERINGS, lower, lowering_kinds
@@ -38,7 +37,6 @@ from test_rewrite import (
     assert_matches,
     build_case,
     check_lossless,
-    conv_model,
     conv_nodes,
     expected_macs_after,
     graph_conv_macs,

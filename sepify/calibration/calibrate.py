@@ -183,7 +183,7 @@ class Calibrator:
             raise UsageError("allocation by sensitivity needs a budget or a max_drift")
         layers = {n: (p.macs, p.options()) for n, p in self.profiles.items()}
         result = greedy(layers, target=budget * self.conv_macs if budget is not None else None, max_loss=max_drift,
-                        convex=True)
+                        convex=True, fixed=self.conv_macs - sum(c0 for c0, _ in layers.values()))
         return {n: (*o.payload, "") for n, o in result.chosen.items()}, result.loss
 
     def _derived(self, model: onnx.ModelProto) -> LoadedModel:

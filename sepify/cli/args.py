@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.lowering import LOWERINGS
 from ..core.schemes import names as scheme_names
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 
 # API parameter -> CLI flag, filled by the groups below (for error messages).
 FLAGS: dict[str, str] = {}
@@ -212,5 +212,17 @@ class SweepArgs(ArgGroup):
             p.add_argument("--plot", metavar="FILE.png", help="sweep: draw the curve (needs matplotlib: sepify[plot])")
 
 
-__all__ = ["ArgGroup", "CalibrationArgs", "FLAGS", "LatencyArgs", "LatencyOptions", "PolicyArgs", "ShapeArgs",
+def error_message(exc: BaseException) -> str:
+    """One line: the error's first line, an API parameter named by its flag (``--budget 2: …``)."""
+    if isinstance(exc, ParameterError) and isinstance(exc.value, (list, tuple)) and exc.param not in FLAGS:
+        # several parameters at once (``choose one policy``): each named by its flag
+        return f"{exc.problem}, not {' and '.join(FLAGS.get(v, v) for v in exc.value)}"
+    if isinstance(exc, ParameterError) and exc.param in FLAGS:
+        flag = FLAGS[exc.param]
+        return f"{flag} {exc.value}: {exc.problem}" if exc.value is not None else f"{flag}: {exc.problem}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["error_message", "ArgGroup", "CalibrationArgs", "FLAGS", "LatencyArgs", "LatencyOptions", "PolicyArgs", "ShapeArgs",
            "SweepArgs", "ToleranceArgs"]

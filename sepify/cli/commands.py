@@ -10,14 +10,12 @@ from typing import Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, SepifyError, UsageError
 from ..serialize import dumps
-from .args import CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, ToleranceArgs
+from .args import CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, ToleranceArgs, error_message
 
 
 def naming_file(exc: SepifyError, path) -> SepifyError:
     """``exc``'s message (flags named, see :func:`~sepify.cli.main.error_message`) prefixed by ``path``
     unless it already names it; the same exit code."""
-    from .main import error_message
-
     msg = error_message(exc)
     if str(path) in msg:
         return exc
@@ -27,8 +25,6 @@ def naming_file(exc: SepifyError, path) -> SepifyError:
 
 
 def print_error(exc: BaseException, path: Path | None = None) -> None:
-    from .main import error_message
-
     msg = error_message(exc)
     if path is not None and str(path) not in msg:
         msg = f"{path}: {msg}"

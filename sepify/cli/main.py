@@ -12,9 +12,9 @@ import sys
 import traceback
 from typing import Sequence
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, ParameterError, SepifyError, UsageError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, SepifyError, UsageError
 from ..version import __version__
-from .args import FLAGS, CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, SweepArgs, ToleranceArgs
+from .args import CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, SweepArgs, ToleranceArgs, error_message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,18 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verify", action="store_true",
                            help="per-layer drift of the rewritten model on --eval (or the calibration) samples")
     return parser
-
-
-def error_message(exc: BaseException) -> str:
-    """One line: the error's first line, an API parameter named by its flag (``--budget 2: …``)."""
-    if isinstance(exc, ParameterError) and isinstance(exc.value, (list, tuple)) and exc.param not in FLAGS:
-        # several parameters at once (``choose one policy``): each named by its flag
-        return f"{exc.problem}, not {' and '.join(FLAGS.get(v, v) for v in exc.value)}"
-    if isinstance(exc, ParameterError) and exc.param in FLAGS:
-        flag = FLAGS[exc.param]
-        return f"{flag} {exc.value}: {exc.problem}" if exc.value is not None else f"{flag}: {exc.problem}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

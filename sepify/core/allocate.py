@@ -28,16 +28,23 @@ class Option:
     cost: float
     loss: float
     payload: Any = None  # what the caller needs back (a Candidate, a (scheme, rank) pair, …)
+    # What the front is Pareto-optimal in (default: the loss).  A loss that rounds several small
+    # errors to one value (−log(1 − e²) is 0 for every e below 1e-8) still needs them told apart.
+    key: float | None = None
+
+    @property
+    def order(self) -> float:
+        return self.loss if self.key is None else self.key
 
 
 def front(cost0: float, options: Sequence[Option]) -> list[Option]:
     """The Pareto options cheaper than ``cost0``, from the most to the least costly (loss rising)."""
     kept: list[Option] = []
     best = math.inf
-    for o in sorted((o for o in options if o.cost < cost0), key=lambda o: (o.cost, o.loss)):
-        if o.loss < best:
+    for o in sorted((o for o in options if o.cost < cost0), key=lambda o: (o.cost, o.order)):
+        if o.order < best:
             kept.append(o)
-            best = o.loss
+            best = o.order
     return kept[::-1]
 
 
@@ -68,12 +75,15 @@ class Allocation:
 
 
 def greedy(layers: Mapping[Hashable, tuple[float, Sequence[Option]]], *, target: float | None = None,
-           max_loss: float | None = None, convex: bool = False) -> Allocation:
-    """Walk the layers' fronts (``{layer: (cost₀, options)}``) greedily; see the module doc."""
+           max_loss: float | None = None, convex: bool = False, fixed: float = 0.0) -> Allocation:
+    """Walk the layers' fronts (``{layer: (cost₀, options)}``) greedily; see the module doc.
+
+    ``fixed``: the cost of everything outside ``layers`` (layers no option applies to), counted in
+    the total that ``target`` bounds."""
     paths = {k: (hull if convex else front)(c0, opts) for k, (c0, opts) in layers.items()}
     order = {k: i for i, k in enumerate(layers)}
     position = {k: -1 for k in layers}
-    spent = float(sum(c0 for c0, _ in layers.values()))
+    spent = float(fixed + sum(c0 for c0, _ in layers.values()))
     loss = 0.0
 
     def entry(k):

@@ -345,9 +345,10 @@ def _allocate_budget(policy: Policy, nodes: list[NodePlan], states: dict[int, _N
     the product-of-energies objective of Zhang et al. (2015), ``e`` the relative weight error.  It is
     convex where ``e²`` falls linearly with MACs, so cuts spread across layers instead of emptying one."""
     total = sum(n.macs or 0 for n in nodes)
-    layers = {i: (nodes[i].macs, [Option(c.macs, _energy_loss(c.error), c) for c in _candidates(st, schemes)])
+    layers = {i: (nodes[i].macs, [Option(c.macs, _energy_loss(c.error), c, key=c.error)
+                                  for c in _candidates(st, schemes)])
               for i, st in states.items()}
-    result = greedy(layers, target=policy.budget * total)
+    result = greedy(layers, target=policy.budget * total, fixed=total - sum(c0 for c0, _ in layers.values()))
     for i, st in states.items():
         picked = result.chosen.get(i)
         _apply(nodes[i], st, picked.payload if picked is not None else None, policy)
