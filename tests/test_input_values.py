@@ -220,7 +220,7 @@ def test_calibration_random_data_uses_the_value(model):
     assert "sr fixed" in cs.source
     data = {"x": np.zeros((2, 1, 3, 16, 16), np.float32), "sr": np.array([16000, 16000], np.int64)}
     assert len(load_calibration(data, model, input_values={"sr": 16000}).feeds) == 2
-    with pytest.raises(UsageError, match="other values than --input-value sr=8000"):
+    with pytest.raises(UsageError, match="sr=8000.*holds other values for input .sr."):
         load_calibration(data, model, input_values={"sr": 8000})
 
 
@@ -228,7 +228,7 @@ def test_calibration_random_data_uses_the_value(model):
 # bad specs: one line, exit 2, on every command that takes --input-shape
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec, names", [
-    ("nope=1", ("--input-value names 'nope'", "not a graph input", "inputs: x, sr")),
+    ("nope=1", ("--input-value nope", "not a graph input", "inputs: x, sr")),
     ("sr=abc", ("sr=abc", "int64", "'abc' is not a number")),
     ("sr=0.5", ("sr=0.5", "int64", "is not an integer")),
     ("sr=1e30", ("sr=1e30", "out of its range")),
@@ -246,7 +246,7 @@ def test_bad_specs_cli(capsys, model_path, spec, names):
 
 
 def test_value_given_twice(capsys, model_path):
-    _bad(capsys, "audit", model_path, "--input-value", "sr=8000", "--input-value", "sr=16000", names=("'sr' twice",))
+    _bad(capsys, "audit", model_path, "--input-value", "sr=8000", "--input-value", "sr=16000", names=("--input-value sr: given twice",))
 
 
 @pytest.mark.parametrize("command", [

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..model.shapes import (cast_input_values, check_values_agree, normalize_input_shapes, resolve_input_shapes,
@@ -202,7 +202,7 @@ def plan_input_shapes(model: onnx.ModelProto, calib: CalibrationSet, input_shape
     resolved, _ = resolve_input_shapes(view, normalize_input_shapes(input_shapes, names))
     for k, dims in resolved.items():
         if k in data and list(dims[1:]) != data[k][1:]:
-            raise UsageError(f"--input-shape gives {k} as {'x'.join(map(str, dims))}, but the calibration samples "
+            raise ParameterError("input_shapes", f"{k}={'x'.join(map(str, dims))}", "the calibration samples "
                              f"are {'x'.join(map(str, data[k]))}")
     return {k: list(v) for k, v in resolved.items()}
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..errors import ShapeError, UsageError
+from ..errors import ParameterError, ShapeError, UsageError
 from .graph import GraphView
 from .walk import iter_graphs
 from .load import PROTOBUF_LIMIT, light_copy
@@ -42,10 +42,10 @@ def parse_input_shape(spec: str) -> tuple[str | None, list[int]]:
         name, dims = None, spec
     text = dims.strip().lower().replace(",", "x").replace("*", "x")
     if not re.fullmatch(r"\d+(x\d+)*", text):
-        raise UsageError(f"--input-shape {spec!r}: expected NAME=D1xD2x… with positive integers")
+        raise ParameterError("input_shapes", spec, "expected NAME=D1xD2x… with positive integers")
     values = [int(v) for v in text.split("x")]
     if any(v <= 0 for v in values):
-        raise UsageError(f"--input-shape {spec!r}: dims must be positive")
+        raise ParameterError("input_shapes", spec, "dims must be positive")
     return (name or None), values
 
 
@@ -59,11 +59,12 @@ def normalize_input_shapes(
     for name, dims in items:
         if name is None:
             if len(input_names) != 1:
-                raise UsageError("--input-shape without NAME= needs a model with exactly one input; "
+                raise ParameterError("input_shapes", "x".join(map(str, dims)), "a shape without NAME= needs a model "
+                                     "with exactly one input; "
                                  f"inputs are {', '.join(input_names)}")
             name = input_names[0]
         if name not in input_names:
-            raise UsageError(f"--input-shape names {name!r}, which is not a graph input "
+            raise ParameterError("input_shapes", name, "not a graph input "
                              f"(inputs: {', '.join(input_names) or 'none'})")
         result[name] = [int(d) for d in dims]
     return result
@@ -123,15 +124,16 @@ def resolve_input_shapes(view: GraphView, user: Mapping[str, Sequence[int]]) -> 
             if declared is not None:
                 if len(declared) != len(given):
                     raise ShapeError(f"input {vi.name!r} has rank {len(declared)}, "
-                                     f"but --input-shape gives {len(given)} dims")
+                                     f"but the given shape has {len(given)} dims")
                 for axis, (d, value) in enumerate(zip(declared, given)):
                     if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != value:
                         raise ShapeError(f"input {vi.name!r} dim {axis} is fixed at {d.dim_value}, "
-                                         f"but --input-shape gives {value}")
+                                         f"but the given shape says {value}")
             shapes[vi.name] = list(given)
             continue
         if declared is None:
-            raise ShapeError(f"input {vi.name!r} has no declared shape; pass --input-shape {vi.name}=D1xD2x…")
+            raise ShapeError(f"input {vi.name!r} has no declared shape; give its shape "
+                             f"(input_shapes; CLI: --input-shape {vi.name}=D1xD2x…)")
         dims = []
         for axis, d in enumerate(declared):
             if d.HasField("dim_value") and d.dim_value > 0:
@@ -144,10 +146,10 @@ def resolve_input_shapes(view: GraphView, user: Mapping[str, Sequence[int]]) -> 
                 label = f"{d.dim_param!r}" if d.dim_param else "unknown"
                 raise ShapeError(
                     f"input {vi.name!r} has an unresolved dim {axis} ({label}); "
-                    f"pass --input-shape {vi.name}=" + "x".join(
+                    f"give its shape (input_shapes; CLI: --input-shape {vi.name}=" + "x".join(
                         str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else ("1" if i == 0 else "N")
                         for i, x in enumerate(declared)
-                    )
+                    ) + ")"
                 )
         shapes[vi.name] = dims
     return shapes, dtypes
@@ -168,7 +170,7 @@ def parse_input_value(spec: str) -> tuple[str, list[str]]:
     name = name.strip()
     items = [t.strip() for t in text.split(",")]
     if not sep or not name or not all(items):
-        raise UsageError(f"--input-value {spec!r}: expected NAME=V or NAME=V1,V2,… (e.g. sr=16000)")
+        raise ParameterError("input_values", spec, "expected NAME=V or NAME=V1,V2,… (e.g. sr=16000)")
     return name, items
 
 
@@ -183,10 +185,10 @@ def normalize_input_values(values, input_names: Sequence[str]) -> dict[str, obje
     result: dict[str, object] = {}
     for name, value in items:
         if name not in input_names:
-            raise UsageError(f"--input-value names {name!r}, which is not a graph input "
+            raise ParameterError("input_values", name, "not a graph input "
                              f"(inputs: {', '.join(input_names) or 'none'})")
         if name in result:
-            raise UsageError(f"--input-value gives {name!r} twice")
+            raise ParameterError("input_values", name, "given twice")
         result[name] = value
     return result
 
@@ -221,7 +223,7 @@ def cast_input_value(name: str, value, elem_type: int) -> np.ndarray:
     except Exception:  # noqa: BLE001 - element types numpy cannot hold
         np_dtype = None
     if np_dtype is None or np_dtype.kind not in _VALUE_KINDS:
-        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; fixed values need a bool, integer, "
+        raise ParameterError("input_values", spec, f"input {name!r} is {label}; fixed values need a bool, integer, "
                          "float or string input")
     texts = None
     if isinstance(value, str):
@@ -241,30 +243,30 @@ def cast_input_value(name: str, value, elem_type: int) -> np.ndarray:
         except Exception:  # noqa: BLE001 - ragged lists and other shapes numpy refuses
             arr = np.asarray([None])
         if arr.dtype.kind not in "biuf":
-            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; give numbers")
+            raise ParameterError("input_values", spec, f"input {name!r} is {label}; give numbers")
     if arr.size == 0:
-        raise UsageError(f"--input-value {spec}: no values")
+        raise ParameterError("input_values", spec, "no values")
     if np_dtype.kind == "b":
         if arr.dtype.kind != "b" and not np.all((arr == 0) | (arr == 1)):
-            raise UsageError(f"--input-value {spec}: input {name!r} is bool; give 0, 1, true or false")
+            raise ParameterError("input_values", spec, f"input {name!r} is bool; give 0, 1, true or false")
         return arr.astype(np.bool_)
     if np_dtype.kind in "iu":
         if arr.dtype.kind == "f":
             bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
             if bad.size:
-                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {bad[0]:g} is not an integer")
+                raise ParameterError("input_values", spec, f"input {name!r} is {label}; {bad[0]:g} is not an integer")
         info = np.iinfo(np_dtype)
         lo, hi = arr.min(), arr.max()
         lo, hi = (int(lo), int(hi)) if arr.dtype.kind != "f" else (float(lo), float(hi))
         if lo < info.min or hi > info.max:
-            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; "
+            raise ParameterError("input_values", spec, f"input {name!r} is {label}; "
                              f"{lo if lo < info.min else hi} is out of its range [{info.min}, {info.max}]")
         return arr.astype(np_dtype)
     with np.errstate(over="ignore"):
         out = arr.astype(np_dtype)
     overflow = np.isinf(out) & np.isfinite(arr.astype(np.float64))
     if overflow.any():
-        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {arr[overflow][0]:g} is out of its range")
+        raise ParameterError("input_values", spec, f"input {name!r} is {label}; {arr[overflow][0]:g} is out of its range")
     return out
 
 
@@ -273,7 +275,7 @@ def _parse_texts(name: str, spec: str, texts: Sequence[str], np_dtype: np.dtype,
         try:
             return np.array([_BOOL_TEXT[t.strip().lower()] for t in texts], dtype=np.bool_)
         except KeyError as exc:
-            raise UsageError(f"--input-value {spec}: input {name!r} is bool; give 0, 1, true or false "
+            raise ParameterError("input_values", spec, f"input {name!r} is bool; give 0, 1, true or false "
                              f"(got {exc.args[0]!r})") from None
     if np_dtype.kind in "iu":
         ints = []
@@ -286,21 +288,21 @@ def _parse_texts(name: str, spec: str, texts: Sequence[str], np_dtype: np.dtype,
             try:
                 f = float(t)
             except ValueError:
-                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {t!r} is not a number") from None
+                raise ParameterError("input_values", spec, f"input {name!r} is {label}; {t!r} is not a number") from None
             if not np.isfinite(f) or f != int(f):
-                raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {t!r} is not an integer")
+                raise ParameterError("input_values", spec, f"input {name!r} is {label}; {t!r} is not an integer")
             ints.append(int(f))
         info = np.iinfo(np_dtype)
         bad = next((v for v in ints if not info.min <= v <= info.max), None)
         if bad is not None:
-            raise UsageError(f"--input-value {spec}: input {name!r} is {label}; "
+            raise ParameterError("input_values", spec, f"input {name!r} is {label}; "
                              f"{bad} is out of its range [{info.min}, {info.max}]")
         return np.array(ints, dtype=np_dtype)
     try:
         return np.array([float(t) for t in texts], dtype=np.float64)
     except ValueError:
         bad = next(t for t in texts if not _is_float(t))
-        raise UsageError(f"--input-value {spec}: input {name!r} is {label}; {bad!r} is not a number") from None
+        raise ParameterError("input_values", spec, f"input {name!r} is {label}; {bad!r} is not a number") from None
 
 
 def _is_float(text: str) -> bool:
@@ -320,7 +322,7 @@ def shape_input_value(name: str, flat: np.ndarray, dims: Sequence[int], spec: st
     if flat.size == count:
         return flat.reshape(dims)
     shape = "x".join(map(str, dims)) if dims else "scalar"
-    raise UsageError(f"--input-value {spec or name}: input {name!r} has shape {shape} ({count} element(s)), "
+    raise ParameterError("input_values", spec or name, f"input {name!r} has shape {shape} ({count} element(s)), "
                      f"but {flat.size} values are given (one value fills every element)")
 
 
@@ -336,7 +338,7 @@ def cast_input_values(view: GraphView, values) -> dict[str, np.ndarray]:
     out = {}
     for name, value in user.items():
         if name not in types:
-            raise UsageError(f"--input-value {name}: input {name!r} is not a tensor")
+            raise ParameterError("input_values", name, f"input {name!r} is not a tensor")
         out[name] = cast_input_value(name, value, types[name])
     return out
 
@@ -385,8 +387,8 @@ def check_values_agree(feeds: Mapping[str, np.ndarray], values: Mapping[str, np.
         except (TypeError, ValueError):
             same = False
         if not same:
-            raise UsageError(f"{source} gives input {name!r} other values than --input-value {_spec(name, flat)}; "
-                             "the given inputs are used: drop --input-value or change the data")
+            raise ParameterError("input_values", _spec(name, flat), f"{source} holds other values for input {name!r}; "
+                                 "the given inputs are used: drop the fixed value or change the data")
 
 
 def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:

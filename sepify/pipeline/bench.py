@@ -38,6 +38,7 @@ import numpy as np
 from .audit import audit
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..errors import UsageError
+from ..serialize import SCHEMA_VERSION, dumps
 from ..model.session import SPINNING, ort_session
 from .verify import model_inputs
 
@@ -108,6 +109,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "model_a": self.model_a,
             "model_b": self.model_b,
             "threads": self.threads,
@@ -130,7 +132,7 @@ class BenchReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps(self.to_dict())
 
 
 def bench_session(model, providers=None, threads: int | None = None, spinning: str = "run"):

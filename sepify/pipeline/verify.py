@@ -16,7 +16,6 @@ rtol = 2ε (never below the float32 defaults).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import onnx
 
 from ..errors import UsageError
+from ..serialize import SCHEMA_VERSION, dumps
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..model.session import ort_session
@@ -93,6 +93,7 @@ class DriftReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "passed": self.passed,
             "rule": "|a-b| <= atol + rtol*|a| elementwise (a = original); NaN/Inf must match; "
                     "each output's atol/rtol are the ones it was checked with (float16 outputs default to "
@@ -108,7 +109,7 @@ class DriftReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps(self.to_dict())
 
 
 def compare_tensors(name: str, a: np.ndarray, b: np.ndarray, atol: float | None = None,
