@@ -185,7 +185,7 @@ def onnx_tool_api(m: dict):
 
 def sepify_cli(m: dict):
     exe = shutil.which("sepify")
-    cmd = [*([exe] if exe else [sys.executable, "-m", "sepify.cli"]), "audit", m["path"], "--format", "json",
+    cmd = [*([exe] if exe else [sys.executable, "-m", "sepify"]), "audit", m["path"], "--format", "json",
            *_cli_args(m)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

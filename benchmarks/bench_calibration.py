@@ -54,7 +54,7 @@ VARIANTS = {
 
 
 def sepify(*args: str) -> str:
-    cmd = [sys.executable, "-m", "sepify.cli", *args]
+    cmd = [sys.executable, "-m", "sepify", *args]
     print("$ sepify " + " ".join(args), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0, 1):

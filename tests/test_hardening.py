@@ -4,8 +4,9 @@ Every bad input of the issue is built here and run through **both** ``sepify aud
 ``sepify rewrite``: exit code 2, exactly one stderr line ``sepify: error: <file>: …`` (checked at
 the file-descriptor level, so onnxruntime's C++ logging would show up too), no traceback, and
 nothing written — no output file, no report, no temp file — while the input stays untouched.
-Some inputs are not refused but reported: NaN/Inf weights and a weight that does not fit its
-input get a reason in the audit and are skipped by the rewrite, which still rewrites the rest.
+Some inputs are not refused but reported: NaN/Inf weights get a reason in the audit and are
+skipped by the rewrite, which still rewrites the rest.  A weight that does not fit its input is
+refused (no runtime can execute such a model).
 
 (tests/test_load.py covers the loader's refusals one by one through the Python API, and
 tests/test_cli_*.py bad arguments; this file is the command-line corpus over both commands.)
@@ -448,7 +449,7 @@ def test_conv_checks_follow_subgraph_scopes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reported, not refused: NaN/Inf weights, a weight that does not fit its input
+# Reported, not refused: NaN/Inf weights; refused: a weight that does not fit its input
 # ----------------------------------------------------------------------------------------------
 def _two_branch_model(bad_w: np.ndarray, bad_attrs: dict | None = None, bad_x: str = "x") -> onnx.ModelProto:
     """x [1,8,10,10] -> 'bad' conv (given weight) -> y_bad;  x -> 'good' exact dw-pw conv -> y_good."""
@@ -504,10 +505,14 @@ def test_nonfinite_weights_are_reported_and_skipped(tmp_path, capfd, value, kern
     assert kept["bad"] == reason
 
 
-@pytest.mark.parametrize("case", ["channels", "kernel_larger_than_input", "weight_rank", "input_rank"])
-def test_weight_not_fitting_its_input_is_reported_and_skipped(tmp_path, capfd, case):
-    """A weight that contradicts the input's shape: audit says weight_shape_mismatch (no MACs counted,
-    a warning), rewrite keeps the node and still rewrites the rest; neither crashes."""
+@pytest.mark.parametrize("case,problem", [
+    ("channels", "reads 5 × group 1 = 5 input channels, the input has 8"),
+    ("kernel_larger_than_input", "kernel is larger than the padded input"),
+    ("weight_rank", "a rank-3 weight on a rank-4 input"),
+    ("input_rank", "a rank-4 weight on a rank-3 input")])
+def test_weight_not_fitting_its_input_is_refused(tmp_path, capfd, case, problem):
+    """A weight that contradicts the input's shape: no runtime can execute the model, so audit and
+    rewrite exit 2 with one line naming the node and both shapes — no output, nothing on stdout."""
     if case == "channels":
         model = _two_branch_model(rand([4, 5, 3, 3]))  # x has 8 channels
     elif case == "kernel_larger_than_input":
@@ -518,14 +523,13 @@ def test_weight_not_fitting_its_input_is_reported_and_skipped(tmp_path, capfd, c
         model = _two_branch_model(rand([4, 8, 3, 3]), bad_x="x1d")  # 2-D kernel on a 1-D input
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
-    audit, report, out_path = _audit_and_rewrite(path, capfd)
-    bad_node = next(n for n in audit["nodes"] if n["name"] == "bad")
-    assert bad_node["reason"] == "weight_shape_mismatch" and bad_node["eligible"] is False
-    assert bad_node["macs"] is None and bad_node["flops"] is None
-    assert any(w.startswith("bad: weight") and "does not fit" in w for w in audit["warnings"])
-    assert audit["totals"]["unknown_cost_nodes"] == 1
-    assert audit["totals"]["conv_macs"] == next(n for n in audit["nodes"] if n["name"] == "good")["macs"]
-    _check_good_rewritten(path, report, out_path, "weight_shape_mismatch")
+    out_path = tmp_path / "out.onnx"
+    for argv in (["audit", str(path)], ["rewrite", str(path), "-o", str(out_path)]):
+        assert main(argv) == 2
+        out, err = capfd.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, err
+        assert "node 'bad': weight [4, " in err and "does not fit input [1, 8, 10" in err and problem in err
+    assert not out_path.exists() and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,3 +847,25 @@ def test_mapped_model_saved_to_one_file_or_in_place(tmp_path, capfd, monkeypatch
     assert "3 node(s) rewritten" in capfd.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert_matches(want, session(src).run(None, feeds))
+
+
+def _reshape_then_conv() -> onnx.ModelProto:
+    """x → Reshape(x, shape) → Conv: the conv's shapes depend on the value of the input ``shape``,
+    which shape inference cannot see — only an onnxruntime run can size the conv."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [vi("x", [1, 3, 4, 8]), vi("shape", [4], TensorProto.INT64)], [vi("y", ["n", "c", "h", "w"])],
+                      [init("w", rand([4, 3, 3, 3]))], check=False)
+
+
+def test_audit_at_inputs_the_model_cannot_run_says_why(tmp_path, capfd):
+    """onnxruntime's error is the answer when only its run can size the convs (it used to be swallowed,
+    leaving 'shape unknown' warnings and a partial total)."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_reshape_then_conv().SerializeToString())
+    assert main(["audit", str(path), "--input-value", "shape=1,3,8,4", "--format", "json"]) == 0
+    assert json.loads(capfd.readouterr().out)["nodes"][0]["macs"] == 4 * 8 * 4 * 27
+    assert main(["audit", str(path), "--input-value", "shape=1,3,5,7"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "onnxruntime cannot run the model at input shapes x=1x3x4x8, shape=4" in err and "reshape" in err.lower()

@@ -17,7 +17,6 @@ class Reason(str, Enum):
     QUANTIZED_WEIGHT = "quantized_weight"  # float weight behind DequantizeLinear (QDQ)
     UNSUPPORTED_DTYPE = "unsupported_dtype"  # not float32/float16
     NONFINITE_WEIGHT = "nonfinite_weight"
-    WEIGHT_SHAPE_MISMATCH = "weight_shape_mismatch"  # the weight does not fit the input
     SHAPE_UNKNOWN = "shape_unknown"
     # a scheme (by geometry)
     POINTWISE_KERNEL = "pointwise_kernel"  # 1×1 (1-element) kernel: nothing spatial to split

@@ -75,21 +75,36 @@ class ConvSpec:
         return self.ref.op_type == "ConvTranspose"
 
     def fits_input(self) -> bool | None:
-        """Whether the weight fits the input (None while either shape is unknown): equal ranks,
+        """Whether the weight fits the input (None while either shape is unknown): see :meth:`misfit`."""
+        if self.input_shape is None or self.weight_shape is None:
+            return None
+        return self.misfit() is None
+
+    def misfit(self) -> str | None:
+        """Why the weight cannot run on the input (None: it fits, or a shape is unknown): equal ranks,
         input channels = weight dim 1 × group (ConvTranspose: weight dim 0), output channels
         divisible by group, and a (dilated) kernel no larger than the padded input."""
         x, w = self.input_shape, self.weight_shape
         if x is None or w is None:
             return None
-        if len(w) != len(x) or len(x) < 3 or self.group < 1:
-            return False
+        if len(w) != len(x) or len(x) < 3:
+            return f"a rank-{len(w)} weight on a rank-{len(x)} input"
+        if self.group < 1:
+            return f"group {self.group}"
         if self.transposed:
-            channels_ok = w[0] == x[1] and w[0] % self.group == 0
+            if w[0] != x[1]:
+                return f"the weight reads {w[0]} input channels, the input has {x[1]}"
+            if w[0] % self.group:
+                return f"{w[0]} input channels do not split into {self.group} groups"
         else:
-            channels_ok = w[1] * self.group == x[1] and w[0] % self.group == 0
-        if not channels_ok:
-            return False
-        return self.output_shape is None or all(d > 0 for d in self.output_shape)
+            if w[1] * self.group != x[1]:
+                return f"the weight reads {w[1]} × group {self.group} = {w[1] * self.group} input channels, " \
+                       f"the input has {x[1]}"
+            if w[0] % self.group:
+                return f"{w[0]} output channels do not split into {self.group} groups"
+        if self.output_shape is not None and not all(d > 0 for d in self.output_shape):
+            return "the (dilated) kernel is larger than the padded input"
+        return None
 
     def geometry(self) -> ConvGeometry | None:
         if self.input_shape is None or self.output_shape is None or self.weight_shape is None or self.transposed:

@@ -274,7 +274,7 @@ def _check_conv_node(node: onnx.NodeProto, dims_of: dict[str, list[int] | None],
     These are models no runtime can execute (onnxruntime refuses each of them); refusing them
     here, with the node named, spares every later stage from defending against them.  What
     depends on the input's shape (channels, a kernel larger than the padded input) is not
-    decided here: the audit reports such a node as ``weight_shape_mismatch``.
+    decided here: the analysis refuses such a node once the shapes are known (sepify.pipeline.analysis).
     """
     op = node.op_type
     who = f"node {node.name!r}" if node.name else f"the {op} node producing {list(node.output)[:1]}"

@@ -76,7 +76,21 @@ def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, pr
         return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelLoadError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
 
 
-__all__ = ["SPINNING", "ort_session", "ort_session_bytes"]
+def ort_message(exc: BaseException, limit: int = 400) -> str:
+    """onnxruntime's error on one line with its essential part kept: the status prefix
+    (``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :``) dropped, the node name and the status message
+    kept, whitespace folded, cut at ``limit`` characters."""
+    import re
+
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", "", text)
+    text = text.replace("Non-zero status code returned while running ", "")
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+__all__ = ["SPINNING", "ort_message", "ort_session", "ort_session_bytes"]

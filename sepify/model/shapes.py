@@ -30,7 +30,7 @@ from ..errors import ParameterError, ShapeError, UsageError
 from .graph import GraphView
 from .walk import iter_graphs
 from .load import PROTOBUF_LIMIT, light_copy
-from .session import ort_session
+from .session import ort_message, ort_session
 
 DEFAULT_BATCH = 1
 
@@ -464,37 +464,51 @@ def random_inputs(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, int]
     return feeds
 
 
-def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):
-    """One quiet, unoptimized CPU run (node names kept) on seeded inputs at the resolved shapes
-    (the fixed ``table.input_values`` for those inputs).
-
-    Returns the session and the requested outputs; raises whatever onnxruntime raises (ModelLoadError
-    when it refuses the model).
-    """
-    session = ort_session(view.model, outputs or (), spinning=None, optimization="disable", log_severity=4,
-                          profile_prefix=profile_prefix)  # quiet: sepify reports failures itself
+def _run_probe(session, table: ShapeTable, outputs: Sequence[str] | None):
+    """One run of a probe session on seeded inputs at the resolved shapes (the fixed
+    ``table.input_values`` for those inputs)."""
     accepted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in random_inputs(table.input_shapes, table.input_dtypes, values=table.input_values).items()
              if k in accepted}
-    return session, session.run(outputs, feeds)
+    return session.run(outputs, feeds)
 
 
-def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[str]) -> list[str]:
-    """Run the model once to read the shapes still missing. Returns the names it could not fill."""
+def _probe_run(view: GraphView, table: ShapeTable, outputs: Sequence[str] | None, profile_prefix: str | None = None):
+    """One quiet, unoptimized CPU run (node names kept); returns the session and the requested outputs."""
+    session = ort_session(view.model, outputs or (), spinning=None, optimization="disable", log_severity=4,
+                          profile_prefix=profile_prefix)  # quiet: sepify reports failures itself
+    return session, _run_probe(session, table, outputs)
+
+
+class ProbeError(Exception):
+    """The onnxruntime shape probe could not run the model (``loaded``: False when onnxruntime
+    refused the model itself, True when the run failed at these inputs)."""
+
+    def __init__(self, message: str, loaded: bool):
+        super().__init__(message)
+        self.loaded = loaded
+
+
+def fill_with_onnxruntime(view: GraphView, table: ShapeTable, needed: Iterable[str], *,
+                          override: bool = False) -> list[str]:
+    """Run the model once to read the shapes still missing (with ``override``, also those the table
+    holds from inference: onnxruntime's executed shapes win).  Returns the names it could not fill;
+    raises :class:`ProbeError` when onnxruntime cannot load or run the model."""
     main_tensors = {o for n in view.model.graph.node for o in n.output} | {i.name for i in view.main_inputs}
-    missing = [n for n in dict.fromkeys(needed) if n and n not in table.shapes]
+    missing = [n for n in dict.fromkeys(needed) if n and (override or n not in table.shapes)]
     runnable = [n for n in missing if n in main_tensors]
-    if not runnable:
-        return missing
-    if view.model.ByteSize() > PROTOBUF_LIMIT:
-        return missing
+    if not runnable or view.model.ByteSize() > PROTOBUF_LIMIT:
+        return [n for n in missing if n not in table.shapes]
     try:
-        _, values = _probe_run(view, table, runnable)
-    except Exception:  # noqa: BLE001 - the fallback is best effort; callers report what stays unknown
-        return missing
+        session = ort_session(view.model, runnable, spinning=None, optimization="disable", log_severity=4)
+    except Exception as exc:  # noqa: BLE001 - e.g. an operator onnxruntime does not implement
+        raise ProbeError(str(exc), loaded=False) from None
+    try:
+        values = _run_probe(session, table, runnable)
+    except Exception as exc:  # noqa: BLE001 - the run failed at these input shapes / values
+        raise ProbeError(ort_message(exc), loaded=True) from None
     for name, value in zip(runnable, values):
-        value = np.asarray(value)
-        table.set(name, value.shape, "onnxruntime")
+        table.set(name, np.asarray(value).shape, "onnxruntime")
     return [n for n in missing if n not in table.shapes]
 
 

@@ -14,7 +14,8 @@ from ..core.reasons import Reason
 from ..model.cost import ConvSpec, conv_spec, matmul_operands
 from ..model.graph import MATMUL_OPS, GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..model.shapes import (fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes,
+from ..errors import ShapeError
+from ..model.shapes import (ProbeError, fill_from_profile, fill_with_onnxruntime, infer_shapes, normalize_input_shapes,
                             resolve_input_shapes, resolve_input_values)
 
 SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -35,8 +36,6 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
         return Reason.UNSUPPORTED_DTYPE
     if weight is not None and not np.all(np.isfinite(weight)):
         return Reason.NONFINITE_WEIGHT
-    if spec.fits_input() is False:
-        return Reason.WEIGHT_SHAPE_MISMATCH
     if spec.geometry() is None:
         return Reason.SHAPE_UNKNOWN
     if spec.kernel is not None and prod(spec.kernel) == 1:
@@ -96,10 +95,23 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
                 if i and table.get(i) is None and view.constant(i, ref) is None]
 
     mm_missing = [i for r in matmuls for i in mm_unknown(r)]
-    if missing or mm_missing:
-        fill_with_onnxruntime(view, table, [*missing, *mm_missing])
-        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None else s
-                 for ref, s in zip(convs, specs)]
+    # A weight that contradicts the input's shape from inference (or the model's own value_info):
+    # onnxruntime's executed shapes decide, and a conv that still does not fit is refused below.
+    misfits = [n for s in specs if s.fits_input() is False for n in (s.x_name, s.ref.node.output[0])]
+    if missing or mm_missing or misfits:
+        try:
+            fill_with_onnxruntime(view, table, [*missing, *mm_missing])
+            if misfits:
+                fill_with_onnxruntime(view, table, misfits, override=True)
+        except ProbeError as exc:
+            shape_text = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())
+            if exc.loaded and missing and not misfits:  # a misfit conv is reported in its own words below
+                raise ShapeError(f"onnxruntime cannot run the model at input shapes {shape_text} (needed for conv "
+                                 f"shapes): {exc}; check the input shapes and values") from None
+            if not exc.loaded:
+                warnings.append(f"onnxruntime could not size the remaining tensors: {str(exc).splitlines()[0]}")
+        specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" or s.weight_shape is None
+                 or s.fits_input() is False else s for ref, s in zip(convs, specs)]
         # What no graph output can expose (inside If/Loop/Scan bodies): convs and Gemm/MatMuls
         # alike, from one profiled run.
         still = [s.ref for s in specs if s.shape_source == "unknown"] + [r for r in matmuls if mm_unknown(r)]
@@ -107,10 +119,12 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
             fill_from_profile(view, table, still)
             specs = [conv_spec(view, ref, table) if s.shape_source == "unknown" else s for ref, s in zip(convs, specs)]
     for s in specs:
-        if s.fits_input() is False:
-            warnings.append(f"{s.ref.qualified_name}: weight {s.weight_shape} does not fit input {s.input_shape}; "
-                            "its cost is not counted")
-        elif s.shape_source == "unknown" or s.weight_shape is None:
+        problem = s.misfit()
+        if problem is not None:
+            # No runtime can execute it: a build pipeline must hear it (exit 2), not get a half audit.
+            raise ShapeError(f"node {s.ref.qualified_name!r}: weight {s.weight_shape} does not fit input "
+                             f"{s.input_shape} ({problem})")
+        if s.shape_source == "unknown" or s.weight_shape is None:
             warnings.append(f"{s.ref.qualified_name}: input/output shape unknown; its cost is not counted")
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
