@@ -338,13 +338,13 @@ def test_npz_with_a_sample_axis(tmp_path):
 def test_batch_one_model_gets_one_sample_per_run(tmp_path):
     np.savez(tmp_path / "c.npz", x=anisotropic(3, 0))  # samples stacked on the batch axis
     cs = load_calibration(tmp_path / "c.npz", net(batch=1))
-    assert cs.batch_sizes == [1, 1, 1]
+    assert cs.per_run == [1, 1, 1]
 
 
 def test_symbolic_batch_takes_several_samples_per_run(tmp_path):
     np.savez(tmp_path / "c.npz", x=anisotropic(11, 0))
     cs = load_calibration(tmp_path / "c.npz", net(batch="N"), batch=4)
-    assert cs.batch_sizes == [4, 4, 3] and cs.samples == 11
+    assert cs.per_run == [4, 4, 3] and cs.samples == 11 and cs.stack_axis
     res = calibrate(net(batch="N"), Policy(mode="rank", rank=2), cs)
     assert res.report.samples == 11 and res.report.drift < res.report.drift_weight_only
 

@@ -46,7 +46,8 @@ from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
 from ..serialize import SCHEMA_VERSION, dumps
 from .bnfold import fold_batchnorms
-from .capture import DriftMeter, Targets, WorkingModel, calibration_session, float_outputs, run_outputs
+from .capture import (DriftMeter, StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
+                      run_outputs)
 from .data import CalibrationSet, load_calibration, plan_input_shapes
 from .layers import ELIGIBLE_REASONS, layers_from_plan
 from .options import ALLOCATIONS, DEFAULT_ROWS, CalibrationOptions
@@ -153,6 +154,8 @@ class Calibrator:
         self.targets = Targets()
         self.profiles: dict[str, LayerProfile] = {}
         self._meters: dict[int, tuple[DriftMeter, DriftMeter]] = {}
+        self.notes: list[str] = []
+        self._feeds_of: dict[int, CalibrationSet] = {}  # stacked runs a model refused, one sample per run
         self.timings["setup"] = time.perf_counter() - t0
 
     @property
@@ -160,7 +163,21 @@ class Calibrator:
         return self.base.conv_macs
 
     def profile(self) -> None:
-        """The reference pass (targets; curves and probes under sensitivity allocation) and the sensitivities."""
+        """The reference pass (targets; curves and probes under sensitivity allocation) and the sensitivities.
+
+        A model that refuses several samples stacked on its batch axis (it reshapes to batch 1
+        inside) is calibrated one sample per run instead, and the report says so."""
+        try:
+            self._profile()
+        except StackedRunError as exc:
+            stacked = max(self.calib.per_run)
+            self.calib = self.calib.unstacked()
+            self.notes.append(f"the model refused {stacked} samples per run on its batch axis ({str(exc)[:160]}); "
+                              "calibrated one sample per run")
+            self.targets = Targets()
+            self._profile()
+
+    def _profile(self) -> None:
         schemes = list(scheme_names()) if self.policy.scheme == "auto" else [self.policy.scheme]
         with progress_bar(self.progress) as bar:
             t = time.perf_counter()
@@ -229,11 +246,22 @@ class Calibrator:
         feeds = feeds or self.calib
         key = id(feeds)
         if key not in self._meters:
-            ref = run_outputs(calibration_session(self.folded_model), feeds.feeds, self.outputs)
-            meter = DriftMeter(ref, self.drift_metric)
+            try:
+                ref = run_outputs(calibration_session(self.folded_model), feeds.feeds, self.outputs, feeds)
+            except StackedRunError:
+                self._feeds_of[key] = feeds.unstacked()
+                ref = run_outputs(calibration_session(self.folded_model), self._feeds_of[key].feeds, self.outputs)
+            runs = self._feeds_of.get(key, feeds)
+            meter = DriftMeter(ref, self.drift_metric, runs.per_run)
+            for i in meter.plain:
+                note = f"output {self.outputs[i]!r}: axis 1 is no channel axis (the samples sit there, or it " \
+                       "changes from run to run); its drift is the plain cosine"
+                if note not in self.notes:
+                    self.notes.append(note)
             self._meters[key] = (meter, DriftMeter(ref, "cosine") if self.drift_metric != "cosine" else meter)
+        feeds = self._feeds_of.get(key, feeds)
         meter, cos = self._meters[key]
-        got = run_outputs(self.work.session(), feeds.feeds, self.outputs)
+        got = run_outputs(self.work.session(), feeds.feeds, self.outputs, feeds)
         return meter.drift(got), cos.drift(got)
 
     # -- writing the result ----------------------------------------------------------------------
@@ -330,7 +358,7 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
                      input_values=input_values)
     cal.profile()
     budget = policy.budget if policy.mode == "budget" else None
-    notes: list[str] = []
+    notes: list[str] = cal.notes
     bound = max_drift
     drift = drift_cos = drift_w = drift_w_cos = None
     for attempt in range(MAX_DRIFT_TRIES if max_drift is not None else 1):

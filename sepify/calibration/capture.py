@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ParameterError
+from ..errors import ParameterError, UsageError
 from ..model.names import NameGenerator
-from ..model.session import ort_session
+from ..model.session import ort_message, ort_session
 from .data import CalibrationSet
 from .options import DRIFT_METRICS
 
@@ -91,19 +91,35 @@ class DriftMeter:
     otherwise drown its class probabilities (0…1) in the plain cosine.  A channel's standard
     deviation counts as at least a tenth of its RMS, so nearly constant channels (logits of random
     inputs) are not blown up.
+
+    Axis 1 is taken as the channel axis only where it can be one: every run gives the output the
+    same shape except on axis 0, and (when the runs' sample counts ``per_run`` are known) axis 0 is
+    the one that follows them.  A time-major output (``[T, B, …]``: the samples on axis 1) is
+    measured with the plain cosine instead, and :attr:`plain` names it.
     """
 
-    def __init__(self, reference: Sequence[Sequence[np.ndarray]], metric: str = "channel"):
+    def __init__(self, reference: Sequence[Sequence[np.ndarray]], metric: str = "channel",
+                 per_run: Sequence[int] | None = None):
         if metric not in DRIFT_METRICS:
             raise ParameterError("drift_metric", metric, f"unknown drift metric ({', '.join(DRIFT_METRICS)})")
         self.metric = metric
         self.reference = [[np.asarray(t, dtype=np.float64) for t in outs] for outs in reference]
         self.stats: list[tuple[np.ndarray, np.ndarray] | None] = []
+        self.plain: list[int] = []  # outputs whose axis 1 is no channel axis (plain cosine)
         if self.reference:
             for i in range(len(self.reference[0])):
                 first = self.reference[0][i]
                 if metric != "channel" or first.ndim < 2:
                     self.stats.append(None)
+                    continue
+                shapes = [outs[i].shape for outs in self.reference]
+                varies = any(sh[1:] != first.shape[1:] for sh in shapes)  # axis 1+ changes run to run
+                samples_on_axis_1 = per_run is not None and len(per_run) == len(shapes) and \
+                    all(sh[1] == k for sh, k in zip(shapes, per_run)) and \
+                    any(sh[0] != k for sh, k in zip(shapes, per_run))
+                if varies or samples_on_axis_1:
+                    self.stats.append(None)
+                    self.plain.append(i)
                     continue
                 c = first.shape[1]
                 s1, s2, count = np.zeros(c), np.zeros(c), 0
@@ -146,9 +162,9 @@ class DriftMeter:
         return [float(v) for v in np.clip(1.0 - cos, 0.0, 2.0)]
 
 
-def run_outputs(session, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> list[list[np.ndarray]]:
-    inputs = {i.name for i in session.get_inputs()}
-    return [session.run(list(names), {k: v for k, v in f.items() if k in inputs}) for f in feeds]
+def run_outputs(session, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],
+                calib: CalibrationSet | None = None) -> list[list[np.ndarray]]:
+    return [run_session(session, names, f, calib) for f in feeds]
 
 
 class Targets:
@@ -167,16 +183,42 @@ class Targets:
         self.rows.pop(layer, None)
 
 
-def iterate_runs(session, calib: CalibrationSet, names: Sequence[str]):
-    """(first global sample index, batch size, {name: value}) per run."""
+class StackedRunError(Exception):
+    """onnxruntime refused a run of several samples stacked on the batch axis (the model may
+    reshape to batch 1 inside): calibrate again with one sample per run."""
+
+
+def run_session(session, names: Sequence[str] | None, feed: Mapping[str, np.ndarray], calib: CalibrationSet | None = None):
+    """One onnxruntime run on ``feed`` (only the inputs the session takes); a failure is a UsageError
+    with onnxruntime's essential message, or :class:`StackedRunError` for a stacked run."""
     inputs = {i.name for i in session.get_inputs()}
-    start = 0
+    try:
+        return session.run(list(names) if names is not None else None, {k: v for k, v in feed.items() if k in inputs})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+        if calib is not None and calib.stack_axis:
+            raise StackedRunError(ort_message(exc)) from None
+        raise UsageError(f"onnxruntime failed to run the model on the calibration samples: {ort_message(exc)}") from None
+
+
+def iterate_runs(session, calib: CalibrationSet, names: Sequence[str]):
+    """``{name: value}`` per run of the calibration samples.  How many batch entries a run holds is the
+    activations' business (their axis 0), not the inputs': see :class:`BatchOffsets`."""
     for feed in calib.feeds:
-        values = session.run(list(names), {k: v for k, v in feed.items() if k in inputs})
-        b = int(next(iter(feed.values())).shape[0])
-        yield start, b, dict(zip(names, values))
-        start += b
+        yield dict(zip(names, run_session(session, names, feed, calib)))
 
 
-__all__ = ["DRIFT_METRICS", "DriftMeter", "Targets", "WorkingModel", "calibration_session", "float_outputs",
-           "iterate_runs", "run_outputs"]
+class BatchOffsets:
+    """Global sample indices per layer: run by run, a layer's activations hold ``b`` batch entries
+    (their axis 0), numbered after the ones of the runs before — the same in every pass."""
+
+    def __init__(self):
+        self.next: dict[str, int] = {}
+
+    def take(self, layer: str, b: int) -> int:
+        start = self.next.get(layer, 0)
+        self.next[layer] = start + b
+        return start
+
+
+__all__ = ["BatchOffsets", "DRIFT_METRICS", "DriftMeter", "StackedRunError", "Targets", "WorkingModel",
+           "calibration_session", "float_outputs", "iterate_runs", "run_outputs", "run_session"]

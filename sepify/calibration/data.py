@@ -8,7 +8,7 @@ symbolic batch up to ``batch`` per run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -27,15 +27,39 @@ DEFAULT_SAMPLES = 32  # random calibration samples / cap on real ones
 
 @dataclass
 class CalibrationSet:
-    """Model-ready batches (``feeds``) and where they came from."""
+    """Model-ready runs (``feeds``: one dict per onnxruntime run, every input at the shape the model
+    takes) and where they came from.  ``per_run[i]`` is how many of the file's samples run ``i``
+    holds: one, or several stacked on a symbolic batch axis.  The sample axis is the file's; how many
+    batch entries a run's activations have is read from the activations themselves."""
 
     feeds: list[dict[str, np.ndarray]]
     source: str
-    samples: int  # batch entries over all feeds
+    samples: int  # samples over all runs
+    per_run: list[int] = field(default_factory=list)
+    stack_axis: bool = False  # several samples per run, concatenated on every input's axis 0
 
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [int(next(iter(f.values())).shape[0]) if f else 1 for f in self.feeds]
+    def __post_init__(self) -> None:
+        if not self.per_run:
+            self.per_run = [1] * len(self.feeds)
+
+    def head(self, samples: int) -> "CalibrationSet":
+        """The first runs that hold at least ``samples`` samples (all of them if fewer)."""
+        runs, total = [], 0
+        for feed, k in zip(self.feeds, self.per_run):
+            if total >= samples:
+                break
+            runs.append((feed, k))
+            total += k
+        return CalibrationSet([f for f, _ in runs], self.source, total, [k for _, k in runs], self.stack_axis)
+
+    def unstacked(self) -> "CalibrationSet":
+        """One sample per run (for a model that refuses several on its batch axis)."""
+        if not self.stack_axis:
+            return self
+        feeds = []
+        for feed, k in zip(self.feeds, self.per_run):
+            feeds.extend({n: v[j:j + 1] for n, v in feed.items()} for j in range(k))
+        return CalibrationSet(feeds, self.source, self.samples, [1] * len(feeds), False)
 
 
 def declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
@@ -177,12 +201,12 @@ def load_calibration(data, model: ModelSource | LoadedModel, input_shapes=None, 
     # Batch dim symbolic on every input (and samples of batch 1): several samples per run.
     symbolic = all(declared[n] and declared[n][0] is None for n in names)
     per_run = max(1, batch) if symbolic and all(a.shape[0] == 1 for n in names for a in per_input[n][:1]) else 1
-    feeds = []
+    feeds, counts = [], []
     for start in range(0, n, per_run):
         feeds.append({name: np.concatenate(per_input[name][start:start + per_run], axis=0) if per_run > 1
                       else per_input[name][start] for name in names})
-    total = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
-    return CalibrationSet(feeds, source, total)
+        counts.append(min(per_run, n - start))
+    return CalibrationSet(feeds, source, n, counts, per_run > 1)
 
 
 def plan_input_shapes(model: onnx.ModelProto, calib: CalibrationSet, input_shapes) -> dict[str, list[int]]:

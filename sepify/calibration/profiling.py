@@ -19,7 +19,7 @@ from ..core.allocate import Option
 from ..core.geometry import prod
 from ..core.schemes import get as get_scheme
 from ..core.stages import Stage, compose
-from .capture import DriftMeter, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
+from .capture import BatchOffsets, DriftMeter, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
 from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
 from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
@@ -132,9 +132,12 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         eqs = {layer.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
                                                v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
                             for s, v in systems.items()} for layer, systems in chunk}
-        for start, b, values in iterate_runs(session, calib, names):
+        offsets = BatchOffsets()
+        for values in iterate_runs(session, calib, names):
             for layer, systems in chunk:
                 y_all = values[layer.y_name]
+                b = int(y_all.shape[0])
+                start = offsets.take(layer.name, b)
                 bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
                 y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
                 for s_idx in range(start, start + b):
@@ -183,18 +186,16 @@ def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles:
     ``1 − cos`` of the outputs is quadratic in a small perturbation, so a layer whose output is
     off by a relative ``e`` moves the model's drift by about ``s·e²``, and independent layers add.
     """
-    sizes = np.cumsum(calib.batch_sizes)
-    n_feeds = int(np.searchsorted(sizes, max_samples) + 1)  # runs until max_samples samples are in
-    feeds = CalibrationSet(calib.feeds[:n_feeds], calib.source, int(sizes[min(n_feeds, len(sizes)) - 1]))
+    feeds = calib.head(max_samples)
     outs = float_outputs(work.model)
-    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs), metric)
+    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs, feeds), metric)
     task = progress.add_task("layer sensitivities", total=len(layers)) if progress else None
     for layer in layers:
         prof = profiles.get(layer.name)
         if prof is not None and prof.probe is not None:
             work.set(layer.name, prof.probe.weight, prof.probe.bias)
             try:
-                d = meter.drift(run_outputs(work.session(), feeds.feeds, outs))
+                d = meter.drift(run_outputs(work.session(), feeds.feeds, outs, feeds))
             finally:
                 work.reset(layer.name)
             prof.probe_drift = d

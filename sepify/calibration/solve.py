@@ -20,7 +20,7 @@ from ..core.linalg import exact_tolerance
 from ..core.schemes import get as get_scheme
 from ..core.stages import Stage, compose, stages_macs
 from ..model.graph import GraphView
-from .capture import Targets, WorkingModel, iterate_runs
+from .capture import BatchOffsets, Targets, WorkingModel, iterate_runs
 from .data import CalibrationSet
 from .layers import Layer
 from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
@@ -129,9 +129,12 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             last = stage_of[l.name][-1]
             eqs[l.name] = NormalEquations(last.group, last.in_per_group * prod(last.kernel),
                                           last.out_channels // last.group)
-        for start, b, values in iterate_runs(session, calib, names):
+        offsets = BatchOffsets()
+        for values in iterate_runs(session, calib, names):
             for l in wave:
                 stages = stage_of[l.name]
+                b = int(values[l.x_name].shape[0])
+                start = offsets.take(l.name, b)
                 order = sorted(range(b), key=lambda j: ((start + j) % 2, j))  # rows of one fold together
                 got = [targets.get(l.name, start + j) for j in order]
                 pos = np.concatenate([p for p, _ in got])

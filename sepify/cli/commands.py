@@ -319,7 +319,7 @@ def _verify_inputs(data, loaded):
     if len(cs.feeds) == 1:
         return cs.feeds[0]
     try:
-        return {k: np.concatenate([f[k] for f in cs.feeds]) for k in cs.feeds[0]} if cs.batch_sizes[0] > 1 else cs.feeds[0]
+        return {k: np.concatenate([f[k] for f in cs.feeds]) for k in cs.feeds[0]} if cs.stack_axis else cs.feeds[0]
     except ValueError:
         return cs.feeds[0]
 

@@ -1,0 +1,94 @@
+"""Calibration makes no assumption about input and output layouts it does not check.
+
+Regressions from models in the wild: a TCN taking ``[frames, bins]`` (no batch axis), a model
+whose first input is a scalar gain, a model that reshapes to batch 1 inside although its batch
+axis is symbolic, and a time-major output ``[T, B, C]`` with runs of 8 and 4 samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+import sepify
+from conftest import init, make_model, rand, vi
+from sepify.calibration.calibrate import calibrate, calibrated_rewrite
+
+
+def _conv(x, w, y, name):
+    return helper.make_node("Conv", [x, w], [y], name=name, pads=[1, 1, 1, 1])
+
+
+def test_an_input_without_batch_axis():
+    """``[frames, bins]`` unsqueezed to NCHW inside: each run feeds exactly the input's shape."""
+    nodes = [helper.make_node("Unsqueeze", ["x", "axes"], ["u"], name="unsq"),
+             _conv("u", "w1", "h", "c1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             _conv("r", "w2", "y", "c2")]
+    model = make_model(nodes, [vi("x", [16, 8])], [vi("y", [1, 6, 16, 8])],
+                       [init("axes", np.array([0, 1], np.int64)), init("w1", rand([6, 1, 3, 3])),
+                        init("w2", rand([6, 6, 3, 3], seed=1))])
+    out, rep, cal = calibrated_rewrite(model, sepify.Policy(mode="budget", budget=0.7), "random", samples=6)
+    assert cal.samples == 6 and rep.changed
+
+
+def test_a_scalar_first_input():
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["g"], name="gain"), _conv("g", "w1", "h", "c1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"), _conv("r", "w2", "y", "c2")]
+    model = make_model(nodes, [vi("gain", []), vi("x", [1, 4, 10, 10])], [vi("y", [1, 8, 10, 10])],
+                       [init("w1", rand([8, 4, 3, 3])), init("w2", rand([8, 8, 3, 3], seed=1))])
+    res = calibrate(model, sepify.Policy(mode="budget", budget=0.7), "random", samples=5)
+    assert res.report.samples == 5 and res.report.layers
+
+
+def _batch_one_inside(batch="N"):
+    """A symbolic batch axis, but a Reshape to [1, -1] before a MatMul: only one sample per run works."""
+    nodes = [_conv("x", "w1", "h", "c1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             _conv("r", "w2", "c", "c2"), helper.make_node("Reshape", ["c", "flat"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "wm"], ["y"], name="head")]
+    return make_model(nodes, [vi("x", [batch, 4, 6, 6])], [vi("y", [1, 5])],
+                      [init("w1", rand([8, 4, 3, 3])), init("w2", rand([8, 8, 3, 3], seed=1)),
+                       init("flat", np.array([1, -1], np.int64)), init("wm", rand([8 * 36, 5], seed=2))])
+
+
+def test_a_model_that_refuses_stacked_samples_is_calibrated_one_sample_per_run():
+    res = calibrate(_batch_one_inside(), sepify.Policy(mode="budget", budget=0.7), "random", samples=10)
+    assert res.report.layers and any("one sample per run" in n for n in res.report.notes)
+    assert res.report.drift is not None and np.isfinite(res.report.drift)
+
+
+def test_a_time_major_output_is_measured_with_the_plain_cosine():
+    """Output ``[T, B, C]`` (the samples on axis 1), 12 samples in runs of 8 and 4."""
+    nodes = [_conv("x", "w1", "h", "c1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             _conv("r", "w2", "c", "c2"),
+             helper.make_node("Reshape", ["c", "tbc"], ["t"], name="to_time"),  # [N, 8, 6, 6] -> [N, 8, 36]
+             helper.make_node("Transpose", ["t"], ["y"], name="time_major", perm=[2, 0, 1])]  # [36, N, 8]
+    model = make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", [36, "N", 8])],
+                       [init("w1", rand([8, 4, 3, 3])), init("w2", rand([8, 8, 3, 3], seed=1)),
+                        init("tbc", np.array([0, 8, 36], np.int64))])
+    res = calibrate(model, sepify.Policy(mode="budget", budget=0.7), "random", samples=12)
+    assert res.report.drift is not None and np.isfinite(res.report.drift)
+    assert any("axis 1 is no channel axis" in n for n in res.report.notes)
+
+
+def test_stacked_runs_agree_with_one_sample_per_run():
+    """Sample numbering follows the activations: the same targets whether samples run 8 at a time or one."""
+    stacked = calibrate(_ok_batched(), sepify.Policy(mode="rank", rank=2), "random", samples=9, batch=8)
+    single = calibrate(_ok_batched(), sepify.Policy(mode="rank", rank=2), "random", samples=9, batch=1)
+    for a, b in zip(stacked.report.layers, single.report.layers):
+        assert abs(a.output_error - b.output_error) < 1e-4 * max(1.0, b.output_error)
+
+
+def _ok_batched():
+    nodes = [_conv("x", "w1", "h", "c1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             _conv("r", "w2", "y", "c2")]
+    return make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 8, 6, 6])],
+                      [init("w1", rand([8, 4, 3, 3])), init("w2", rand([8, 8, 3, 3], seed=1))])
+
+
+def test_int_inputs_keep_their_dtype():
+    nodes = [helper.make_node("Cast", ["ids"], ["f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "f"], ["g"], name="scale"), _conv("g", "w1", "y", "c1")]
+    model = make_model(nodes, [vi("x", [1, 4, 6, 6]), vi("ids", [1], TensorProto.INT64)], [vi("y", [1, 8, 6, 6])],
+                       [init("w1", rand([8, 4, 3, 3]))])
+    res = calibrate(model, sepify.Policy(mode="rank", rank=2), "random", samples=3)
+    assert res.report.layers[0].output_error is not None
