@@ -62,3 +62,86 @@ def test_budget_plan_reaches_the_budget_when_a_pointwise_conv_holds_half_the_mac
 def test_greedy_is_deterministic_with_ties_in_layer_order(convex):
     layers = {k: (10, [Option(5, 1.0, k)]) for k in ("c", "a", "b")}
     assert list(greedy(layers, target=25, convex=convex).chosen) == ["c"]
+
+
+def _pointwise_heavy():
+    """A 1×1 conv holding most of the MACs (no scheme applies to it yet) and a depthwise 3×3 conv."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="pw"),
+             helper.make_node("Conv", ["h", "w3"], ["y"], name="k3", pads=[1, 1, 1, 1], group=64)]
+    return make_model(nodes, [vi("x", [1, 64, 16, 16])], [vi("y", [1, 64, 16, 16])],
+                      [init("w1", rng.standard_normal((64, 64, 1, 1)).astype(np.float32)),
+                       init("w3", rng.standard_normal((64, 1, 3, 3)).astype(np.float32))])
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["weight-only", "calibrated"])
+def test_an_unreachable_budget_is_refused_naming_the_floor(tmp_path, capsys, calibrated):
+    from sepify.cli import main
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_pointwise_heavy().SerializeToString())
+    argv = ["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--budget", "0.5"]
+    argv += ["--calibrate", "random", "--calib-samples", "4"] if calibrated else []
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--budget 0.5: unreachable" in err and "floor is 0.9" in err
+    assert not (tmp_path / "o.onnx").exists()
+    argv[argv.index("0.5")] = "0.97"
+    assert main(argv) == 0
+
+
+def _siamese():
+    """Two towers (conv → relu → conv) over inputs a and b reading the same two weights; y = tower(a) − tower(b)."""
+    rng = np.random.default_rng(3)
+    nodes = []
+    for t in ("a", "b"):
+        nodes += [helper.make_node("Conv", [t, "w1"], [f"{t}1"], name=f"{t}_conv1", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"{t}1"], [f"{t}r"], name=f"{t}_relu"),
+                  helper.make_node("Conv", [f"{t}r", "w2"], [f"{t}2"], name=f"{t}_conv2", pads=[1, 1, 1, 1])]
+    nodes.append(helper.make_node("Sub", ["a2", "b2"], ["y"], name="diff"))
+    return make_model(nodes, [vi("a", [1, 8, 12, 12]), vi("b", [1, 8, 12, 12])], [vi("y", [1, 16, 12, 12])],
+                      [init("w1", rng.standard_normal((16, 8, 3, 3)).astype(np.float32)),
+                       init("w2", rng.standard_normal((16, 16, 3, 3)).astype(np.float32))])
+
+
+@pytest.mark.parametrize("policy", [sepify.Policy(mode="budget", budget=0.7), sepify.Policy(mode="tol", tol=0.6),
+                                    sepify.Policy(mode="rank", rank=3)], ids=["budget", "tol", "rank"])
+def test_convs_sharing_a_weight_get_one_decision_stored_once(policy):
+    model = _siamese()
+    plan = sepify.plan(model, policy)
+    for w in ("conv1", "conv2"):
+        a, b = plan.node(f"a_{w}"), plan.node(f"b_{w}")
+        assert (a.action, a.scheme, a.variant, a.rank) == (b.action, b.scheme, b.variant, b.rank)
+    assert plan.rewrites
+    out, _ = sepify.rewrite(plan)
+    readers: dict[str, set[str]] = {}
+    for n in out.graph.node:
+        for i in n.input[1:2]:
+            readers.setdefault(i, set()).add(n.name.split("_")[0])
+    factors = [t.name for t in out.graph.initializer if "/sep_" in t.name]
+    assert factors and all(readers[f] == {"a", "b"} for f in factors)  # every factor read by both towers
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    x1, x2 = (np.random.default_rng(s).standard_normal((1, 8, 12, 12)).astype(np.float32) for s in (0, 1))
+    y12 = sess.run(None, {"a": x1, "b": x2})[0]
+    y21 = sess.run(None, {"a": x2, "b": x1})[0]
+    np.testing.assert_allclose(y12, -y21, rtol=0, atol=1e-5)  # f(a, b) = −f(b, a): one function per weight
+
+
+def test_calibrated_twins_are_solved_together_and_stored_once():
+    """Calibration solves the towers' shared weight once, from both towers' activations."""
+    import onnxruntime as ort
+
+    from sepify.calibration.calibrate import calibrated_rewrite
+
+    out, rep, cal = calibrated_rewrite(_siamese(), sepify.Policy(mode="budget", budget=0.7), "random", samples=6)
+    by = {r.qualified_name: r for r in rep.rewritten}
+    assert by, "something is rewritten"
+    for name, r in by.items():
+        twin = by[("b" if name[0] == "a" else "a") + name[1:]]
+        assert (r.scheme, r.rank, r.variant, r.weight_error) == (twin.scheme, twin.rank, twin.variant, twin.weight_error)
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    x1, x2 = (np.random.default_rng(s).standard_normal((1, 8, 12, 12)).astype(np.float32) for s in (0, 1))
+    np.testing.assert_allclose(sess.run(None, {"a": x1, "b": x2})[0], -sess.run(None, {"a": x2, "b": x1})[0],
+                               rtol=0, atol=1e-5)

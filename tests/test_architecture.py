@@ -172,3 +172,11 @@ def test_the_rules_catch_what_they_are_for(tmp_path, monkeypatch):
         test_no_import_circle()
     with pytest.raises(AssertionError, match="_secret"):
         test_no_private_name_crosses_a_module()
+
+
+def test_every_reason_code_is_documented():
+    from sepify.core.reasons import Reason
+
+    readme = (ROOT.parent / "README.md").read_text()
+    missing = [r.value for r in Reason if f"`{r.value}`" not in readme]
+    assert not missing, f"reason codes missing from the README's table: {missing}"

@@ -92,3 +92,43 @@ def test_int_inputs_keep_their_dtype():
                        [init("w1", rand([8, 4, 3, 3]))])
     res = calibrate(model, sepify.Policy(mode="rank", rank=2), "random", samples=3)
     assert res.report.layers[0].output_error is not None
+
+
+def test_a_calibrated_budget_lands_on_the_budget_with_one_dominant_layer():
+    """One conv holds ~94 % of the MACs (as in an EEG net).  Its rank curves are sampled on a coarse
+    grid (16 ranks, geometric beyond); the allocator fills what the last step left instead of
+    stopping a third of the model below the budget."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="big", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vi("x", [1, 4, 12, 12])], [vi("y", [1, 64, 12, 12])],
+                       [init("w1", rand([64, 4, 3, 3])), init("w2", rand([64, 64, 3, 3], seed=1))])
+    res = calibrate(model, sepify.Policy(mode="budget", budget=0.67), "random", samples=8)
+    assert 0.67 - 0.02 <= res.report.macs_ratio <= 0.67, res.report.layers
+    assert not any("lands closer" in n for n in res.report.notes)
+
+
+def test_every_calibration_flag_reaches_the_sweep(tmp_path, capsys, monkeypatch):
+    """plan --sweep / report --sweep used to drop --calib-range and --no-fold-bn."""
+    import sepify.calibration.sweep as sweep_module
+    from sepify.cli import main
+
+    seen = {}
+    real = sweep_module.Calibrator
+
+    class Spy(real):
+        def __init__(self, *a, options=None, **kw):
+            seen["options"] = options
+            super().__init__(*a, options=options, **kw)
+
+    monkeypatch.setattr(sweep_module, "Calibrator", Spy)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_ok_batched().SerializeToString())
+    for command in (["plan", str(path), "--format", "json"], ["report", str(path), "-o", str(tmp_path / "r.html")]):
+        assert main([*command, "--sweep", "--budgets", "0.8", "--calibrate", "random", "--calib-range", "0,1",
+                     "--no-fold-bn", "--calib-samples", "3", "--calib-rows", "64", "--calib-seed", "5",
+                     "--drift-metric", "cosine", "--no-weight-only"]) == 0
+        capsys.readouterr()
+        o = seen.pop("options")
+        assert (o.value_range, o.fold_bn, o.samples, o.rows, o.seed, o.drift_metric) == ((0.0, 1.0), False, 3, 64, 5,
+                                                                                         "cosine")

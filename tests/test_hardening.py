@@ -599,6 +599,18 @@ def test_in_place_with_external_data_replaces_model_and_its_data(tmp_path, capfd
     assert len(onnx.load(str(path)).graph.node) > len(onnx.load(str(LOWRANK)).graph.node)
 
 
+def test_in_place_keeps_the_data_file_name(tmp_path, capfd):
+    """In place, a model whose data file is not named <model>.data keeps that name: nothing is left behind."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _save_external(onnx.load(str(LOWRANK)), folder / "m.onnx", location="weights.bin")
+    assert main(["rewrite", str(path), "--in-place"]) == 0
+    capfd.readouterr()
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "weights.bin"]
+    feeds = random_feeds(onnx.load(str(LOWRANK)))
+    assert_matches(session(LOWRANK).run(None, feeds), session(path).run(None, feeds))
+
+
 def test_output_onto_the_inputs_external_data_is_refused(tmp_path, capfd, external_model):
     folder = external_model.parent
     before = _snapshot(folder)

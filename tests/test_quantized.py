@@ -95,3 +95,11 @@ def test_dequantize_linear_weight_folds_at_every_opset(opset):
     assert (node.reason, node.weight_source, node.macs) == ("quantized_weight", "constant_subgraph", MACS)
     assert node.input_shape == X and node.output_shape == [1, 4, 8, 8]
     assert TensorProto.FLOAT == model.graph.output[0].type.tensor_type.elem_type
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_quantized_weights_are_model_parameters(tmp_path, fmt):
+    """An int8 model's weights are its parameters (the float scales alone used to be counted)."""
+    report = sepify.audit(_quantize(tmp_path, fmt, per_channel=True))
+    weight = 4 * 3 * 3 * 3
+    assert report.totals.model_params >= weight + 4  # the int8 weight and the int32 (or float) bias

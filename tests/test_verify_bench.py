@@ -141,3 +141,30 @@ def test_float16_lossless_rewrite_passes_verify(tmp_path, capsys):
     assert default_tolerance(np.ones(3, np.float32)) == (1e-4, 1e-3)
     a16 = np.array([-40.0, 2.0], np.float16)
     assert default_tolerance(a16) == (LOW_PRECISION_ULPS * eps16 * 40.0, 2 * eps16)
+
+
+def test_verify_says_when_the_outputs_do_not_respond_to_the_inputs(tmp_path, capsys):
+    """A lossy rewrite 'passes' on outputs that are saturated at the inputs used (argmax ids of
+    logits one bias dominates): verify says that its agreement proves little."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from conftest import init, make_model, rand, vi
+    from sepify.cli import main
+
+    bias = np.zeros(8, np.float32)
+    bias[0] = 1e4
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["logits"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ArgMax", ["logits"], ["ids"], name="argmax", axis=1, keepdims=0)]
+    model = make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("ids", [1, 8, 8], TensorProto.INT64)],
+                       [init("w", rand([8, 4, 3, 3])), init("b", bias)])
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main(["rewrite", str(src), "-o", str(out), "--rank", "1"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(src), str(out), "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["passed"] and d["insensitive_outputs"] == ["ids"] and "proves little" in d["warnings"][0]
+    assert main(["verify", str(src), str(out)]) == 0
+    assert "warning: output(s) ids do not change when the inputs do" in capsys.readouterr().out
+    assert sepify.verify(src, src).insensitive == ["ids"]

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..core.allocate import greedy
+from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
 from ..core.linalg import exact_tolerance
 from ..core.reasons import Reason
@@ -40,7 +40,7 @@ from ..core.stages import Stage, cast_stages, compose
 from ..errors import ParameterError, UsageError
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..pipeline.plan import Policy, plan as make_plan
+from ..pipeline.plan import Policy, plan as make_plan, unreachable_budget
 from ..pipeline.realize import realization, realize
 from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
@@ -52,9 +52,10 @@ from .data import CalibrationSet, load_calibration, plan_input_shapes
 from .layers import ELIGIBLE_REASONS, layers_from_plan
 from .options import ALLOCATIONS, DEFAULT_ROWS, CalibrationOptions
 from .profiling import LayerProfile, measure_sensitivities, reference_pass
-from .solve import LayerResult, Pick, calibrate_layers
+from .solve import LayerResult, Pick, calibrate_layers, weight_units
 
 MAX_DRIFT_TRIES = 3
+BUDGET_TOLERANCE = 0.02  # a budget is met from below within this fraction of the conv MACs, or a note says why
 DRIFT_DEFINITION = ("1 - cosine of each float output over all samples (channel: each output channel standardized "
                     "with the original's mean and standard deviation, floored at a tenth of its RMS, first), "
                     "mean over outputs")
@@ -198,10 +199,52 @@ class Calibrator:
                     if n.qualified_name in self.by_name}, None
         if budget is None and max_drift is None:
             raise UsageError("allocation by sensitivity needs a budget or a max_drift")
-        layers = {n: (p.macs, p.options()) for n, p in self.profiles.items()}
+        # One decision per weight: convs sharing one are one layer of the walk (MACs and drifts added,
+        # over the choices every member has).
+        unit_of = weight_units(self.layers)
+        units: dict[str, list[LayerProfile]] = {}
+        for n, p in self.profiles.items():
+            units.setdefault(unit_of.get(n, n), []).append(p)
+        layers = {}
+        for u, profs in units.items():
+            per = [{o.payload: o for o in p.options()} for p in profs]
+            common = [k for k in per[0] if all(k in q for q in per[1:])]
+            layers[u] = (sum(p.macs for p in profs),
+                         [Option(sum(q[k].cost for q in per), sum(q[k].loss for q in per), k) for k in common])
         result = greedy(layers, target=budget * self.conv_macs if budget is not None else None, max_loss=max_drift,
                         convex=True, fixed=self.conv_macs - sum(c0 for c0, _ in layers.values()))
-        return {n: (*o.payload, "") for n, o in result.chosen.items()}, result.loss
+        if result.exhausted:
+            raise unreachable_budget(budget, result.cost / self.conv_macs if self.conv_macs else 1.0)
+        picks = {u: o.payload for u, o in result.chosen.items()}
+        loss = result.loss
+        if budget is not None:
+            picks, loss = self._fill(units, layers, picks, loss, budget * self.conv_macs - result.cost)
+        return {n: (*picks[u], "") for n, u in unit_of.items() if u in picks and n in self.profiles}, loss
+
+    def _fill(self, units, layers, picks, loss, slack):
+        """Spend what the last greedy step left under the budget: the rank curves are sampled on a
+        grid (every rank up to 16, geometric beyond), so one step can be a large part of a model with
+        one dominant layer.  Units are raised to the largest rank between their grid points that still
+        fits, the steepest (most drift per MAC saved) first; drift between grid ranks is interpolated."""
+        order = sorted(picks, key=lambda u: -next(o.loss for o in layers[u][1] if o.payload == picks[u])
+                       / max(layers[u][0] - next(o.cost for o in layers[u][1] if o.payload == picks[u]), 1))
+        for u in order:
+            scheme, r = picks[u]
+            profs = units[u]
+            curve = profs[0].curves[scheme]
+            per_rank = sum(p.curves[scheme].macs[p.curves[scheme].ranks.index(r)] // r for p in profs)
+            higher = [q for q in curve.ranks if q > r]
+            top = (higher[0] - 1) if higher else r
+            step = min(top - r, int(slack // per_rank)) if per_rank else 0
+            if step <= 0:
+                continue
+            new = r + step
+            before = sum((p.sensitivity or 0.0) * p.interpolated_error(scheme, r) ** 2 for p in profs)
+            after = sum((p.sensitivity or 0.0) * p.interpolated_error(scheme, new) ** 2 for p in profs)
+            picks[u] = (scheme, new)
+            loss += after - before
+            slack -= step * per_rank
+        return picks, loss
 
     def _derived(self, model: onnx.ModelProto) -> LoadedModel:
         """A model derived from the input (BatchNorms folded), loaded and checked like any, but
@@ -266,7 +309,8 @@ class Calibrator:
 
     # -- writing the result ----------------------------------------------------------------------
     def realizations(self, results: Mapping[str, LayerResult], solved: Mapping[str, tuple[list[Stage], np.ndarray]],
-                     lowering: str | None = None) -> tuple[list, list[dict[str, Any]], list[dict[str, str]]]:
+                     lowering: str | None = None, by_drift: bool = False,
+                     ) -> tuple[list, list[dict[str, Any]], list[dict[str, str]]]:
         """The calibrated factors as Realizations on the *input* model (a conv with a folded BN absorbs
         it), the kept nodes, and the BatchNormalizations folded; with plan allocation, layers left
         uncalibrated (convs inside If/Loop bodies) keep their weight-only factors."""
@@ -309,7 +353,13 @@ class Calibrator:
             else:
                 reason = node.reason
                 if node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
-                    reason = Reason.NOT_NEEDED_FOR_BUDGET if self.allocation == "sensitivity" else (node.reason or "kept")
+                    prof = self.profiles.get(name)
+                    if self.allocation != "sensitivity":
+                        reason = node.reason or "kept"
+                    elif prof is not None and not any(c.ranks for c in prof.curves.values()):
+                        reason = Reason.NO_MAC_SAVING
+                    else:
+                        reason = Reason.DRIFT_BOUND_REACHED if by_drift else Reason.NOT_NEEDED_FOR_BUDGET
                 kept.append({"name": name, "reason": reason or "kept"})
         for name, res in results.items():
             prof = self.profiles.get(name)
@@ -378,6 +428,9 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
         drift_w, drift_w_cos = cal.drift()
     cal.timings["total"] = time.perf_counter() - t0
     after = cal.conv_macs - sum(r.macs_before - r.macs_after for r in results.values())
+    if budget is not None and cal.conv_macs and after / cal.conv_macs < budget - BUDGET_TOLERANCE:
+        notes.append(f"conv MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no rank step of the "
+                     f"chosen layers lands closer (the layers' MACs per rank are too coarse)")
     report = CalibrationReport(
         cal.loaded.label, cal.calib.source, cal.calib.samples, rows, seed, allocation, budget, max_drift,
         cal.conv_macs, after, predicted, opts.drift_metric, drift, drift_w, drift_cos, drift_w_cos,
@@ -397,7 +450,8 @@ def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None =
     """
     result = calibrate(model, policy, data, input_shapes, **kw)
     cal = result.calibrator
-    realized, kept, folded = cal.realizations(result.results, result.stages, lowering)
+    realized, kept, folded = cal.realizations(result.results, result.stages, lowering,
+                                              by_drift=result.report.max_drift is not None and result.report.budget is None)
     result.report.folded_batchnorms = folded
     report_ = result.report
     calibration = {"data": report_.data, "samples": report_.samples, "allocation": report_.allocation,

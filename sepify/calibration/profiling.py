@@ -63,6 +63,20 @@ class LayerProfile:
     sensitivity: float | None = None  # model drift per unit squared relative output error
     probe_drift: float | None = None
 
+    def interpolated_error(self, scheme: str, r: int) -> float:
+        """The layer's output error at rank ``r`` of ``scheme``: measured on the grid, log-log
+        interpolated between grid ranks."""
+        c = self.curves[scheme]
+        if r in c.ranks:
+            return c.error[c.ranks.index(r)]
+        lo = max(q for q in c.ranks if q < r)
+        hi = min(q for q in c.ranks if q > r)
+        e_lo, e_hi = c.error[c.ranks.index(lo)], c.error[c.ranks.index(hi)]
+        if e_lo <= 0 or e_hi <= 0:
+            return e_lo + (e_hi - e_lo) * (r - lo) / (hi - lo)
+        t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return math.exp(math.log(e_lo) + t * (math.log(e_hi) - math.log(e_lo)))
+
     def options(self) -> list[Option]:
         """(MACs, predicted drift = s·e², (scheme, rank)) of every candidate, for the allocator."""
         s = self.sensitivity or 0.0

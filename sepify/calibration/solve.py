@@ -75,18 +75,42 @@ def upstream_layers(model, layers: Sequence[Layer]) -> dict[str, set[str]]:
     return out
 
 
-def waves(model, layers: Sequence[Layer]) -> list[list[Layer]]:
+def waves(model, layers: Sequence[Layer], unit_of: Mapping[str, str] | None = None) -> list[list[Layer]]:
     """Layers grouped so that each one's input depends only on layers of earlier groups (the
-    topological generations of the layer dependency graph), in layer order within a group."""
+    topological generations of the layer dependency graph), in layer order within a group.
+
+    ``unit_of`` maps layers that must be solved together (convs sharing a weight) to one unit: a
+    unit waits for everything any member depends on (its own members aside), and whatever depends on
+    a member waits for the unit."""
     import networkx as nx
 
+    unit_of = dict(unit_of or {})
+    unit = {l.name: unit_of.get(l.name, l.name) for l in layers}
     up = upstream_layers(model, layers)
     g = nx.DiGraph()
-    g.add_nodes_from(l.name for l in layers)
-    g.add_edges_from((u, l.name) for l in layers for u in up[l.name] if u != l.name and u in g)
+    g.add_nodes_from(unit.values())
+    g.add_edges_from((unit[u], unit[l.name]) for l in layers for u in up[l.name]
+                     if u in unit and unit[u] != unit[l.name])
     rank = {l.name: i for i, l in enumerate(layers)}
-    by_name = {l.name: l for l in layers}
-    return [[by_name[n] for n in sorted(gen, key=rank.__getitem__)] for gen in nx.topological_generations(g)]
+    members: dict[str, list[Layer]] = {}
+    for l in layers:
+        members.setdefault(unit[l.name], []).append(l)
+    out = []
+    for gen in nx.topological_generations(g):
+        wave = [l for u in gen for l in members[u]]
+        out.append(sorted(wave, key=lambda l: rank[l.name]))
+    return out
+
+
+def weight_units(layers: Sequence[Layer]) -> dict[str, str]:
+    """Layer name -> the first layer with the same weight and bias (one decision and one solve per weight)."""
+    first: dict[bytes, str] = {}
+    out = {}
+    for l in layers:
+        key = (l.weight.dtype.str.encode() + repr(l.weight.shape).encode() + l.weight.tobytes()
+               + np.asarray(l.bias, np.float64).tobytes())
+        out[l.name] = first.setdefault(key, l.name)
+    return out
 
 
 def _weight_error(w: np.ndarray, dense: np.ndarray) -> float:
@@ -118,17 +142,19 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             work.set(layer.name, dense, layer.bias)
         else:
             todo.append((layer, stages))
-    groups = waves(work.model, [l for l, _ in todo])
+    unit_of = weight_units(chosen)
+    groups = waves(work.model, [l for l, _ in todo], unit_of)
     stage_of = {l.name: s for l, s in todo}
     task = progress.add_task("calibrating layers", total=len(todo)) if progress else None
     for wave_index, wave in enumerate(groups):
         names = list(dict.fromkeys(l.x_name for l in wave))
         session = work.session(names)
         eqs = {}
-        for l in wave:
-            last = stage_of[l.name][-1]
-            eqs[l.name] = NormalEquations(last.group, last.in_per_group * prod(last.kernel),
-                                          last.out_channels // last.group)
+        for l in wave:  # one system per unit: every conv sharing a weight adds its rows to it
+            if unit_of[l.name] not in eqs:
+                last = stage_of[l.name][-1]
+                eqs[unit_of[l.name]] = NormalEquations(last.group, last.in_per_group * prod(last.kernel),
+                                                       last.out_channels // last.group)
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
             for l in wave:
@@ -142,15 +168,20 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
                 smp = np.concatenate([np.full(len(p), start + j) for j, (p, _) in zip(order, got)])
                 patches = gather_patches(values[l.x_name], l.geo, smp - start, pos)
                 z = last_stage_design(patches, stages)
-                add_rows(eqs[l.name], z, grouped_targets(y, stages[-1]), folds_of(smp, calib.samples))
+                add_rows(eqs[unit_of[l.name]], z, grouped_targets(y, stages[-1]), folds_of(smp, calib.samples))
         del session
+        fits: dict[str, tuple] = {}
         for l in wave:
+            unit = unit_of[l.name]
             stages = stage_of[l.name]
-            eq = eqs.pop(l.name)
-            x0 = pack_last(stages, l.bias)
-            x, lam, err = solve_ridge_cv(eq, x0)
-            total = float(eq.yy.sum())
-            err_svd = math.sqrt(sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0)) / total) if total > 0 else 0.0
+            if unit not in fits:
+                eq = eqs.pop(unit)
+                x0 = pack_last(stages, l.bias)
+                x, lam, err = solve_ridge_cv(eq, x0)
+                total = float(eq.yy.sum())
+                err_svd = math.sqrt(sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0)) / total) if total > 0 else 0.0
+                fits[unit] = (x, lam, err, err_svd)
+            x, lam, err, err_svd = fits[unit]
             new, bias = unpack_last(stages, x)
             dense = compose(new, l.geo)
             work.set(l.name, dense, bias)
@@ -165,4 +196,4 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
     return results, solved
 
 
-__all__ = ["LayerResult", "Pick", "calibrate_layers", "upstream_layers", "waves"]
+__all__ = ["LayerResult", "Pick", "calibrate_layers", "upstream_layers", "waves", "weight_units"]

@@ -30,7 +30,8 @@ class Reason(str, Enum):
     NO_EXACT_SAVING = "no_exact_saving"  # lossless: no exact factorization cuts MACs
     NO_SAVING_WITHIN_TOL = "no_saving_within_tol"
     RANK_SAVES_NOTHING = "rank_saves_nothing"
-    NOT_NEEDED_FOR_BUDGET = "not_needed_for_budget"
+    NOT_NEEDED_FOR_BUDGET = "not_needed_for_budget"  # the budget was met without it
+    DRIFT_BOUND_REACHED = "drift_bound_reached"  # --max-drift: rewriting it too would pass the bound
     # the rewrite
     EXACTNESS_LOST_IN_ROUNDING = "exactness_lost_in_rounding"  # exact in float64, not after the cast
     NOT_FASTER = "not_faster"  # --only-faster measured no gain

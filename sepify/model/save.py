@@ -90,6 +90,18 @@ def _refuse_overwriting_inputs(target: Path, data_file: Path | None, source) -> 
                              f"external data ({f}); choose another output")
 
 
+def _in_place_data_file(target: Path, source) -> str | None:
+    """Writing a model over itself (``--in-place``) whose weights sit in one data file beside it: that
+    file's name, so the new data replaces the old instead of leaving it behind."""
+    path = getattr(source, "path", None)
+    files = list(getattr(source, "external_files", ()) or ())
+    if path is None or len(files) != 1 or not same_file(target, path):
+        return None
+    folder = target.parent if str(target.parent) else Path(".")
+    data = Path(files[0])
+    return data.name if same_file(data.parent, folder) else None
+
+
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the external data file
 
 
@@ -121,6 +133,9 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
     if external is None:
         external = still_external or model.ByteSize() > PROTOBUF_LIMIT
     data_name = external_data_name(target)
+    own = _in_place_data_file(target, source)
+    if own is not None:
+        data_name = own  # in place: the model keeps its data file's name (none is left behind)
     _refuse_overwriting_inputs(target, folder / data_name if external else None, source)
     if not external:
         if still_external:

@@ -383,8 +383,10 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         if n.separability is not None and n.separability.best_exact is not None and n.macs
     )
     float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    # Every weight-holding tensor: initializers of all (sub)graphs and Constant-node values.
+    # Every weight-holding tensor: float initializers and Constant-node values of all (sub)graphs, and
+    # integer ones that are quantized weights (what DequantizeLinear or a quantized op reads as its weight).
     model_params = sum(int(np.prod(t.dims)) for t in iter_all_tensors(view.model) if t.data_type in float_types)
+    model_params += _quantized_params(view)
     unique_params: dict[tuple[str, str], int] = {}
     for n in nodes:
         if n.params is not None:
@@ -418,6 +420,25 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         warnings=an.warnings,
         input_values=dict(table.input_values),
     )
+
+
+# Input positions holding a quantized weight (or its integer bias), per op.
+_QUANTIZED_WEIGHT_INPUTS = {"DequantizeLinear": (0,), "ConvInteger": (1,), "QLinearConv": (3, 8), "MatMulInteger": (1,),
+                            "QLinearMatMul": (3,)}
+
+
+def _quantized_params(view) -> int:
+    """Elements of the integer tensors that are weights: what DequantizeLinear dequantizes and what
+    ConvInteger / QLinearConv / MatMulInteger / QLinearMatMul read as their weight (and bias)."""
+    seen: dict[str, int] = {}
+    for ref in view.nodes:
+        for k in _QUANTIZED_WEIGHT_INPUTS.get(ref.op_type, ()):
+            name = ref.node.input[k] if len(ref.node.input) > k else ""
+            if not name or name in seen:
+                continue
+            const = view.constant(name, ref)
+            seen[name] = int(const.value.size) if const is not None and const.value.dtype.kind in "iu" else 0
+    return sum(seen.values())
 
 
 def _dtype_name(dtype: int | None) -> str | None:

@@ -262,9 +262,34 @@ def _with_chain(st: _NodeState, cand: Candidate) -> Candidate:
     return replace(cand, macs=macs, chained=True)
 
 
-def _best_under(cands: list[Candidate], bound: float) -> Candidate | None:
-    ok = [c for c in cands if c.error <= bound]
-    return min(ok, key=lambda c: (c.macs, c.error)) if ok else None
+def _weight_groups(states: dict[int, _NodeState]) -> list[list[int]]:
+    """The planned nodes grouped by the weight they read: one decision per weight, so convs sharing a
+    trained weight (a siamese net's towers) keep computing one function, stored once."""
+    by_weight: dict[tuple, list[int]] = {}
+    for i, st in states.items():
+        key = (st.spec.w_name, st.weight.shape, st.weight.dtype.str)
+        by_weight.setdefault(key, []).append(i)
+    groups = []
+    for members in by_weight.values():
+        first = states[members[0]].weight
+        same = [i for i in members if states[i].weight is first or np.array_equal(states[i].weight, first)]
+        groups.append(same)
+        groups.extend([i] for i in members if i not in same)
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _shared_candidates(states: dict[int, _NodeState], group: list[int], schemes: list[str]) -> dict[tuple, list[Candidate]]:
+    """(scheme, variant, rank) -> one Candidate per group member, for the choices every member has
+    (a one-node group: its candidates as they are, in their order)."""
+    per = [{(c.scheme, get_scheme(c.scheme).resolve(states[i].geo, c.variant) if len(group) > 1 else c.variant, c.rank): c
+            for c in _candidates(states[i], schemes)} for i in group]
+    return {k: [p[k] for p in per] for k in per[0] if all(k in p for p in per[1:])}
+
+
+def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float]) -> tuple | None:
+    """The choice with the fewest MACs over the group whose error is within every member's bound."""
+    ok = [k for k, cs in options.items() if all(c.error <= b for c, b in zip(cs, bounds))]
+    return min(ok, key=lambda k: (sum(c.macs for c in options[k]), options[k][0].error)) if ok else None
 
 
 def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values=None,
@@ -302,20 +327,23 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
             continue
         states[len(nodes) - 1] = st
 
+    groups = _weight_groups(states)
     if policy.mode == "budget":
-        _allocate_budget(policy, nodes, states, schemes)
+        _allocate_budget(policy, nodes, states, schemes, groups)
     else:
-        for i, st in states.items():
-            cands = _candidates(st, schemes)
+        for group in groups:
+            options = _shared_candidates(states, group, schemes)
             if policy.mode == "lossless":
-                choice = _best_under(cands, st.tol_exact)
+                pick = _best_shared(options, [states[i].tol_exact for i in group])
             elif policy.mode == "tol":
-                choice = _best_under(cands, max(policy.tol, st.tol_exact))
+                pick = _best_shared(options, [max(policy.tol, states[i].tol_exact) for i in group])
             else:  # fixed rank
-                fixed = [c for c in cands
-                         if c.rank == min(policy.rank, len(st.curves[(c.scheme, c.variant)][0]) - 1)]
-                choice = min(fixed, key=lambda c: (c.error, c.macs)) if fixed else None
-            _apply(nodes[i], st, choice, policy)
+                st0 = states[group[0]]
+                fixed = {k: cs for k, cs in options.items()
+                         if k[2] == min(policy.rank, len(st0.curves[(cs[0].scheme, cs[0].variant)][0]) - 1)}
+                pick = min(fixed, key=lambda k: (fixed[k][0].error, sum(c.macs for c in fixed[k]))) if fixed else None
+            for j, i in enumerate(group):
+                _apply(nodes[i], states[i], options[pick][j] if pick is not None else None, policy)
     return Plan(policy, nodes, an)
 
 
@@ -335,23 +363,42 @@ def _apply(np_: NodePlan, st: _NodeState, choice: Candidate | None, policy: Poli
     np_.error, np_.macs_after = choice.error, choice.macs
 
 
+def unreachable_budget(budget: float, floor: float) -> ParameterError:
+    """The error for a budget below what rewriting every eligible layer as cheaply as possible reaches:
+    refused rather than damaging every layer for a few percent of the MACs."""
+    if floor >= 1.0:
+        return ParameterError("budget", budget, "unreachable: no conv can be rewritten (see each node's reason); "
+                                                "the reachable floor is 1.000")
+    return ParameterError("budget", budget, f"unreachable: rewriting every eligible layer at its cheapest keeps "
+                                            f"{floor:.3f} of the conv MACs (the rest cannot be rewritten); "
+                                            f"the reachable floor is {floor:.3f}")
+
+
 def _energy_loss(error: float) -> float:
     return -float(np.log(max(1.0 - error * error, 1e-12)))
 
 
-def _allocate_budget(policy: Policy, nodes: list[NodePlan], states: dict[int, _NodeState], schemes: list[str]) -> None:
+def _allocate_budget(policy: Policy, nodes: list[NodePlan], states: dict[int, _NodeState], schemes: list[str],
+                     groups: list[list[int]]) -> None:
     """Rank allocation for a global MAC budget: the greedy walk of :func:`sepify.core.allocate.greedy`
     along each layer's Pareto front of (MACs, ``−log(1 − e²)``) — the retained spectral energy lost,
     the product-of-energies objective of Zhang et al. (2015), ``e`` the relative weight error.  It is
-    convex where ``e²`` falls linearly with MACs, so cuts spread across layers instead of emptying one."""
+    convex where ``e²`` falls linearly with MACs, so cuts spread across layers instead of emptying one.
+    Convs sharing a weight are one layer of the walk (their MACs and losses added)."""
     total = sum(n.macs or 0 for n in nodes)
-    layers = {i: (nodes[i].macs, [Option(c.macs, _energy_loss(c.error), c, key=c.error)
-                                  for c in _candidates(st, schemes)])
-              for i, st in states.items()}
+    options = {g[0]: _shared_candidates(states, g, schemes) for g in groups}
+    layers = {g[0]: (sum(nodes[i].macs for i in g),
+                     [Option(sum(c.macs for c in cs), len(g) * _energy_loss(cs[0].error), key, key=cs[0].error)
+                      for key, cs in options[g[0]].items()]) for g in groups}
     result = greedy(layers, target=policy.budget * total, fixed=total - sum(c0 for c0, _ in layers.values()))
-    for i, st in states.items():
-        picked = result.chosen.get(i)
-        _apply(nodes[i], st, picked.payload if picked is not None else None, policy)
+    if result.exhausted:
+        raise unreachable_budget(policy.budget, result.cost / total if total else 1.0)
+    for g in groups:
+        picked = result.chosen.get(g[0])
+        for j, i in enumerate(g):
+            _apply(nodes[i], states[i], options[g[0]][picked.payload][j] if picked is not None else None, policy)
+            if not options[g[0]]:
+                nodes[i].reason = Reason.NO_MAC_SAVING  # no option at all, not merely not needed
 
 
-__all__ = ["Candidate", "NodePlan", "POLICY_MODES", "Plan", "Policy", "plan"]
+__all__ = ["Candidate", "NodePlan", "POLICY_MODES", "Plan", "Policy", "plan", "unreachable_budget"]

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..serialize import SCHEMA_VERSION, dumps
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..model.session import ort_session
+from ..model.session import ort_message, ort_session
 from ..model.shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
                             random_inputs, resolve_input_shapes, resolve_input_values)
 
@@ -86,6 +86,9 @@ class DriftReport:
     input_source: str
     outputs: list[TensorDrift]
     layers: list[TensorDrift] = field(default_factory=list)
+    # Outputs that do not respond to their inputs here (saturated): agreeing on them proves little.
+    insensitive: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +109,8 @@ class DriftReport:
             "input_source": self.input_source,
             "outputs": [o.to_dict() for o in self.outputs],
             "layers": [o.to_dict() for o in self.layers],
+            "insensitive_outputs": self.insensitive,
+            "warnings": self.warnings,
         }
 
     def to_json(self) -> str:
@@ -210,6 +215,31 @@ def model_inputs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int 
     return random_inputs(shapes, dtypes, seed, values), source
 
 
+SENSITIVITY_NUDGE = 0.05  # relative size of the input perturbation that tests whether outputs respond
+
+
+def insensitive_outputs(session, feeds: Mapping[str, np.ndarray], names: Sequence[str], outputs, seed: int = 0) -> list[str]:
+    """The outputs that stay exactly as they are when every float input is nudged by noise of 5 % of its
+    RMS: a saturated softmax, argmax ids, a clipped activation.  Two models that agree there may still
+    differ everywhere else — the comparison proves little for them.  (One more run of ``session``.)"""
+    rng = np.random.default_rng(seed + 1)
+    nudged = {}
+    for k, v in feeds.items():
+        v = np.asarray(v)
+        if v.dtype.kind == "f" and v.size:
+            scale = float(np.sqrt(np.mean(np.square(v.astype(np.float64))))) or 1.0
+            nudged[k] = (v + SENSITIVITY_NUDGE * scale * rng.standard_normal(v.shape)).astype(v.dtype)
+        else:
+            nudged[k] = v
+    if all(nudged[k] is feeds[k] or np.asarray(feeds[k]).dtype.kind != "f" for k in feeds):
+        return []  # no float input to nudge
+    try:
+        again = session.run(list(names), nudged)
+    except Exception:  # noqa: BLE001 - a model that refuses nudged values: no claim either way
+        return []
+    return [n for n, a, b in zip(names, outputs, again) if a.size and np.array_equal(a, b)]
+
+
 def rewritten_tensors(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
     """Output tensors of rewritten nodes: produced in ``b`` by a ``…/sep_k_*`` node, and present in ``a``."""
     produced_a = {o for n in a.graph.node for o in n.output}
@@ -253,10 +283,16 @@ def verify(
         out_a = sa.run(names_a, feeds)
         out_b = sb.run(names_a, feeds)
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"onnxruntime failed to run: {str(exc).strip().splitlines()[0]}") from None
+        raise UsageError(f"onnxruntime failed to run: {ort_message(exc)}") from None
     report = DriftReport(la.label, lb.label, DEFAULT_ATOL if atol is None else atol,
                          DEFAULT_RTOL if rtol is None else rtol, seed if source.startswith("random") else None, source,
                          [compare_tensors(n, x, y, atol, rtol) for n, x, y in zip(names_a, out_a, out_b)])
+    report.insensitive = insensitive_outputs(sa, feeds, names_a, out_a, seed)
+    if report.insensitive:
+        report.warnings.append(
+            f"output(s) {', '.join(report.insensitive)} do not change when the inputs do (saturated on these "
+            f"{'random ' if source.startswith('random') else ''}inputs): their agreement proves little; "
+            "verify on real inputs (--inputs)")
     if per_layer:
         layer_names = rewritten_tensors(la.model, lb.model)
         for start in range(0, len(layer_names), LAYER_CHUNK):

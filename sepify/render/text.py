@@ -256,6 +256,8 @@ def render_drift(report) -> str:
         rule = "|a-b| <= atol + rtol*|a| (" + "; ".join(parts) + "; float16: a few ulps of the largest value)"
     console.print(f"{'PASSED' if report.passed else 'FAILED'}: {rule} on every output element; "
                   f"inputs: {report.input_source}")
+    for w in getattr(report, "warnings", []):
+        console.print(f"warning: {w}")
     return buf.getvalue()
 
 
