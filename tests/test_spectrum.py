@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sepify.core import linalg as F
+from sepify.pipeline.audit import AUDIT_DEPTH
 import sepify
 
 
@@ -85,13 +86,15 @@ def test_audit_of_a_wide_conv(exact_rank):
         a = rng.standard_normal((exact_rank, c, 3))
         b = rng.standard_normal((exact_rank, n, 3))
         w = np.einsum("tci,tnj->ncij", a, b)
-    spatial = sepify.audit(_cross_channel_model(w)).nodes[0].separability.schemes["spatial"]
-    if exact_rank is None:
-        assert not spatial.spectrum_complete and spatial.exact_rank is None
-        assert spatial.exact_rank_above == spatial.break_even_rank and not spatial.exact_saves_macs
-        assert 0.9 < spatial.errors[1] < 1.0
-    else:
-        assert spatial.spectrum_complete and spatial.exact_rank == exact_rank and spatial.exact_saves_macs
+    for certify in (True, False):
+        spatial = sepify.audit(_cross_channel_model(w), certify=certify).nodes[0].separability.schemes["spatial"]
+        if exact_rank is None:
+            assert not spatial.spectrum_complete and spatial.exact_rank is None and not spatial.exact_saves_macs
+            # --certify proves it up to break-even; the default says how far it looked
+            assert spatial.exact_rank_above == (spatial.break_even_rank if certify else AUDIT_DEPTH)
+            assert 0.9 < spatial.errors[1] < 1.0
+        else:
+            assert spatial.spectrum_complete and spatial.exact_rank == exact_rank and spatial.exact_saves_macs
 
 
 @pytest.mark.parametrize("exact_rank", [None, 12])
@@ -107,3 +110,15 @@ def test_lossless_plan_of_a_wide_conv(exact_rank):
         assert node.action == "keep" and node.reason == "no_exact_saving"
     else:
         assert (node.action, node.scheme, node.rank) == ("rewrite", "spatial", exact_rank)
+
+
+def test_default_audit_says_how_far_it_looked_and_certify_finds_the_rest():
+    """Exactly rank 40 (> the default depth of 32): the default audit certifies nothing up to 32 is exact
+    and stops there; --certify goes to break-even and finds the split."""
+    rng = np.random.default_rng(5)
+    w = np.einsum("tci,tnj->ncij", rng.standard_normal((40, 192, 3)), rng.standard_normal((40, 192, 3)))
+    quick = sepify.audit(_cross_channel_model(w)).nodes[0].separability.schemes["spatial"]
+    assert not quick.spectrum_complete and quick.exact_rank is None and quick.exact_rank_above == AUDIT_DEPTH
+    full = sepify.audit(_cross_channel_model(w), certify=True).nodes[0].separability.schemes["spatial"]
+    assert full.spectrum_complete and full.exact_rank == 40 and full.exact_saves_macs
+    assert sepify.plan(_cross_channel_model(w)).nodes[0].rank == 40  # a lossless plan always decides fully

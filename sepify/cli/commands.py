@@ -62,7 +62,7 @@ def cmd_audit(args) -> int:
     for path in _expand_models(args.models):
         try:
             reports.append(audit(path, shapes["input_shapes"], input_values=shapes["input_values"],
-                                 spectra=not args.no_spectra))
+                                 spectra=not args.no_spectra, certify=args.certify))
         except SepifyError as exc:
             failed += 1
             if args.debug:

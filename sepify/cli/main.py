@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sort", choices=("macs", "name", "graph"), default="macs")
     a.add_argument("--top", type=int, default=None, metavar="K", help="only the K most expensive nodes per model")
     a.add_argument("--no-spectra", action="store_true", help="cost only, skip the separability analysis")
+    a.add_argument("--certify", action="store_true",
+                   help="prove for every large weight matrix that no exact split up to its break-even rank exists "
+                        "(slower; by default ranks up to 32 are examined and the report says so)")
 
     r = sub.add_parser("rewrite", help="replace eligible convolutions by cheaper factorized chains")
     _common(r)

@@ -168,24 +168,27 @@ def certify_tail(mats: np.ndarray, rank: int, error: float, total: float | None 
     return False
 
 
-def spectrum(mats: np.ndarray, useful_rank: int, bound: float) -> Spectrum:
+def spectrum(mats: np.ndarray, useful_rank: int, bound: float, *, depth: int | None = None,
+             limit: int = FULL_SPECTRUM_LIMIT) -> Spectrum:
     """Errors by rank, exact where it matters and cheap where it cannot.
 
-    Matrices whose short side exceeds :data:`FULL_SPECTRUM_LIMIT` first try
-    :func:`certify_tail`: if no rank up to ``useful_rank`` (the break-even rank) gets within
-    ``bound`` (the near-exact tolerance), only the leading singular values are estimated for
-    the report.  Otherwise (a weight that may well be low rank) the full spectrum is computed.
+    Matrices whose short side exceeds ``limit`` first try :func:`certify_tail`: if no rank up to
+    ``depth`` (default ``useful_rank``, the break-even rank) gets within ``bound`` (the near-exact
+    tolerance), only the leading singular values are estimated for the report, and the spectrum says
+    how far it was examined (``exact_above``).  Otherwise (a weight that may well be low rank) the
+    full spectrum is computed.
     """
     short = min(mats.shape[1], mats.shape[2])
-    if short <= FULL_SPECTRUM_LIMIT or useful_rank < 1:
+    if short <= limit or useful_rank < 1:
         return Spectrum(relative_errors(singular_values(mats)))
     total = energy(mats)
-    if not certify_tail(mats, min(useful_rank, short - 1), bound, total):
+    examined = min(useful_rank if depth is None else min(depth, useful_rank), short - 1)
+    if not certify_tail(mats, examined, bound, total):
         return Spectrum(relative_errors(singular_values(mats)))
     lead = leading_singular_values(mats, min(LEADING_TERMS, short))
     captured = np.concatenate([[0.0], np.cumsum((lead ** 2).sum(axis=0))])
     errors = np.sqrt(np.clip(1.0 - captured / total, 0.0, None))
-    return Spectrum(errors, complete=False, exact_above=min(useful_rank, short - 1), certified_error=bound)
+    return Spectrum(errors, complete=False, exact_above=examined, certified_error=bound)
 
 
 def truncated_factors(mats: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

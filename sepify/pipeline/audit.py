@@ -10,7 +10,7 @@ import onnx
 
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
-from ..core.linalg import NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
+from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
 from ..core.reasons import Reason, join
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..model.cost import CONVENTION, conv_cost, matmul_macs
@@ -22,6 +22,11 @@ from ..version import __version__
 from .analysis import analyze_model, check_weight
 
 ERROR_RANKS = (1, 2, 3, 4)
+# The default audit examines large matrices cheaply: a full spectrum only up to this short side, and
+# above it a certificate that no rank up to AUDIT_DEPTH is (near-)exact.  ``certify=True`` (--certify)
+# proves it up to the break-even rank instead, with full spectra up to FULL_SPECTRUM_LIMIT.
+AUDIT_LIMIT = 128
+AUDIT_DEPTH = 32
 MAX_CURVE_POINTS = 64  # error/MAC curves list at most this many ranks
 
 
@@ -184,7 +189,11 @@ class AuditReport:
 
 # ----------------------------------------------------------------------------------------------
 def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
-                   variant: str | None = None) -> SchemeAnalysis:
+                   variant: str | None = None, certify: bool = False) -> SchemeAnalysis:
+    """One scheme's spectrum of ``w``.  Large matrices (short side over
+    :data:`~sepify.core.linalg.FULL_SPECTRUM_LIMIT`) are certified instead of decomposed: with
+    ``certify`` up to the break-even rank (no exact split that saves MACs exists), by default up to
+    :data:`AUDIT_DEPTH` only ("no exact split up to rank k; not examined above")."""
     sch = get_scheme(scheme)
     reason = sch.reason(geo)
     if reason is not None:
@@ -194,23 +203,25 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         # Variants with different spectra (the spatial split's two orders): an exact split in the
         # costlier variant still beats an inexact one in the cheaper.
         cheaper, *others = variants
-        options = [analyze_scheme(w, geo, scheme, tol, cheaper)]
+        options = [analyze_scheme(w, geo, scheme, tol, cheaper, certify)]
         for other in others:
             # The costlier variant only matters if it has an exact split: a certificate that it
             # has none up to its break-even rank settles that without analysing it further.
             break_even = min(sch.max_rank(geo, other) - 1, (geo.macs - 1) // sch.macs_per_rank(geo, other))
             if break_even < 1:
                 continue  # saves nothing in this variant
-            if certify_tail(sch.matrices(w, geo, other), break_even, tol):  # never reported: no spectrum needed
+            depth = break_even if certify else min(break_even, AUDIT_DEPTH)
+            if certify_tail(sch.matrices(w, geo, other), depth, tol):  # never reported: no spectrum needed
                 continue
-            options.append(analyze_scheme(w, geo, scheme, tol, other))
+            options.append(analyze_scheme(w, geo, scheme, tol, other, certify))
         exact = [a for a in options if a.exact_saves_macs]
         return min(exact, key=lambda a: a.macs_per_rank * a.exact_rank) if exact else options[0]
     variant = sch.resolve(geo, variant)
     max_rank = sch.max_rank(geo, variant)
     per_rank = sch.macs_per_rank(geo, variant)
     break_even = sch.break_even(geo, variant)
-    spec = sch.spectrum(w, geo, variant, max(NEAR_EXACT_TOL, tol), break_even)
+    spec = sch.spectrum(w, geo, variant, max(NEAR_EXACT_TOL, tol), break_even,
+                        depth=None if certify else AUDIT_DEPTH, limit=FULL_SPECTRUM_LIMIT if certify else AUDIT_LIMIT)
     errors = spec.errors
     # Incomplete spectra come with a certificate that nothing up to break-even is (near-)exact.
     ex = exact_rank(errors, tol) if spec.complete else None
@@ -255,11 +266,11 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
     return best
 
 
-def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype) -> Separability:
+def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype, certify: bool = False) -> Separability:
     tol = exact_tolerance(dtype)
     # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
     w64 = np.asarray(w, dtype=np.float64)
-    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol) for s in scheme_names()}
+    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol, certify=certify) for s in scheme_names()}
     return Separability(
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,
@@ -291,7 +302,8 @@ def _both_branches_counted(counted) -> list[str]:
             "inference runs one branch; totals are an upper bound" for name, b in branches.items() if len(b) > 1]
 
 
-def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=None, spectra: bool = True) -> AuditReport:
+def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=None, spectra: bool = True,
+          certify: bool = False) -> AuditReport:
     """Cost and separability of every Conv-like node.
 
     ``input_shapes`` maps input names to dims (or is a list of ``NAME=1x3x224x224`` strings);
@@ -299,7 +311,9 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
     number fills the input, a list or array gives every element; or ``NAME=V[,V…]`` strings):
     where shapes need an onnxruntime run, those inputs get these values instead of random ones,
     so branches that depend on them (``If`` on a sample rate) take the right way.
-    ``spectra=False`` skips the SVDs (cost only).
+    ``spectra=False`` skips the SVDs (cost only).  ``certify=True`` proves, for every large
+    matrix, that no exact split up to its break-even rank exists (slower; the default examines ranks
+    up to :data:`AUDIT_DEPTH` and says so: ``spectrum_complete`` false, ``exact_rank_above``).
     """
     an = analyze_model(model, input_shapes, input_values)
     view, table = an.view, an.table
@@ -358,7 +372,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
     # measured slower (0.82 s vs 0.62 s for ResNet-50's spectra on 2 cores).
     for index, weight, geo in jobs:
         node = nodes[index]
-        node.separability = sep = analyze_weight(weight, geo, weight.dtype)
+        node.separability = sep = analyze_weight(weight, geo, weight.dtype, certify)
         if not any(a.eligible for a in sep.schemes.values()):
             node.reason = join(a.reason for a in sep.schemes.values())
             node.eligible = False

@@ -86,9 +86,11 @@ class Scheme(ABC):
         """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64)."""
         return relative_errors(singular_values(self.matrices(w, geo, self.resolve(geo, variant))))
 
-    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int) -> Spectrum:
-        """Errors by rank, certified instead of decomposed for large matrices (:func:`sepify.core.linalg.spectrum`)."""
-        return spectrum(self.matrices(w, geo, self.resolve(geo, variant)), useful_rank, bound)
+    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int,
+                 **kw) -> Spectrum:
+        """Errors by rank, certified instead of decomposed for large matrices (:func:`sepify.core.linalg.spectrum`;
+        ``depth`` and ``limit`` pass through)."""
+        return spectrum(self.matrices(w, geo, self.resolve(geo, variant)), useful_rank, bound, **kw)
 
     def truncate(self, stages: Sequence[Stage], geo: ConvGeometry, r_max: int, r: int,
                  variant: str = "") -> list[Stage]:
