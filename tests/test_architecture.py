@@ -16,7 +16,7 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "sepify"
-LAYERS = {"errors": 0, "version": 0, "serialize": 0, "progress": 0, "core": 1, "model": 2, "pipeline": 3,
+LAYERS = {"errors": 0, "version": 0, "serialize": 0, "progress": 0, "threads": 0, "core": 1, "model": 2, "pipeline": 3,
           "calibration": 4, "render": 5, "cli": 6}
 FRONT = {"sepify", "sepify.__main__"}
 MAX_LINES = 800

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from ..threads import single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
 from ..core.linalg import exact_tolerance
@@ -380,6 +381,7 @@ def options_of(options: CalibrationOptions | None, kw: Mapping[str, Any]) -> Cal
                                                        ("samples", "value_range", "max_drift")})
 
 
+@single_blas
 def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random", input_shapes=None,
               *, options: CalibrationOptions | None = None, measure: bool = True, input_values=None,
               **kw) -> CalibrationResult:
@@ -440,6 +442,7 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     return CalibrationResult(report, dict(choices), dict(solved), dict(results), cal)
 
 
+@single_blas
 def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random",
                        input_shapes=None, *, lowering: str | None = None, **kw):
     """:func:`calibrate`, then the calibrated factors written as solved (one emitter, as every rewrite).

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
+from ..threads import single_blas
 from ..core.schemes import get as get_scheme
 from ..errors import ParameterError
 from ..pipeline.plan import Policy
@@ -83,6 +84,7 @@ def parse_budgets(text: str | None) -> list[float]:
     return sorted(set(values), reverse=True)
 
 
+@single_blas
 def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGETS, input_shapes=None, *,
           policy=None, eval_data: Any = None, weight_only: bool = True, latency: bool = False,
           latency_runs: int = 30, calibrator: Calibrator | None = None, options: CalibrationOptions | None = None,

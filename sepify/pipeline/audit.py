@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from ..threads import single_blas
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
 from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
@@ -302,6 +303,7 @@ def _both_branches_counted(counted) -> list[str]:
             "inference runs one branch; totals are an upper bound" for name, b in branches.items() if len(b) > 1]
 
 
+@single_blas
 def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=None, spectra: bool = True,
           certify: bool = False) -> AuditReport:
     """Cost and separability of every Conv-like node.

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..threads import single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry
@@ -210,7 +211,10 @@ def _selected(policy: Policy, ref) -> bool:
     return True
 
 
-def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False) -> tuple[_NodeState | None, str | None]:
+def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
+           cache: dict | None = None) -> tuple[_NodeState | None, str | None]:
+    """The node's curves per (scheme, variant).  ``cache`` shares them between nodes reading one
+    weight (a siamese net's towers): the matrices depend on the weight, the groups and the variant."""
     check = check_weight(an.view, spec)
     if check.reason is not None:
         return None, check.reason
@@ -227,12 +231,18 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False) -> tuple
             continue
         for k, variant in enumerate(sch.variants(geo)):
             per_rank = sch.macs_per_rank(geo, variant)
-            if exact_only:
-                # Lossless plans only need to know whether some rank below break-even is exact;
-                # large matrices certified otherwise skip their full decomposition.
-                errors = sch.spectrum(weight, geo, variant, tol, (geo.macs - 1) // per_rank).errors
-            else:
-                errors = sch.curve(weight, geo, variant)
+            useful = (geo.macs - 1) // per_rank
+            key = (spec.w_name, id(weight), geo.group, name, variant, useful if exact_only else None)
+            errors = cache.get(key) if cache is not None else None
+            if errors is None:
+                if exact_only:
+                    # Lossless plans only need to know whether some rank below break-even is exact;
+                    # large matrices certified otherwise skip their full decomposition.
+                    errors = sch.spectrum(weight, geo, variant, tol, useful).errors
+                else:
+                    errors = sch.curve(weight, geo, variant)
+                if cache is not None:
+                    cache[key] = errors
             curves[(name, "" if k == 0 else variant)] = (errors, per_rank)
     if not curves:
         return None, join(reasons)
@@ -281,8 +291,16 @@ def _weight_groups(states: dict[int, _NodeState]) -> list[list[int]]:
 def _shared_candidates(states: dict[int, _NodeState], group: list[int], schemes: list[str]) -> dict[tuple, list[Candidate]]:
     """(scheme, variant, rank) -> one Candidate per group member, for the choices every member has
     (a one-node group: its candidates as they are, in their order)."""
-    per = [{(c.scheme, get_scheme(c.scheme).resolve(states[i].geo, c.variant) if len(group) > 1 else c.variant, c.rank): c
-            for c in _candidates(states[i], schemes)} for i in group]
+    memo: dict[tuple, str] = {}
+
+    def resolved(i, scheme, variant):
+        key = (i, scheme, variant)
+        if key not in memo:
+            memo[key] = get_scheme(scheme).resolve(states[i].geo, variant) if len(group) > 1 else variant
+        return memo[key]
+
+    per = [{(c.scheme, resolved(i, c.scheme, c.variant), c.rank): c for c in _candidates(states[i], schemes)}
+           for i in group]
     return {k: [p[k] for p in per] for k in per[0] if all(k in p for p in per[1:])}
 
 
@@ -292,6 +310,7 @@ def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float]) -> 
     return min(ok, key=lambda k: (sum(c.macs for c in options[k]), options[k][0].error)) if ok else None
 
 
+@single_blas
 def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values=None,
          analysis: ModelAnalysis | None = None) -> Plan:
     """Choose a scheme and rank for every Conv-like node under ``policy`` (default: lossless).
@@ -302,11 +321,12 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     schemes = list(scheme_names()) if policy.scheme == "auto" else [policy.scheme]
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}
+    curves: dict = {}
     for spec in an.specs:
         ref = spec.ref
         np_ = NodePlan(ref.name, ref.qualified_name, ref.op_type, None, "keep")
         nodes.append(np_)
-        st, reason = _state(an, spec, exact_only=policy.mode == "lossless")
+        st, reason = _state(an, spec, exact_only=policy.mode == "lossless", cache=curves)
         if st is not None:
             np_.macs = st.geo.macs
             np_.exact_tolerance = st.tol_exact

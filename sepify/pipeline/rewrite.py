@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from ..threads import single_blas
 from ..core.lowering import LOWERINGS
 from ..core.realization import Realization
 from ..core.reasons import Reason
@@ -86,6 +87,7 @@ class RewriteReport:
         return dumps(self.to_dict())
 
 
+@single_blas
 def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None,
             *, input_values=None, lowering: str | None = None, only_faster: bool = False, threads: int | None = None,
             latency_runs: int | None = None, providers=None):

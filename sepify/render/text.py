@@ -10,14 +10,22 @@ import json
 import math
 from typing import Sequence
 
-from rich.console import Console
-from rich.table import Table
 
 from ..pipeline.audit import AuditReport, NodeAudit
 from ..serialize import json_default
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from ..calibration.sweep import SweepReport
+
+
+def _rich():
+    """rich, imported when a table is drawn (JSON, CSV and Markdown output do not need it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    return Console, Table
 
 
 CSV_FIELDS = [
@@ -74,6 +82,7 @@ def sort_nodes(nodes: Sequence[NodeAudit], sort: str = "macs", top: int | None =
 
 
 def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None) -> Table:
+    Console, Table = _rich()
     t = report.totals
     table = Table(
         title=f"{report.model}  ({report.producer or 'unknown producer'}, opset {report.opset})",
@@ -105,6 +114,7 @@ def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None)
 
 
 def summary_table(reports: Sequence[AuditReport]) -> Table:
+    Console, Table = _rich()
     table = Table(title="models")
     for col in ("model", "convs", "conv MACs", "total MACs", "conv share", "params", "rewritable", "exact savings"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -119,6 +129,7 @@ def summary_table(reports: Sequence[AuditReport]) -> Table:
 
 
 def render_audit_text(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None, width: int = 160) -> str:
+    Console, Table = _rich()
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     if len(reports) > 1:
@@ -201,6 +212,7 @@ def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", t
 
 
 def render_rewrite(report, written_to: str | None = None, width: int = 160) -> str:
+    Console, Table = _rich()
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     table = Table(title=f"{report.model}: {report.policy.mode} rewrite plan")
@@ -225,10 +237,12 @@ def render_rewrite(report, written_to: str | None = None, width: int = 160) -> s
 
 
 def _console(buf, width=160):
+    Console, Table = _rich()
     return Console(file=buf, width=width, force_terminal=False, color_system=None)
 
 
 def render_drift(report) -> str:
+    Console, Table = _rich()
     buf = io.StringIO()
     console = _console(buf)
     for title, rows in (("outputs", report.outputs), ("rewritten layers", report.layers)):
@@ -262,6 +276,7 @@ def render_drift(report) -> str:
 
 
 def render_bench(report) -> str:
+    Console, Table = _rich()
     buf = io.StringIO()
     console = _console(buf)
     table = Table(title=f"latency (threads: {report.threads or 'default'})")
@@ -291,6 +306,7 @@ def render_bench(report) -> str:
 
 def render_latency(report, width: int = 160) -> str:
     """A table of the measured rewrites: original vs each lowering, speedup, decision."""
+    Console, Table = _rich()
     from ..pipeline.latency import latency_rows
 
     rows = latency_rows(report)
@@ -317,6 +333,7 @@ def render_latency(report, width: int = 160) -> str:
 
 def render_sweep(report: SweepReport) -> str:
     """The sweep as a rich table."""
+    Console, Table = _rich()
     t = Table(title=f"{report.model}: conv MACs vs drift ({report.drift_metric}; eval on {report.eval_data})")
     for col in ("budget", "MACs", "drift", "1-cos", "predicted", "weight-only MACs", "weight-only drift",
                 "weight-only 1-cos", "ratio", "latency"):
