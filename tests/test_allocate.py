@@ -46,13 +46,14 @@ def test_greedy_counts_the_fixed_cost_outside_the_layers():
 
 
 def test_budget_plan_reaches_the_budget_when_a_pointwise_conv_holds_half_the_macs():
-    """Regression: the 1×1 conv cannot be rewritten, yet its MACs count in the budget's total."""
+    """Regression: the conv whose weight is a graph input cannot be rewritten, yet its MACs count in
+    the budget's total."""
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)
     w3 = rng.standard_normal((16, 32, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="pw"),
              helper.make_node("Conv", ["h", "w3"], ["y"], name="k3", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, [vi("x", [1, 16, 16, 16])], [vi("y", [1, 16, 16, 16])], [init("w1", w1), init("w3", w3)])
+    model = make_model(nodes, [vi("x", [1, 16, 16, 16]), vi("w1", [32, 16, 1, 1])], [vi("y", [1, 16, 16, 16])],
+                       [init("w3", w3)])
     plan = sepify.plan(model, sepify.Policy(mode="budget", budget=0.6))
     assert plan.node("pw").action == "keep" and plan.node("k3").action == "rewrite"
     assert plan.conv_macs_after <= 0.6 * plan.conv_macs + 1e-9 or plan.node("k3").rank == 1
@@ -65,13 +66,13 @@ def test_greedy_is_deterministic_with_ties_in_layer_order(convex):
 
 
 def _pointwise_heavy():
-    """A 1×1 conv holding most of the MACs (no scheme applies to it yet) and a depthwise 3×3 conv."""
+    """A conv holding most of the MACs that no scheme can take (its weight is computed: a graph input)
+    and a depthwise 3×3 conv, as in nets whose pointwise convs no scheme could take."""
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="pw"),
              helper.make_node("Conv", ["h", "w3"], ["y"], name="k3", pads=[1, 1, 1, 1], group=64)]
-    return make_model(nodes, [vi("x", [1, 64, 16, 16])], [vi("y", [1, 64, 16, 16])],
-                      [init("w1", rng.standard_normal((64, 64, 1, 1)).astype(np.float32)),
-                       init("w3", rng.standard_normal((64, 1, 3, 3)).astype(np.float32))])
+    return make_model(nodes, [vi("x", [1, 64, 16, 16]), vi("w1", [64, 64, 1, 1])], [vi("y", [1, 64, 16, 16])],
+                      [init("w3", rng.standard_normal((64, 1, 3, 3)).astype(np.float32))])
 
 
 @pytest.mark.parametrize("calibrated", [False, True], ids=["weight-only", "calibrated"])

@@ -132,3 +132,20 @@ def test_every_calibration_flag_reaches_the_sweep(tmp_path, capsys, monkeypatch)
         o = seen.pop("options")
         assert (o.value_range, o.fold_bn, o.samples, o.rows, o.seed, o.drift_metric) == ((0.0, 1.0), False, 3, 64, 5,
                                                                                          "cosine")
+
+
+def test_calibration_samples_that_make_the_model_non_finite_are_refused():
+    """Random N(0, 1) data into a log (a diffusion UNet's noise level): NaN activations used to disable
+    most layers silently and miss the budget; now it is one clear error, and a fixed value fixes it."""
+    nodes = [_conv("x", "w1", "a", "c1"), helper.make_node("Log", ["s"], ["ls"], name="log"),
+             helper.make_node("Add", ["a", "ls"], ["b"], name="add"), _conv("b", "w2", "y", "c2")]
+    model = make_model(nodes, [vi("x", [1, 8, 10, 10]), vi("s", [1])], [vi("y", [1, 16, 10, 10])],
+                       [init("w1", rand([16, 8, 3, 3])), init("w2", rand([16, 16, 3, 3], seed=1))])
+    import pytest as _pytest
+
+    from sepify.errors import UsageError
+
+    with _pytest.raises(UsageError, match="non-finite values at .* --input-value"):
+        calibrate(model, sepify.Policy(mode="budget", budget=0.6), "random", samples=8)
+    res = calibrate(model, sepify.Policy(mode="budget", budget=0.6), "random", samples=8, input_values={"s": 0.5})
+    assert res.report.macs_ratio <= 0.6

@@ -110,7 +110,9 @@ def test_json_schema(capsys, model_path):
     assert big["flops"] == 2 * MACS["conv_big"] + 1 * 16 * 16 * 16
     assert isinstance(big["separability"], dict) and "schemes" in big["separability"]
     small = next(n for n in data["nodes"] if n["name"] == "conv_small")
-    assert small["eligible"] is False and small["reason"] == "pointwise_kernel" and small["separability"] is None
+    # a 1×1 conv is a matrix: only pw-lowrank applies to it
+    schemes = small["separability"]["schemes"]
+    assert schemes["pw-lowrank"]["reason"] in (None, "no_mac_saving") and schemes["dw-pw"]["reason"] == "pointwise_kernel"
 
 
 def test_json_no_spectra(capsys, model_path):

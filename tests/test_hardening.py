@@ -491,8 +491,8 @@ def test_nonfinite_weights_are_reported_and_skipped(tmp_path, capfd, value, kern
     path = tmp_path / "m.onnx"
     path.write_bytes(_two_branch_model(w).SerializeToString())
     audit, report, out_path = _audit_and_rewrite(path, capfd)
-    # A 1x1 conv is never rewritten, so its weight is never read (audit speed): it says pointwise_kernel.
-    reason = "nonfinite_weight" if kernel > 1 else "pointwise_kernel"
+    # A 1x1 conv is a matrix pw-lowrank may split: its weight is read and checked like any other.
+    reason = "nonfinite_weight"
     nodes = {n["name"]: n for n in audit["nodes"]}
     assert nodes["bad"]["reason"] == reason and nodes["bad"]["eligible"] is False
     assert nodes["bad"]["separability"] is None

@@ -862,16 +862,17 @@ def test_rgb_sobel_chain():
     out, report = sepify.rewrite(model)
     check_lossless(model, out, report, expect_macs_before=32 * 32 * 2 * 3 * 9)
     (r,) = report.rewritten
-    assert (r.scheme, r.rank, r.chained) == ("pw-dw", 1, True)
+    # W[n, c] = luma[c]·S_n: low rank across input channels — a 1×1 luma conv 3→1, whose 3×3 stage
+    # (1→2, a rank-1 Sobel per output) splits into 3×1 and 1×3.
+    assert (r.scheme, r.rank, r.chained) == ("in-lowrank", 1, True)
     convs = conv_nodes(out.graph)
     assert len(convs) == 3
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     shapes = [inits[n.input[1]].shape for n in convs]
-    # pointwise 3→2, then depthwise 3×1 and 1×3 (either order)
-    assert shapes[0] == (2, 3, 1, 1)
+    assert shapes[0] == (1, 3, 1, 1)
     assert sorted(shapes[1:]) == [(2, 1, 1, 3), (2, 1, 3, 1)]
-    # 32·32·(2·3) + 32·32·2·3 + 32·32·2·3
-    assert r.macs_after == 32 * 32 * 2 * 3 + 2 * 32 * 32 * 2 * 3
+    # 32·32·3 + 32·32·2·3 + 32·32·2·3
+    assert r.macs_after == 32 * 32 * 3 + 2 * 32 * 32 * 2 * 3
     assert graph_conv_macs(out, random_feeds(model)) == r.macs_after
 
 
@@ -880,7 +881,7 @@ def test_no_chain_policy_keeps_two_stages():
     out, report = sepify.rewrite(model, Policy(chain=False))
     check_lossless(model, out, report)
     (r,) = report.rewritten
-    assert (r.scheme, r.chained) == ("pw-dw", False) and len(conv_nodes(out.graph)) == 2
+    assert (r.scheme, r.chained) == ("in-lowrank", False) and len(conv_nodes(out.graph)) == 2
 
 
 def chained_weight(kind: str, c_in: int, c_out: int, seed: int = 0) -> np.ndarray:
@@ -1049,7 +1050,6 @@ def _conv_integer_model():
 INELIGIBLE = {
     "weight_is_graph_input": (lambda: conv_model([1, 8, 12, 12], lowrank_weight("dw-pw", 1, 8, 16, 1, (3, 3)),
                                                  weight="input", pads=[1, 1, 1, 1]), "conv", "weight_not_constant"),
-    "pointwise_1x1": (lambda: conv_model([1, 8, 12, 12], np.ones((16, 8, 1, 1))), "conv", "pointwise_kernel"),
     "conv_transpose": (_conv_transpose_model, "deconv", "transposed_conv"),
     "conv_integer": (_conv_integer_model, "qconv", "quantized_op"),
 }
@@ -1068,6 +1068,15 @@ def test_ineligible_untouched_with_reason(which):
     with pytest.raises(sepify.ParameterError, match="no conv can be rewritten"):  # a budget it cannot reach
         sepify.rewrite(model, Policy(mode="budget", budget=0.1))
     session(model)  # the fixture itself is valid
+
+
+def test_a_rank_one_pointwise_conv_is_split_exactly():
+    """A 1×1 conv is a matrix: an all-ones 16×8 weight is rank 1, so pw-lowrank makes it 8→1→16."""
+    model = conv_model([1, 8, 12, 12], np.ones((16, 8, 1, 1)))
+    out, report = sepify.rewrite(model)
+    check_lossless(model, out, report, expect_macs_before=12 * 12 * 16 * 8)
+    (r,) = report.rewritten
+    assert (r.scheme, r.rank, r.macs_after) == ("pw-lowrank", 1, 12 * 12 * (8 + 16))
 
 
 def test_ineligible_next_to_rewritten():
@@ -1091,7 +1100,7 @@ def test_ineligible_next_to_rewritten():
     check_lossless(model, out, report, feeds=feeds)
     assert [r.qualified_name for r in report.rewritten] == ["exact"]
     assert sorted((k["name"], k["reason"]) for k in report.kept) == [
-        ("deconv", "transposed_conv"), ("dyn", "weight_not_constant"), ("pw", "pointwise_kernel")]
+        ("deconv", "transposed_conv"), ("dyn", "weight_not_constant"), ("pw", "no_exact_saving")]
     old = {n.name: n for n in model.graph.node}
     new = {n.name: n for n in out.graph.node}
     for name in ("pw", "deconv", "dyn"):
@@ -1110,9 +1119,9 @@ def test_rewrite_is_idempotent():
     assert not r2.changed and r2.rewritten == []
     assert twice is once
     assert r2.kept == [
-        {"name": "edges/conv/sep_0_pointwise", "reason": "pointwise_kernel"},
-        {"name": "edges/conv/sep_1_vertical", "reason": "depthwise,kernel_already_1d"},
-        {"name": "edges/conv/sep_2_horizontal", "reason": "depthwise,kernel_already_1d"},
+        {"name": "edges/conv/sep_0_pointwise", "reason": "no_exact_saving"},
+        {"name": "edges/conv/sep_1_vertical", "reason": "no_exact_saving"},
+        {"name": "edges/conv/sep_2_horizontal", "reason": "no_exact_saving"},
     ]
     # also for a lossy rewrite followed by a lossless one
     lossy, _ = sepify.rewrite(_random_conv(), Policy(mode="rank", rank=2))

@@ -180,9 +180,10 @@ def test_audit_sobel(audits):
     assert best is not None and best.macs < original
     # Rank 1 per output channel (luma ⊗ kernel): pointwise 3->2, then depthwise 3x3.
     assert _schemes(node)["pw-dw"].exact_rank == 1
-    # pw-dw r=1 (3→2 pointwise, then per-channel 3×3) with the 3×3 split into 3×1 and 1×3:
-    # 64·64·(2·3 + 2·3 + 2·3) MACs.
-    assert (best.scheme, best.rank, best.macs) == ("pw-dw+spatial", 1, 64 * 64 * 2 * 3 * 3)
+    # Low rank across input channels too: in-lowrank r=1 (a 3→1 luma conv, then a 1→2 3×3) with the
+    # 3×3 split into 3×1 and 1×3: 64·64·(3 + 2·3 + 2·3) MACs — below pw-dw+spatial's 64·64·(2·3)·3.
+    assert _schemes(node)["in-lowrank"].exact_rank == 1
+    assert (best.scheme, best.rank, best.macs) == ("in-lowrank+spatial", 1, 64 * 64 * (3 + 2 * 3 + 2 * 3))
 
 
 def test_audit_gaussian_kernels_are_spatially_rank_one(audits):

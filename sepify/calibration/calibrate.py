@@ -232,19 +232,23 @@ class Calibrator:
         for u in order:
             scheme, r = picks[u]
             profs = units[u]
-            curve = profs[0].curves[scheme]
-            per_rank = sum(p.curves[scheme].macs[p.curves[scheme].ranks.index(r)] // r for p in profs)
-            higher = [q for q in curve.ranks if q > r]
+            sch = get_scheme(scheme)
+            higher = [q for q in profs[0].curves[scheme].ranks if q > r]
             top = (higher[0] - 1) if higher else r
-            step = min(top - r, int(slack // per_rank)) if per_rank else 0
-            if step <= 0:
+
+            def cost(rank):
+                return sum(sch.macs(self.by_name[p.name].geo, rank) for p in profs)
+
+            base, new = cost(r), r
+            while new < top and cost(new + 1) - base <= slack:
+                new += 1
+            if new == r:
                 continue
-            new = r + step
             before = sum((p.sensitivity or 0.0) * p.interpolated_error(scheme, r) ** 2 for p in profs)
             after = sum((p.sensitivity or 0.0) * p.interpolated_error(scheme, new) ** 2 for p in profs)
             picks[u] = (scheme, new)
             loss += after - before
-            slack -= step * per_rank
+            slack -= cost(new) - base
         return picks, loss
 
     def _derived(self, model: onnx.ModelProto) -> LoadedModel:
@@ -327,7 +331,7 @@ class Calibrator:
                 layer = self.by_name[name]
                 stages, bias = solved[name]
                 chain = None
-                if self.policy.chain and res.scheme != "spatial":
+                if self.policy.chain and get_scheme(res.scheme).chainable:
                     # Split the kernel stage further only where the calibrated chain still splits exactly.
                     chain = split_kernel_stage(stages, layer.geo, exact_tolerance(layer.weight.dtype))
                 np_ = replace(node, action="rewrite", reason=None, scheme=res.scheme, rank=res.rank, variant=res.variant,

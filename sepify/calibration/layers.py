@@ -43,17 +43,15 @@ class Layer:
 
 def candidate_ranks(geo: ConvGeometry, scheme: str, max_ranks: int = MAX_CURVE_RANKS) -> tuple[list[int], dict[int, int]]:
     """Ranks of ``scheme`` that cut MACs (all of them, or a geometric grid of ``max_ranks``), with their MACs."""
-    per_rank = get_scheme(scheme).macs_per_rank(geo)
-    if per_rank <= 0:
-        return [], {}
-    r_top = (geo.macs - 1) // per_rank
+    sch = get_scheme(scheme)
+    r_top = sch.break_even(geo)
     if r_top < 1:
         return [], {}
     if r_top <= max_ranks:
         ranks = list(range(1, r_top + 1))
     else:
         ranks = sorted({int(round(v)) for v in np.geomspace(1, r_top, max_ranks)})
-    return ranks, {r: per_rank * r for r in ranks}
+    return ranks, {r: sch.macs(geo, r) for r in ranks}
 
 
 def layers_from_plan(the_plan, names: Iterable[str] | None = None) -> list[Layer]:

@@ -19,6 +19,7 @@ from ..core.allocate import Option
 from ..core.geometry import prod
 from ..core.schemes import get as get_scheme
 from ..core.stages import Stage, compose
+from ..errors import UsageError
 from .capture import BatchOffsets, DriftMeter, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
 from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
@@ -90,6 +91,15 @@ class LayerProfile:
                 "curves": {k: v.to_dict() for k, v in self.curves.items()}}
 
 
+def nonfinite_activations(tensor: str, calib: CalibrationSet) -> UsageError:
+    """The original model gives NaN/Inf on the calibration samples: nothing can be fitted to them."""
+    hint = ("random N(0, 1) inputs may be invalid for the model (a logarithm of a negative value, an index "
+            "out of range): pass real samples, --input-value NAME=V or --calib-range LO,HI"
+            if calib.source.startswith("random") else "check the samples")
+    return UsageError(f"the original model gives non-finite values at {tensor!r} on the calibration samples "
+                      f"({calib.source}); {hint}")
+
+
 def _run_rows(layer: Layer, start: int, b: int, rows: int, samples: int, seed: int):
     """Sampled rows of one run: (batch index, flat output position, global sample) per row."""
     n_out = prod(layer.geo.out_spatial)
@@ -150,6 +160,9 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         for values in iterate_runs(session, calib, names):
             for layer, systems in chunk:
                 y_all = values[layer.y_name]
+                for name in (layer.x_name, layer.y_name):
+                    if name in values and not np.isfinite(values[name]).all():
+                        raise nonfinite_activations(name, calib)
                 b = int(y_all.shape[0])
                 start = offsets.take(layer.name, b)
                 bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)

@@ -36,9 +36,10 @@ def split_kernel_stage(stages: Sequence[Stage], geo: ConvGeometry, tol: float) -
 
 def chained_macs(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, tol: float, variant: str = "") -> int | None:
     """MACs of ``scheme`` at rank ``r`` with its full-kernel stage split exactly, or None if that does not pay."""
-    if scheme == "spatial":
+    sch = get(scheme)
+    if not sch.chainable:
         return None
-    chain = split_kernel_stage(get(scheme).factor(w, geo, r, variant), geo, tol)
+    chain = split_kernel_stage(sch.factor(w, geo, r, variant), geo, tol)
     return stages_macs(geo, chain) if chain is not None else None
 
 

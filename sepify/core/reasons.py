@@ -20,6 +20,7 @@ class Reason(str, Enum):
     SHAPE_UNKNOWN = "shape_unknown"
     # a scheme (by geometry)
     POINTWISE_KERNEL = "pointwise_kernel"  # 1×1 (1-element) kernel: nothing spatial to split
+    NOT_POINTWISE = "not_pointwise"  # pw-lowrank: only for 1×1 kernels (out-/in-lowrank split larger ones)
     DEPTHWISE = "depthwise"  # one input channel per group: no dw-pw / pw-dw
     NOT_2D = "not_2d"  # spatial (kh×1 then 1×kw) needs two spatial axes
     KERNEL_ALREADY_1D = "kernel_already_1d"

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..core.geometry import prod
-from ..core.reasons import Reason
+from ..core.reasons import Reason, join
+from ..core.schemes import all_schemes
 from ..model.cost import ConvSpec, conv_spec, matmul_operands
 from ..model.graph import MATMUL_OPS, GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
@@ -38,8 +38,13 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
         return Reason.NONFINITE_WEIGHT
     if spec.geometry() is None:
         return Reason.SHAPE_UNKNOWN
-    if spec.kernel is not None and prod(spec.kernel) == 1:
-        return Reason.POINTWISE_KERNEL
+    geo = spec.geometry()
+    # No scheme applies, or none saves MACs at any rank: decided from the geometry alone (the weight
+    # is not read), so a cost-only audit and a full one agree on what is rewritable.
+    reasons = [sch.reason(geo) or (Reason.NO_MAC_SAVING if sch.break_even(geo) < 1 else None)
+               for sch in all_schemes()]
+    if all(r is not None for r in reasons):
+        return join(reasons)
     return None
 
 
@@ -57,7 +62,7 @@ def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
     if source in ("graph_input", "computed", "missing"):
         return WeightCheck(source, None, node_level_reason(spec, source, None, False))
     if source == "initializer":
-        # Decide from attributes first: most weights of a big model (1×1 convs) never need reading.
+        # Decide from attributes first: a weight no scheme can take is never read.
         reason = node_level_reason(spec, source, None, False)
         if reason is not None:
             return WeightCheck(source, None, reason)

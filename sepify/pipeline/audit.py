@@ -44,7 +44,8 @@ class SchemeAnalysis:
     break_even_rank: int | None = None  # largest rank that still saves MACs (0: none)
     exact_saves_macs: bool = False
     curve_errors: list[float] = field(default_factory=list)  # error at rank 0, 1, 2, …
-    macs_per_rank: int | None = None
+    macs_per_rank: int | None = None  # MACs at rank 1
+    curve_macs: list[int] = field(default_factory=list)  # MACs at rank 1, 2, … (as far as curve_errors goes)
     variant: str = ""  # the scheme's variant analysed (spatial: "v" kh×1 first, "h" 1×kw first)
     # False: a large matrix certified to have no (near-)exact factorization up to break-even
     # (exact_rank is then None, "above exact_rank_above"); the errors are estimates (±1e-4).
@@ -208,7 +209,7 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         for other in others:
             # The costlier variant only matters if it has an exact split: a certificate that it
             # has none up to its break-even rank settles that without analysing it further.
-            break_even = min(sch.max_rank(geo, other) - 1, (geo.macs - 1) // sch.macs_per_rank(geo, other))
+            break_even = min(sch.max_rank(geo, other) - 1, sch.break_even(geo, other))
             if break_even < 1:
                 continue  # saves nothing in this variant
             depth = break_even if certify else min(break_even, AUDIT_DEPTH)
@@ -216,16 +217,16 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
                 continue
             options.append(analyze_scheme(w, geo, scheme, tol, other, certify))
         exact = [a for a in options if a.exact_saves_macs]
-        return min(exact, key=lambda a: a.macs_per_rank * a.exact_rank) if exact else options[0]
+        return min(exact, key=lambda a: sch.macs(geo, a.exact_rank, a.variant)) if exact else options[0]
     variant = sch.resolve(geo, variant)
     max_rank = sch.max_rank(geo, variant)
-    per_rank = sch.macs_per_rank(geo, variant)
     break_even = sch.break_even(geo, variant)
     spec = sch.spectrum(w, geo, variant, max(NEAR_EXACT_TOL, tol), break_even,
                         depth=None if certify else AUDIT_DEPTH, limit=FULL_SPECTRUM_LIMIT if certify else AUDIT_LIMIT)
     errors = spec.errors
     # Incomplete spectra come with a certificate that nothing up to break-even is (near-)exact.
     ex = exact_rank(errors, tol) if spec.complete else None
+    macs_at = sch.macs_curve(geo, min(len(errors) - 1, MAX_CURVE_POINTS), variant)
     return SchemeAnalysis(
         scheme,
         eligible=break_even > 0,
@@ -233,11 +234,12 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         exact_rank=ex,
         max_rank=max_rank,
         errors={r: float(errors[r]) for r in ERROR_RANKS if r <= max_rank},
-        macs={r: per_rank * r for r in ERROR_RANKS if r <= max_rank},
+        macs={r: macs_at[r - 1] for r in ERROR_RANKS if r <= len(macs_at)},
         break_even_rank=break_even,
         exact_saves_macs=ex is not None and 0 < ex <= break_even,
         curve_errors=[float(e) for e in errors[: MAX_CURVE_POINTS + 1]],
-        macs_per_rank=per_rank,
+        macs_per_rank=macs_at[0] if macs_at else None,
+        curve_macs=macs_at,
         variant=variant,
         spectrum_complete=spec.complete,
         exact_rank_above=spec.exact_above,
@@ -254,7 +256,9 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
         if not hits:
             continue
         r = hits[0]
-        macs = a.macs_per_rank * r
+        if r > len(a.curve_macs):
+            continue
+        macs = a.curve_macs[r - 1]
         if macs >= original:
             continue
         scheme = a.scheme

@@ -192,11 +192,11 @@ class _NodeState:
     weight: np.ndarray
     geo: ConvGeometry
     tol_exact: float
-    # (scheme, variant) -> (relative error at rank 0..max, MACs per rank), schemes and variants in
+    # (scheme, variant) -> (relative error at rank 0..max, MACs at rank 1..max), schemes and variants in
     # registry order; a scheme's first entry has variant "" (its cheaper one).  Cross-channel spatial
     # splits have a different spectrum in the costlier order, and an exact split there can still
     # beat every other scheme.
-    curves: dict[tuple[str, str], tuple[np.ndarray, int]]
+    curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]]
 
     def has(self, scheme: str) -> bool:
         return any(s == scheme for s, _ in self.curves)
@@ -221,7 +221,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
     weight = check.weight
     geo = spec.geometry()
     tol = exact_tolerance(weight.dtype)
-    curves: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+    curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
     reasons = []
     for name in scheme_names():
         sch = get_scheme(name)
@@ -230,8 +230,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
             reasons.append(reason)
             continue
         for k, variant in enumerate(sch.variants(geo)):
-            per_rank = sch.macs_per_rank(geo, variant)
-            useful = (geo.macs - 1) // per_rank
+            useful = sch.break_even(geo, variant)
             key = (spec.w_name, id(weight), geo.group, name, variant, useful if exact_only else None)
             errors = cache.get(key) if cache is not None else None
             if errors is None:
@@ -243,7 +242,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
                     errors = sch.curve(weight, geo, variant)
                 if cache is not None:
                     cache[key] = errors
-            curves[(name, "" if k == 0 else variant)] = (errors, per_rank)
+            curves[(name, "" if k == 0 else variant)] = (errors, sch.macs_curve(geo, len(errors) - 1, variant))
     if not curves:
         return None, join(reasons)
     return _NodeState(spec, weight, geo, tol, curves), None
@@ -253,11 +252,11 @@ def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     """Every (scheme, variant, rank) that saves MACs, with its weight error."""
     out = []
     for s in schemes:
-        for (name, variant), (curve, per_rank) in st.curves.items():
+        for (name, variant), (curve, macs_at) in st.curves.items():
             if name != s:
                 continue
             for r in range(1, len(curve)):
-                macs = per_rank * r
+                macs = macs_at[r - 1]
                 if macs >= st.geo.macs:
                     break
                 out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
@@ -270,6 +269,21 @@ def _with_chain(st: _NodeState, cand: Candidate) -> Candidate:
     if macs is None:
         return cand
     return replace(cand, macs=macs, chained=True)
+
+
+def _chain_probe(states: dict[int, _NodeState], group: list[int], options: dict[tuple, list[Candidate]]):
+    """``key -> the group's MACs with that choice chained`` (None when no exact split pays)."""
+    def probe(key):
+        total = 0
+        for c, i in zip(options[key], group):
+            st = states[i]
+            m = chained_macs(st.weight, st.geo, c.scheme, c.rank, st.tol_exact, c.variant)
+            if m is None:
+                return None
+            total += m
+        return total
+
+    return probe
 
 
 def _weight_groups(states: dict[int, _NodeState]) -> list[list[int]]:
@@ -304,10 +318,30 @@ def _shared_candidates(states: dict[int, _NodeState], group: list[int], schemes:
     return {k: [p[k] for p in per] for k in per[0] if all(k in p for p in per[1:])}
 
 
-def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float]) -> tuple | None:
-    """The choice with the fewest MACs over the group whose error is within every member's bound."""
+def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float], chained=None) -> tuple | None:
+    """The choice with the fewest MACs over the group whose error is within every member's bound.
+
+    ``chained(key)``: the group's MACs with the choice's kernel stage split exactly, or None — tried
+    on the cheapest choice of each scheme, since a split can reorder them (an RGB Sobel is cheapest
+    as a 1×1 luma conv whose 3×3 stage splits into 3×1 and 1×3)."""
     ok = [k for k, cs in options.items() if all(c.error <= b for c, b in zip(cs, bounds))]
-    return min(ok, key=lambda k: (sum(c.macs for c in options[k]), options[k][0].error)) if ok else None
+    if not ok:
+        return None
+
+    def plain(k):
+        return sum(c.macs for c in options[k]), options[k][0].error
+
+    best = min(ok, key=plain)
+    if chained is None:
+        return best
+    per_scheme = {}
+    for k in sorted(ok, key=plain):
+        per_scheme.setdefault(k[0], k)
+    finals = []
+    for k in per_scheme.values():
+        m = chained(k)
+        finals.append(((m if m is not None else plain(k)[0]), plain(k)[1], list(per_scheme.values()).index(k), k))
+    return min(finals)[3]
 
 
 @single_blas
@@ -353,10 +387,11 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     else:
         for group in groups:
             options = _shared_candidates(states, group, schemes)
+            chained = _chain_probe(states, group, options) if policy.chain else None
             if policy.mode == "lossless":
-                pick = _best_shared(options, [states[i].tol_exact for i in group])
+                pick = _best_shared(options, [states[i].tol_exact for i in group], chained)
             elif policy.mode == "tol":
-                pick = _best_shared(options, [max(policy.tol, states[i].tol_exact) for i in group])
+                pick = _best_shared(options, [max(policy.tol, states[i].tol_exact) for i in group], chained)
             else:  # fixed rank
                 st0 = states[group[0]]
                 fixed = {k: cs for k, cs in options.items()

@@ -226,7 +226,7 @@ def _spectra_section(audit, profiles: Sequence[dict] | None, top: int = 12) -> s
             if not a.eligible or not a.curve_errors:
                 continue
             ranks = list(range(len(a.curve_errors)))[1:]
-            macs = [min(a.macs_per_rank * r / n.macs, 1.5) if a.macs_per_rank and n.macs else None for r in ranks]
+            macs = [min(a.curve_macs[r - 1] / n.macs, 1.5) if r <= len(a.curve_macs) and n.macs else None for r in ranks]
             series.append({"x": macs, "y": a.curve_errors[1:], "label": f"{name} weight", "marker": False,
                            "color": scheme_color(name)})
         prof = by_name.get(n.qualified_name)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from .base import Scheme
 from .dwpw import DwPw
+from .lowrank import InLowRank, OutLowRank, PwLowRank
 from .pwdw import PwDw
 from .spatial import Spatial
+from .tucker2 import Tucker2
 
-REGISTRY: dict[str, Scheme] = {s.name: s for s in (DwPw(), PwDw(), Spatial())}
+REGISTRY: dict[str, Scheme] = {s.name: s for s in (DwPw(), PwDw(), Spatial(), OutLowRank(), InLowRank(),
+                                                    PwLowRank(), Tucker2())}
 
 
 def names() -> tuple[str, ...]:

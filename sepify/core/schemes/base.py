@@ -34,6 +34,9 @@ class Scheme(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line: what the chain is
+    # A full-kernel stage of this scheme's chain may be split further into kh×1 and 1×kw when that is
+    # exact (sepify.core.chain): worth trying for the depthwise / grouped kernel stages of dw-pw, pw-dw.
+    chainable: ClassVar[bool] = False
 
     # -- eligibility and shapes (no weight needed) ----------------------------------------------
     @abstractmethod
@@ -59,9 +62,20 @@ class Scheme(ABC):
     def macs(self, geo: ConvGeometry, r: int, variant: str = "") -> int:
         return stages_macs(geo, self.stages(geo, r, self.resolve(geo, variant)))
 
+    #: MACs grow linearly with the rank (``r`` times :meth:`macs_per_rank`); a scheme whose stages
+    #: multiply two ranks (Tucker-2's core) says False and :meth:`macs_curve` computes each rank.
+    linear_macs: ClassVar[bool] = True
+
     def macs_per_rank(self, geo: ConvGeometry, variant: str = "") -> int:
-        """MACs of one rank: every scheme here costs ``r`` times this."""
+        """MACs of rank 1 (for linear schemes: every rank costs ``r`` times this)."""
         return self.macs(geo, 1, variant)
+
+    def macs_curve(self, geo: ConvGeometry, top: int, variant: str = "") -> list[int]:
+        """MACs at rank 1 … ``top``."""
+        if self.linear_macs:
+            per = self.macs_per_rank(geo, variant)
+            return [per * r for r in range(1, top + 1)]
+        return [self.macs(geo, r, variant) for r in range(1, top + 1)]
 
     def max_rank(self, geo: ConvGeometry, variant: str = "") -> int:
         _, m, n = self.matrix_shape(geo, self.resolve(geo, variant))
@@ -69,9 +83,18 @@ class Scheme(ABC):
 
     def break_even(self, geo: ConvGeometry, variant: str = "") -> int:
         """The largest rank that still costs fewer MACs than the conv (0: none), capped at the max rank."""
-        per = self.macs_per_rank(geo, variant)
         top = self.max_rank(geo, variant)
-        return max(0, min(top, (geo.macs - 1) // per)) if per else top
+        if self.linear_macs:
+            per = self.macs_per_rank(geo, variant)
+            return max(0, min(top, (geo.macs - 1) // per)) if per else top
+        lo, hi = 0, top  # MACs rise with the rank: the last rank below the conv's
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.macs(geo, mid, variant) < geo.macs:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     # -- the weight ------------------------------------------------------------------------------
     @abstractmethod

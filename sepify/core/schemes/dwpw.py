@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import ConvGeometry
+from ..geometry import ConvGeometry, prod
 from ..linalg import truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
@@ -26,12 +26,15 @@ def dw_pw_matrices(w: np.ndarray, group: int) -> np.ndarray:
 
 class DwPw(Scheme):
     name = "dw-pw"
+    chainable = True
     summary = "depthwise k-conv with channel multiplier r, then pointwise (g groups, bias)"
 
     def reason(self, geo: ConvGeometry) -> Reason | None:
         # A group conv with one input channel per group is depthwise already; a plain conv of a
         # one-channel input (an audio front end, a grey-image stem) is not, and may split.
-        return Reason.DEPTHWISE if geo.is_depthwise else None
+        if geo.is_depthwise:
+            return Reason.DEPTHWISE
+        return Reason.POINTWISE_KERNEL if prod(geo.kernel) == 1 else None
 
     def matrix_shape(self, geo: ConvGeometry, variant: str = "") -> tuple[int, int, int]:
         k = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import ConvGeometry
+from ..geometry import ConvGeometry, prod
 from ..linalg import truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
@@ -23,10 +23,13 @@ def pw_dw_matrices(w: np.ndarray) -> np.ndarray:
 
 class PwDw(Scheme):
     name = "pw-dw"
+    chainable = True
     summary = "pointwise C→N·r at input resolution, then k-conv with N groups of r (bias)"
 
     def reason(self, geo: ConvGeometry) -> Reason | None:
-        return Reason.DEPTHWISE if geo.is_depthwise else None
+        if geo.is_depthwise:
+            return Reason.DEPTHWISE
+        return Reason.POINTWISE_KERNEL if prod(geo.kernel) == 1 else None
 
     def matrix_shape(self, geo: ConvGeometry, variant: str = "") -> tuple[int, int, int]:
         k = 1
