@@ -135,7 +135,7 @@ def test_exact_rank_weights_rewrite_losslessly(kind, data):
         assert report.changed, (cfg, report.kept)
     if not report.changed:
         assert out is model
-        assert report.kept[0]["reason"] == "no_exact_saving"
+        assert report.kept[0]["reason"] in ("no_exact_saving", "no_mac_saving")
         return
     (r,) = report.rewritten
     assert r.macs_after <= hand and r.macs_after < geo.macs
@@ -160,7 +160,7 @@ def test_full_rank_weights_left_alone(kind, data):
     out, report = sepify.rewrite(model)
     assert not report.changed and report.rewritten == []
     assert out is model and out.SerializeToString() == data
-    assert [k["reason"] for k in report.kept] == ["no_exact_saving"]
+    assert [k["reason"] for k in report.kept] in (["no_exact_saving"], ["no_mac_saving"])
 
 
 POLICIES = [None, Policy(mode="tol", tol=0.5), Policy(mode="rank", rank=1), Policy(mode="budget", budget=0.2),

@@ -39,13 +39,19 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
     if spec.geometry() is None:
         return Reason.SHAPE_UNKNOWN
     geo = spec.geometry()
-    # No scheme applies, or none saves MACs at any rank: decided from the geometry alone (the weight
-    # is not read), so a cost-only audit and a full one agree on what is rewritable.
-    reasons = [sch.reason(geo) or (Reason.NO_MAC_SAVING if sch.break_even(geo) < 1 else None)
-               for sch in all_schemes()]
-    if all(r is not None for r in reasons):
+    reasons = [sch.reason(geo) for sch in all_schemes()]
+    if all(r is not None for r in reasons):  # no scheme applies: decided without reading the weight
         return join(reasons)
     return None
+
+
+def geometry_reason(geo) -> str | None:
+    """Why no scheme can cut this conv's MACs, from its geometry alone (None: some scheme can at some
+    rank) — what a cost-only audit and a full one agree on, and what a plan need not decompose."""
+    applicable = [sch for sch in all_schemes() if sch.reason(geo) is None]
+    if not applicable:
+        return join(sch.reason(geo) for sch in all_schemes())
+    return None if any(sch.break_even(geo) >= 1 for sch in applicable) else Reason.NO_MAC_SAVING
 
 
 @dataclass
@@ -134,4 +140,5 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
     return ModelAnalysis(loaded, view, shapes, specs, table, warnings)
 
 
-__all__ = ["ModelAnalysis", "SUPPORTED_DTYPES", "WeightCheck", "analyze_model", "check_weight", "node_level_reason"]
+__all__ = ["ModelAnalysis", "SUPPORTED_DTYPES", "WeightCheck", "analyze_model", "check_weight", "geometry_reason",
+           "node_level_reason"]

@@ -20,7 +20,7 @@ from ..model.load import LoadedModel, ModelSource, iter_all_tensors
 from ..model.shapes import input_values_record
 from ..serialize import SCHEMA_VERSION, dumps
 from ..version import __version__
-from .analysis import analyze_model, check_weight
+from .analysis import analyze_model, check_weight, geometry_reason
 
 ERROR_RANKS = (1, 2, 3, 4)
 # The default audit examines large matrices cheaply: a full spectrum only up to this short side, and
@@ -341,7 +341,8 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         cost = conv_cost(spec, table, w_numel, b_numel)
         geo = spec.geometry()
         if reason is None and spectra and weight is not None and geo is not None:
-            jobs.append((len(nodes), weight, geo))
+            jobs.append((len(nodes), weight, geo))  # spectra even where nothing saves MACs: they are reported
+        saves = geometry_reason(geo) if reason is None and geo is not None else None
         nodes.append(
             NodeAudit(
                 name=ref.name,
@@ -369,16 +370,20 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
                 arithmetic_intensity=cost.intensity,
                 share=None,
                 shape_source=spec.shape_source,
-                eligible=reason is None,
-                reason=reason,
+                eligible=reason is None and saves is None,
+                reason=reason or saves,
                 separability=None,
             )
         )
     # Serial on purpose: numpy's BLAS already uses every core, and a thread pool on top was
     # measured slower (0.82 s vs 0.62 s for ResNet-50's spectra on 2 cores).
+    done: dict[tuple, Separability] = {}  # convs sharing a weight (a siamese net's towers) share its analysis
     for index, weight, geo in jobs:
         node = nodes[index]
-        node.separability = sep = analyze_weight(weight, geo, weight.dtype, certify)
+        key = (node.weight_name, id(weight), geo)
+        if key not in done:
+            done[key] = analyze_weight(weight, geo, weight.dtype, certify)
+        node.separability = sep = done[key]
         if not any(a.eligible for a in sep.schemes.values()):
             node.reason = join(a.reason for a in sep.schemes.values())
             node.eligible = False

@@ -35,7 +35,7 @@ from ..errors import ParameterError
 from ..model.cost import ConvSpec, conv_cost
 from ..model.shapes import input_values_record
 from ..serialize import SCHEMA_VERSION, dumps, from_dict
-from .analysis import ModelAnalysis, analyze_model, check_weight
+from .analysis import ModelAnalysis, analyze_model, check_weight, geometry_reason
 
 POLICY_MODES = ("lossless", "tol", "rank", "budget")
 
@@ -220,6 +220,9 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
         return None, check.reason
     weight = check.weight
     geo = spec.geometry()
+    saves = geometry_reason(geo)
+    if saves is not None:  # no scheme cuts MACs at any rank: nothing to decompose
+        return None, saves
     tol = exact_tolerance(weight.dtype)
     curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
     reasons = []
