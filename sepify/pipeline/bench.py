@@ -31,9 +31,10 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import onnx
 
 from .audit import audit
 from ..model.load import LoadedModel, ModelSource, load_model
@@ -173,6 +174,10 @@ def timed(run) -> float:
 
 CLEAN_WAIT_FRACTION = 0.05
 MIN_CLEAN_ROUNDS = 10
+MIN_RUNS = 10  # rounds of time_models when sized by a time budget
+MAX_RUNS = 50
+DEFAULT_WARMUP = 3
+DEFAULT_BUDGET_S = 1.0  # timed seconds time_models aims at when no round count is given
 
 
 def cpu_wait_s() -> float | None:
@@ -248,6 +253,23 @@ def interleaved_times(sessions, feeds, runs: int, warmup: int = 0, rewarm: int =
                 w1 = cpu_wait_s()
                 waits[j].append(max(0.0, w1 - w0) if w0 is not None and w1 is not None else 0.0)
     return Rounds(times, waits)
+
+
+def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None = None, runs: int | None = None,
+                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None,
+                spinning: str = "run", rewarm: int = 1):
+    """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models`` as :func:`sepify.bench.benchmark`
+    takes them; ``runs`` rounds, or as many as fit ``budget_s``."""
+    sessions = [bench_session(m, providers=providers, threads=threads, spinning=spinning) for m in models]
+    runners = [Runner(s, feeds) for s in sessions]
+    for _ in range(max(warmup, 1) - 1):
+        for run in runners:
+            run()
+    probe = sum(timed(run) for run in runners)  # the last warm-up round sizes the experiment
+    if runs is None:
+        runs = int(np.clip(budget_s / max(probe * (1 + rewarm), 1e-9), MIN_RUNS, MAX_RUNS))
+    return interleaved_times(sessions, feeds, runs, rewarm=rewarm)
+
 
 
 def profile_node_times(model, feeds, runs: int, providers=None, threads=None) -> dict[str, float]:

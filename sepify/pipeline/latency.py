@@ -19,7 +19,7 @@ other processes made the timed threads wait for a CPU are left out when enough c
 exceeds ``min_speedup`` (default 1: faster at all), and written in that lowering.
 
 Rounds: ``runs`` if given, else as many as fit in ``budget_s`` seconds (after the warm-up),
-between :data:`MIN_RUNS` and :data:`MAX_RUNS` — fewer for big layers.
+between :data:`sepify.pipeline.bench.MIN_RUNS` and :data:`~sepify.pipeline.bench.MAX_RUNS` — fewer for big layers.
 """
 
 from __future__ import annotations
@@ -36,16 +36,12 @@ from ..core.realization import Realization
 from ..core.reasons import Reason
 from ..errors import ParameterError, UsageError
 from ..model.load import ort_max_ir_version
-from .bench import Runner, bench_session, interleaved_times, timed
+from .bench import DEFAULT_BUDGET_S, DEFAULT_WARMUP, time_models
 from .emit import emit
 from .plan import Plan
 from .realize import realize
 
-MIN_RUNS = 10
-MAX_RUNS = 50
 MIN_CLEAN_ROUNDS = 5
-DEFAULT_BUDGET_S = 1.0
-DEFAULT_WARMUP = 3
 SINGLE = "single"  # the label of a chain that can be written only one way
 # Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
 FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
@@ -157,22 +153,6 @@ def candidate_lowerings(stages, lowerings: Sequence[str] | None = None) -> dict[
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None = None, runs: int | None = None,
-                warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S, providers=None,
-                spinning: str = "run", rewarm: int = 1):
-    """Interleaved timings (:class:`sepify.bench.Rounds`) of ``models`` as :func:`sepify.bench.benchmark`
-    takes them; ``runs`` rounds, or as many as fit ``budget_s``."""
-    sessions = [bench_session(m, providers=providers, threads=threads, spinning=spinning) for m in models]
-    runners = [Runner(s, feeds) for s in sessions]
-    for _ in range(max(warmup, 1) - 1):
-        for run in runners:
-            run()
-    probe = sum(timed(run) for run in runners)  # the last warm-up round sizes the experiment
-    if runs is None:
-        runs = int(np.clip(budget_s / max(probe * (1 + rewarm), 1e-9), MIN_RUNS, MAX_RUNS))
-    return interleaved_times(sessions, feeds, runs, rewarm=rewarm)
-
-
 def measure_node(an, spec, rz: Realization, *, lowerings: Sequence[str] | None = None, threads: int | None = None,
                  runs: int | None = None, warmup: int = DEFAULT_WARMUP, budget_s: float = DEFAULT_BUDGET_S,
                  min_speedup: float = 1.0, providers=None, seed: int = 0) -> NodeLatency:
