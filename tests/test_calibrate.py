@@ -13,7 +13,7 @@ from onnx import helper
 from conftest import init, make_model, vi
 from sepify.calibration.bnfold import fold_batchnorms
 from sepify.calibration.calibrate import calibrate, calibrated_rewrite
-from sepify.calibration.capture import DriftMeter
+from sepify.core.drift import DriftMeter
 from sepify.calibration.data import load_calibration
 from sepify.calibration.lstsq import (NormalEquations, apply_stage, gather_patches, last_stage_design, pack_last,
                                       positions, rank_curve, rank_inner, solve_ridge_cv, unpack_last)
@@ -368,12 +368,12 @@ def test_folder_of_npy_and_npz(tmp_path):
 
 def test_bad_calibration_data(tmp_path):
     np.savez(tmp_path / "wrong.npz", y=anisotropic(2, 0))
-    with pytest.raises(UsageError, match="no calibration array for input"):
+    with pytest.raises(UsageError, match="no array for input"):
         load_calibration(tmp_path / "wrong.npz", net())
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 1, 3, 12, 12), np.float32))
     with pytest.raises(UsageError, match="does not fit"):
         load_calibration(tmp_path / "shape.npz", net())
-    with pytest.raises(UsageError, match="no such calibration data"):
+    with pytest.raises(UsageError, match="no such sample file or folder"):
         load_calibration(tmp_path / "missing.npz", net())
     mixed = tmp_path / "mixed"
     mixed.mkdir()

@@ -19,7 +19,7 @@ becomes a :class:`~sepify.core.realization.Realization` with ``source="calibrate
 through the same emitter as every other rewrite.
 
 Drift (what ``--max-drift`` bounds and the sweep plots) is ``1 − cosine`` between the original
-and the rewritten model's output tensors over all samples (:class:`~sepify.calibration.capture.DriftMeter`).
+and the rewritten model's output tensors over all samples (:class:`~sepify.core.drift.DriftMeter`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import onnx
 from ..threads import single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
+from ..core.drift import DriftMeter, drift_definition
 from ..core.linalg import exact_tolerance
 from ..core.reasons import Reason
 from ..core.schemes import get as get_scheme, names as scheme_names
@@ -47,7 +48,7 @@ from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
 from ..serialize import SCHEMA_VERSION, dumps
 from .bnfold import fold_batchnorms
-from .capture import (DriftMeter, StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
+from .capture import (StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
                       run_outputs)
 from .data import CalibrationSet, load_calibration, plan_input_shapes
 from .layers import ELIGIBLE_REASONS, layers_from_plan
@@ -57,9 +58,6 @@ from .solve import LayerResult, Pick, calibrate_layers, weight_units
 
 MAX_DRIFT_TRIES = 3
 BUDGET_TOLERANCE = 0.02  # a budget is met from below within this fraction of the conv MACs, or a note says why
-DRIFT_DEFINITION = ("1 - cosine of each float output over all samples (channel: each output channel standardized "
-                    "with the original's mean and standard deviation, floored at a tenth of its RMS, first), "
-                    "mean over outputs")
 
 
 @dataclass
@@ -95,7 +93,7 @@ class CalibrationReport:
         d = {"schema_version": SCHEMA_VERSION}
         d.update({k: v for k, v in asdict(self).items() if k not in ("layers", "profiles")})
         d["macs_ratio"] = self.macs_ratio
-        d["drift_definition"] = DRIFT_DEFINITION
+        d["drift_definition"] = drift_definition(self.drift_metric)
         d["layers"] = [l.to_dict() for l in self.layers]
         d["profiles"] = self.profiles
         return d
@@ -256,7 +254,7 @@ class Calibrator:
 
     def weight_only_choices(self, budget: float) -> dict[str, Pick]:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
-        p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget),
+        p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget, tol=None, rank=None),
                       self.shapes, input_values=self.input_values)
         return {n.qualified_name: (n.scheme, n.rank, n.variant) for n in p.rewrites}
 
