@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..core.lowering import LOWERINGS, Lowered, lower, lowering_kinds
+from ..core.lowering import LOWERINGS, SINGLE, Lowered, lower, lowering_kinds
 from ..core.realization import Realization
 from ..core.reasons import Reason
 from ..errors import ParameterError, UsageError
@@ -46,7 +46,6 @@ MAX_RUNS = 50
 MIN_CLEAN_ROUNDS = 5
 DEFAULT_BUDGET_S = 1.0
 DEFAULT_WARMUP = 3
-SINGLE = "single"  # the label of a chain that can be written only one way
 # Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
 FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
 

@@ -38,7 +38,7 @@ class NodeRewrite:
     macs_before: int
     macs_after: int
     new_nodes: list[str] = field(default_factory=list)
-    lowering: str | None = None  # how a rank-r dw-pw/pw-dw chain was written; None: only one way
+    lowering: str = "single"  # how a rank-r dw-pw/pw-dw chain was written (LOWERINGS); "single": only one way
     latency: dict[str, Any] | None = None  # measured by --only-faster (see sepify.pipeline.latency)
     variant: str = ""  # the scheme's variant (spatial: "v" kh×1 first, "h" 1×kw first)
     source: str = "svd"  # "exact" | "svd" | "calibrated" (sepify.core.realization)
