@@ -44,14 +44,18 @@ POLICY_MODES = ("lossless", "tol", "rank", "budget")
 class Policy:
     """How to choose a decomposition per layer (see the module doc).
 
-    ``mode``: ``lossless`` | ``tol`` (with ``tol``, a relative weight error) | ``rank`` (with
-    ``rank``) | ``budget`` (with ``budget``, the fraction of the conv MACs to keep).  ``scheme``:
-    ``auto`` or one registered scheme (:func:`sepify.core.schemes.names`).  ``include`` /
-    ``exclude``: regular expressions on node names; ``min_macs``: skip smaller layers;
-    ``chain``: split an exactly separable kernel stage further.
+    ``mode``: ``lossless`` | ``tol`` (with ``tol``, a relative weight error in [0, 1]) | ``rank``
+    (with ``rank``) | ``budget`` (with ``budget``, the fraction of the conv MACs to keep, in (0, 1]).
+    Left out, the mode is the one whose value is given (``Policy(budget=0.5)`` is a budget policy),
+    else lossless; a value of another mode than the one named is refused.  ``scheme``: ``auto`` or
+    one registered scheme (:func:`sepify.core.schemes.names`).  ``include`` / ``exclude``: regular
+    expressions on node names; ``min_macs``: skip smaller layers; ``chain``: split an exactly
+    separable kernel stage further.
+
+    Every bad value raises :class:`sepify.ParameterError` naming the parameter.
     """
 
-    mode: str = "lossless"
+    mode: str = None  # type: ignore[assignment]  # None: inferred (see above); always set after __init__
     tol: float | None = None
     rank: int | None = None
     budget: float | None = None
@@ -62,16 +66,28 @@ class Policy:
     chain: bool = True
 
     def __post_init__(self) -> None:
+        values = [m for m, v in (("tol", self.tol), ("rank", self.rank), ("budget", self.budget)) if v is not None]
+        if self.mode is None:
+            if len(values) > 1:
+                raise ParameterError("policies", values, "choose one policy")
+            self.mode = values[0] if values else "lossless"
         if self.mode not in POLICY_MODES:
             raise ParameterError("mode", self.mode, f"unknown policy (one of {', '.join(POLICY_MODES)})")
+        other = [m for m in values if m != self.mode]
+        if other:
+            raise ParameterError(other[0], getattr(self, other[0]), f"is not a parameter of a {self.mode} policy")
         if self.scheme not in ("auto", *scheme_names()):
             raise ParameterError("scheme", self.scheme, f"unknown scheme (auto, {', '.join(scheme_names())})")
-        if self.mode == "tol" and (self.tol is None or not self.tol >= 0):
-            raise ParameterError("tol", self.tol, "needs a non-negative relative error")
-        if self.mode == "rank" and (self.rank is None or self.rank < 1):
+        if self.mode == "tol" and (self.tol is None or not 0 <= self.tol <= 1):
+            raise ParameterError("tol", self.tol, "needs a relative weight error in [0, 1] (||W - W'||/||W|| is 1 at "
+                                                  "rank 0, so a tolerance above 1 would accept anything)")
+        if self.mode == "rank" and (self.rank is None or isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                    or self.rank < 1):
             raise ParameterError("rank", self.rank, "needs a positive integer")
         if self.mode == "budget" and (self.budget is None or not 0 < self.budget <= 1):
             raise ParameterError("budget", self.budget, "needs a fraction in (0, 1]")
+        if isinstance(self.min_macs, bool) or not isinstance(self.min_macs, int) or self.min_macs < 0:
+            raise ParameterError("min_macs", self.min_macs, "needs a number of MACs ≥ 0")
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
             if pattern:
                 try:
