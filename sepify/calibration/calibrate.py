@@ -89,6 +89,11 @@ class CalibrationReport:
     def macs_ratio(self) -> float:
         return self.conv_macs_after / self.conv_macs_before if self.conv_macs_before else 1.0
 
+    def __repr__(self) -> str:
+        return (f"CalibrationReport(model={self.model!r}, data={self.data!r}, samples={self.samples}, "
+                f"allocation={self.allocation!r}, layers={len(self.layers)}, drift={self.drift}, "
+                f"drift_metric={self.drift_metric!r})")
+
     def to_dict(self) -> dict[str, Any]:
         d = {"schema_version": SCHEMA_VERSION}
         d.update({k: v for k, v in asdict(self).items() if k not in ("layers", "profiles")})
@@ -354,12 +359,12 @@ class Calibrator:
                 if node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
                     prof = self.profiles.get(name)
                     if self.allocation != "sensitivity":
-                        reason = node.reason or "kept"
+                        reason = node.reason or Reason.KEPT_BY_PLAN
                     elif prof is not None and not any(c.ranks for c in prof.curves.values()):
                         reason = Reason.NO_MAC_SAVING
                     else:
                         reason = Reason.DRIFT_BOUND_REACHED if by_drift else Reason.NOT_NEEDED_FOR_BUDGET
-                kept.append({"name": name, "reason": reason or "kept"})
+                kept.append({"name": name, "reason": reason or Reason.KEPT_BY_PLAN})
         for name, res in results.items():
             prof = self.profiles.get(name)
             if prof is not None and prof.sensitivity is not None:
@@ -451,8 +456,12 @@ def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None =
     """
     result = calibrate(model, policy, data, input_shapes, **kw)
     cal = result.calibrator
-    realized, kept, folded = cal.realizations(result.results, result.stages, lowering,
-                                              by_drift=result.report.max_drift is not None and result.report.budget is None)
+    rep = result.report
+    # Layers left out because the drift bound stopped the walk (not because the budget was met): with
+    # a budget too, the walk stopped short of it.
+    by_drift = rep.max_drift is not None and (rep.budget is None or not rep.conv_macs_before or
+                                              rep.conv_macs_after / rep.conv_macs_before > rep.budget + BUDGET_TOLERANCE)
+    realized, kept, folded = cal.realizations(result.results, result.stages, lowering, by_drift=by_drift)
     result.report.folded_batchnorms = folded
     report_ = result.report
     calibration = {"data": report_.data, "samples": report_.samples, "allocation": report_.allocation,

@@ -60,6 +60,10 @@ class SweepReport:
     seconds: dict[str, float] = field(default_factory=dict)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"SweepReport(model={self.model!r}, eval_data={self.eval_data!r}, drift_metric={self.drift_metric!r}, "
+                f"points={len(self.points)})")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,

@@ -29,7 +29,7 @@ from ..core.allocate import Option, greedy
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry
 from ..core.linalg import exact_tolerance
-from ..core.reasons import Reason, join
+from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..errors import ParameterError
 from ..model.cost import ConvSpec, conv_cost
@@ -173,6 +173,10 @@ class Plan:
                 return n
         raise KeyError(name)
 
+    def __repr__(self) -> str:
+        return (f"Plan(policy={self.policy.mode!r}, nodes={len(self.nodes)}, rewrites={len(self.rewrites)}, "
+                f"conv_macs={self.conv_macs} -> {self.conv_macs_after})")
+
     def to_dict(self) -> dict[str, Any]:
         before, after = self.conv_macs, self.conv_macs_after
         return {
@@ -261,7 +265,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
                     cache[key] = errors
             curves[(name, "" if k == 0 else variant)] = (errors, per_rank)
     if not curves:
-        return None, join(reasons)
+        return None, primary(reasons)
     return _NodeState(spec, weight, geo, tol, curves), None
 
 
@@ -359,7 +363,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
             np_.reason = Reason.BELOW_MIN_MACS
             continue
         if not any(st.has(s) for s in schemes):
-            np_.reason = join(get_scheme(s).reason(st.geo) for s in schemes) or "scheme_ineligible"
+            np_.reason = primary(get_scheme(s).reason(st.geo) for s in schemes) or Reason.NO_MAC_SAVING
             continue
         states[len(nodes) - 1] = st
 
