@@ -231,3 +231,16 @@ def make_conv_model(
 @pytest.fixture
 def conv_model_factory():
     return make_conv_model
+
+
+def long_names_model(layers: int = 10) -> onnx.ModelProto:
+    """3x3 convs with exporter-style node names far longer than a table cell or a terminal column."""
+    nodes, inits = [], []
+    x = "images"
+    for i in range(layers):
+        name = f"/model.{i}/backbone.stage{i}.block{i}.cv{i}/conv.depthwise_separable_candidate/Conv_{i}"
+        w = f"model.{i}.backbone.stage.weight"
+        nodes.append(helper.make_node("Conv", [x, w], [f"{name}_output_0"], name=name, pads=[1, 1, 1, 1]))
+        inits.append(init(w, rand([8, 8, 3, 3], i)))
+        x = f"{name}_output_0"
+    return make_model(nodes, [vi("images", [1, 8, 24, 24])], [vi(x, [1, 8, 24, 24])], inits)

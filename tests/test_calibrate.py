@@ -13,7 +13,7 @@ from onnx import helper
 from conftest import init, make_model, vi
 from sepify.calibration.bnfold import fold_batchnorms
 from sepify.calibration.calibrate import calibrate, calibrated_rewrite
-from sepify.calibration.capture import DriftMeter
+from sepify.core.drift import DriftMeter
 from sepify.calibration.data import load_calibration
 from sepify.calibration.lstsq import (NormalEquations, apply_stage, gather_patches, last_stage_design, pack_last,
                                       positions, rank_curve, rank_inner, solve_ridge_cv, unpack_last)
@@ -368,12 +368,12 @@ def test_folder_of_npy_and_npz(tmp_path):
 
 def test_bad_calibration_data(tmp_path):
     np.savez(tmp_path / "wrong.npz", y=anisotropic(2, 0))
-    with pytest.raises(UsageError, match="no calibration array for input"):
+    with pytest.raises(UsageError, match="no array for input"):
         load_calibration(tmp_path / "wrong.npz", net())
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 1, 3, 12, 12), np.float32))
     with pytest.raises(UsageError, match="does not fit"):
         load_calibration(tmp_path / "shape.npz", net())
-    with pytest.raises(UsageError, match="no such calibration data"):
+    with pytest.raises(UsageError, match="no such sample file or folder"):
         load_calibration(tmp_path / "missing.npz", net())
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -478,7 +478,7 @@ def test_cli_rewrite_calibrate_writes_model_report_and_html(files, capsys):
     onnx.checker.check_model(onnx.load(out), full_check=True)
     html_text = page.read_text()
     _self_contained(html_text)
-    for section in ("Per-layer MACs before / after", "Calibration: drift per layer", "Singular-value spectra",
+    for section in ("Conv MACs per layer", "<h2>Calibration</h2>", "Singular-value spectra",
                     "Audit", "conv2", "Drift per rewritten layer"):
         assert section in html_text
 

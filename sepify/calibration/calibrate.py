@@ -19,7 +19,7 @@ becomes a :class:`~sepify.core.realization.Realization` with ``source="calibrate
 through the same emitter as every other rewrite.
 
 Drift (what ``--max-drift`` bounds and the sweep plots) is ``1 − cosine`` between the original
-and the rewritten model's output tensors over all samples (:class:`~sepify.calibration.capture.DriftMeter`).
+and the rewritten model's output tensors over all samples (:class:`~sepify.core.drift.DriftMeter`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import onnx
 from ..threads import single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
+from ..core.drift import DriftMeter, drift_definition
 from ..core.linalg import exact_tolerance
 from ..core.reasons import Reason
 from ..core.schemes import get as get_scheme, names as scheme_names
@@ -47,7 +48,7 @@ from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
 from ..serialize import SCHEMA_VERSION, dumps
 from .bnfold import fold_batchnorms
-from .capture import (DriftMeter, StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
+from .capture import (StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
                       run_outputs)
 from .data import CalibrationSet, load_calibration, plan_input_shapes
 from .layers import ELIGIBLE_REASONS, layers_from_plan
@@ -57,9 +58,6 @@ from .solve import LayerResult, Pick, calibrate_layers, weight_units
 
 MAX_DRIFT_TRIES = 3
 BUDGET_TOLERANCE = 0.02  # a budget is met from below within this fraction of the conv MACs, or a note says why
-DRIFT_DEFINITION = ("1 - cosine of each float output over all samples (channel: each output channel standardized "
-                    "with the original's mean and standard deviation, floored at a tenth of its RMS, first), "
-                    "mean over outputs")
 
 
 @dataclass
@@ -91,11 +89,16 @@ class CalibrationReport:
     def macs_ratio(self) -> float:
         return self.conv_macs_after / self.conv_macs_before if self.conv_macs_before else 1.0
 
+    def __repr__(self) -> str:
+        return (f"CalibrationReport(model={self.model!r}, data={self.data!r}, samples={self.samples}, "
+                f"allocation={self.allocation!r}, layers={len(self.layers)}, drift={self.drift}, "
+                f"drift_metric={self.drift_metric!r})")
+
     def to_dict(self) -> dict[str, Any]:
         d = {"schema_version": SCHEMA_VERSION}
         d.update({k: v for k, v in asdict(self).items() if k not in ("layers", "profiles")})
         d["macs_ratio"] = self.macs_ratio
-        d["drift_definition"] = DRIFT_DEFINITION
+        d["drift_definition"] = drift_definition(self.drift_metric)
         d["layers"] = [l.to_dict() for l in self.layers]
         d["profiles"] = self.profiles
         return d
@@ -260,7 +263,7 @@ class Calibrator:
 
     def weight_only_choices(self, budget: float) -> dict[str, Pick]:
         """The weight-only planner's choices at ``budget`` (its spectral-energy greedy), main-graph layers."""
-        p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget),
+        p = make_plan(self._derived(self.folded_model), replace(self.policy, mode="budget", budget=budget, tol=None, rank=None),
                       self.shapes, input_values=self.input_values)
         return {n.qualified_name: (n.scheme, n.rank, n.variant) for n in p.rewrites}
 
@@ -360,12 +363,12 @@ class Calibrator:
                 if node.action == "rewrite" or node.reason in ELIGIBLE_REASONS:
                     prof = self.profiles.get(name)
                     if self.allocation != "sensitivity":
-                        reason = node.reason or "kept"
+                        reason = node.reason or Reason.KEPT_BY_PLAN
                     elif prof is not None and not any(c.ranks for c in prof.curves.values()):
                         reason = Reason.NO_MAC_SAVING
                     else:
                         reason = Reason.DRIFT_BOUND_REACHED if by_drift else Reason.NOT_NEEDED_FOR_BUDGET
-                kept.append({"name": name, "reason": reason or "kept"})
+                kept.append({"name": name, "reason": reason or Reason.KEPT_BY_PLAN})
         for name, res in results.items():
             prof = self.profiles.get(name)
             if prof is not None and prof.sensitivity is not None:
@@ -457,8 +460,12 @@ def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None =
     """
     result = calibrate(model, policy, data, input_shapes, **kw)
     cal = result.calibrator
-    realized, kept, folded = cal.realizations(result.results, result.stages, lowering,
-                                              by_drift=result.report.max_drift is not None and result.report.budget is None)
+    rep = result.report
+    # Layers left out because the drift bound stopped the walk (not because the budget was met): with
+    # a budget too, the walk stopped short of it.
+    by_drift = rep.max_drift is not None and (rep.budget is None or not rep.conv_macs_before or
+                                              rep.conv_macs_after / rep.conv_macs_before > rep.budget + BUDGET_TOLERANCE)
+    realized, kept, folded = cal.realizations(result.results, result.stages, lowering, by_drift=by_drift)
     result.report.folded_batchnorms = folded
     report_ = result.report
     calibration = {"data": report_.data, "samples": report_.samples, "allocation": report_.allocation,

@@ -2,8 +2,8 @@
 sampled targets, and the drift between two models' outputs.
 
 Drift (what ``--max-drift`` bounds and the sweep plots) is ``1 − cosine`` between the original
-and the rewritten model's output tensors over all samples (:class:`DriftMeter`), averaged over
-the model's float outputs.
+and the rewritten model's output tensors over all samples (:class:`sepify.core.drift.DriftMeter`),
+averaged over the model's float outputs.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ParameterError, UsageError
+from ..core.drift import DRIFT_METRICS, DriftMeter
+from ..errors import UsageError
 from ..model.names import NameGenerator
 from ..model.session import ort_message, ort_session
 from .data import CalibrationSet
-from .options import DRIFT_METRICS
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -76,90 +76,6 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
         if et in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
             names.append(o.name)
     return names
-
-
-STD_FLOOR = 0.1
-
-
-class DriftMeter:
-    """``1 − cosine`` between reference and new outputs over all samples, mean over outputs.
-
-    ``metric="cosine"``: the plain cosine of each output tensor (what ``sepify verify`` prints).
-    ``metric="channel"``: each output channel (axis 1) is first standardized with the reference's
-    mean and standard deviation of that channel, so channels in different units and offsets weigh
-    alike — a detector's box coordinates (hundreds of pixels, offset by the anchor grid) would
-    otherwise drown its class probabilities (0…1) in the plain cosine.  A channel's standard
-    deviation counts as at least a tenth of its RMS, so nearly constant channels (logits of random
-    inputs) are not blown up.
-
-    Axis 1 is taken as the channel axis only where it can be one: every run gives the output the
-    same shape except on axis 0, and (when the runs' sample counts ``per_run`` are known) axis 0 is
-    the one that follows them.  A time-major output (``[T, B, …]``: the samples on axis 1) is
-    measured with the plain cosine instead, and :attr:`plain` names it.
-    """
-
-    def __init__(self, reference: Sequence[Sequence[np.ndarray]], metric: str = "channel",
-                 per_run: Sequence[int] | None = None):
-        if metric not in DRIFT_METRICS:
-            raise ParameterError("drift_metric", metric, f"unknown drift metric ({', '.join(DRIFT_METRICS)})")
-        self.metric = metric
-        self.reference = [[np.asarray(t, dtype=np.float64) for t in outs] for outs in reference]
-        self.stats: list[tuple[np.ndarray, np.ndarray] | None] = []
-        self.plain: list[int] = []  # outputs whose axis 1 is no channel axis (plain cosine)
-        if self.reference:
-            for i in range(len(self.reference[0])):
-                first = self.reference[0][i]
-                if metric != "channel" or first.ndim < 2:
-                    self.stats.append(None)
-                    continue
-                shapes = [outs[i].shape for outs in self.reference]
-                varies = any(sh[1:] != first.shape[1:] for sh in shapes)  # axis 1+ changes run to run
-                samples_on_axis_1 = per_run is not None and len(per_run) == len(shapes) and \
-                    all(sh[1] == k for sh, k in zip(shapes, per_run)) and \
-                    any(sh[0] != k for sh, k in zip(shapes, per_run))
-                if varies or samples_on_axis_1:
-                    self.stats.append(None)
-                    self.plain.append(i)
-                    continue
-                c = first.shape[1]
-                s1, s2, count = np.zeros(c), np.zeros(c), 0
-                for outs in self.reference:
-                    t = np.moveaxis(np.where(np.isfinite(outs[i]), outs[i], 0.0), 1, 0).reshape(c, -1)
-                    s1 += t.sum(axis=1)
-                    s2 += (t * t).sum(axis=1)
-                    count += t.shape[1]
-                mean = s1 / max(count, 1)
-                rms = np.sqrt(s2 / max(count, 1))
-                std = np.sqrt(np.maximum(rms * rms - mean * mean, 0.0))
-                # A channel that barely varies over the samples is measured against a tenth of its size.
-                floor = np.maximum(STD_FLOOR * rms, 1e-30)
-                self.stats.append((mean, 1.0 / np.maximum(std, floor)))
-
-    def _scaled(self, t: np.ndarray, i: int) -> np.ndarray:
-        st = self.stats[i]
-        if st is None:
-            return t
-        shape = (1, -1) + (1,) * (t.ndim - 2)
-        return (t - st[0].reshape(shape)) * st[1].reshape(shape)
-
-    def drift(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
-        return float(np.mean(self.per_output(outputs))) if self.reference else 0.0
-
-    def per_output(self, outputs: Sequence[Sequence[np.ndarray]]) -> list[float]:
-        if not self.reference:
-            return []
-        k = len(self.reference[0])
-        dots, na, nb = np.zeros(k), np.zeros(k), np.zeros(k)
-        for ref, new in zip(self.reference, outputs):
-            for i, (a, b) in enumerate(zip(ref, new)):
-                b = np.asarray(b, dtype=np.float64)
-                ok = np.isfinite(a) & np.isfinite(b)
-                av, bv = self._scaled(np.where(ok, a, 0.0), i).ravel(), self._scaled(np.where(ok, b, 0.0), i).ravel()
-                dots[i] += av @ bv
-                na[i] += av @ av
-                nb[i] += bv @ bv
-        cos = np.where((na > 0) & (nb > 0), dots / np.sqrt(np.maximum(na * nb, 1e-300)), np.where(na == nb, 1.0, 0.0))
-        return [float(v) for v in np.clip(1.0 - cos, 0.0, 2.0)]
 
 
 def run_outputs(session, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..core.drift import DRIFT_METRICS
+from ..model.samples import DEFAULT_BATCH
 from ..errors import ParameterError
 
 DEFAULT_ROWS = 4096  # sampled output positions per layer
-DEFAULT_BATCH = 8  # samples per run when the batch dim is symbolic
 ALLOCATIONS = ("auto", "sensitivity", "plan")
-DRIFT_METRICS = ("channel", "cosine")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from ..core.allocate import Option
 from ..core.geometry import prod
 from ..core.schemes import get as get_scheme
 from ..core.stages import Stage, compose
+from ..core.drift import DriftMeter
 from ..errors import UsageError
-from .capture import BatchOffsets, DriftMeter, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
+from .capture import BatchOffsets, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
 from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
 from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
@@ -215,7 +216,7 @@ def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles:
     """
     feeds = calib.head(max_samples)
     outs = float_outputs(work.model)
-    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs, feeds), metric)
+    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs, feeds), metric, feeds.per_run)
     task = progress.add_task("layer sensitivities", total=len(layers)) if progress else None
     for layer in layers:
         prof = profiles.get(layer.name)

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from ..threads import single_blas
+from ..core.drift import drift_definition
 from ..core.schemes import get as get_scheme
 from ..errors import ParameterError
 from ..pipeline.plan import Policy
 from ..serialize import SCHEMA_VERSION, dumps
-from .calibrate import DRIFT_DEFINITION, Calibrator, options_of
+from .calibrate import Calibrator, options_of
 from .data import CalibrationSet, load_calibration
 from .options import CalibrationOptions
 
@@ -59,11 +60,15 @@ class SweepReport:
     seconds: dict[str, float] = field(default_factory=dict)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"SweepReport(model={self.model!r}, eval_data={self.eval_data!r}, drift_metric={self.drift_metric!r}, "
+                f"points={len(self.points)})")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.model, "data": self.data, "eval_data": self.eval_data, "drift_metric": self.drift_metric,
-            "drift_definition": DRIFT_DEFINITION,
+            "drift_definition": drift_definition(self.drift_metric),
             "conv_macs": self.conv_macs, "input_shapes": self.input_shapes, "points": [p.to_dict() for p in self.points],
             "layers": self.layers, "seconds": self.seconds,
         }

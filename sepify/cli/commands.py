@@ -1,16 +1,22 @@
 """The commands: each parses its argument groups into API options, calls the API, renders, and
-returns the exit code.  The end of a rewrite (save, report, print, verify, bench, html) is one
-function, :func:`finish_rewrite`, for the weight-only and the calibrated path alike."""
+returns the exit code.  The end of a rewrite (save, verify, bench, report, html, print) is one
+function, :func:`finish_rewrite`, for the weight-only and the calibrated path alike.
+
+Output conventions: tables fit the terminal (:func:`sepify.render.table.output_width`); with
+``--format json`` stdout holds exactly one JSON document — whatever else was asked (``--verify``,
+``--bench``, ``--only-faster``) is folded into it, and status lines ("HTML report written to …")
+go to stderr.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, SepifyError, UsageError
 from ..serialize import dumps
-from .args import CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, ToleranceArgs, error_message
+from .args import (CalibrationArgs, GateArgs, LatencyArgs, PolicyArgs, ShapeArgs, SweepArgs, ToleranceArgs,
+                   error_message, progress_wanted, refuse)
 
 
 def naming_file(exc: SepifyError, path) -> SepifyError:
@@ -31,59 +37,87 @@ def print_error(exc: BaseException, path: Path | None = None) -> None:
     print(f"sepify: error: {msg}", file=sys.stderr)
 
 
+def say(args, line: str) -> None:
+    """A status line: stdout next to tables, stderr when stdout holds a JSON document."""
+    print(line, file=sys.stderr if getattr(args, "format", None) == "json" else sys.stdout)
+
+
+def _width(args):
+    from ..render.table import output_width
+
+    return output_width()
+
+
+def _writable(*targets) -> None:
+    from ..model.save import check_writable
+
+    for t in targets:
+        if t:
+            check_writable(t)  # before any work: a bad target must not cost the work, or leave a half
+
+
 # ----------------------------------------------------------------------------------------------
 # audit
 # ----------------------------------------------------------------------------------------------
-def _expand_models(items: Sequence[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(p.rglob("*.onnx"))
-            if not found:
-                raise UsageError(f"{p}: folder holds no .onnx files")
-            paths.extend(found)
-        else:
-            paths.append(p)
-    return paths
+def audit_format(args) -> str:
+    """--format, or from -o's suffix (.json, .csv, .md), else table."""
+    from ..render.text import FORMAT_OF_SUFFIX
+
+    if args.format:
+        return args.format
+    return FORMAT_OF_SUFFIX.get(Path(args.output).suffix.lower(), "table") if args.output else "table"
 
 
 def cmd_audit(args) -> int:
-    import traceback
-
     from ..pipeline.audit import audit
+    from ..pipeline.batch import AuditBatch, ModelStatus, audit_models, expand_models
+    from ..progress import progress
     from ..render.text import render_audit
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top {args.top}: needs a positive number of nodes")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: needs a positive number of processes")
+    if args.no_spectra:
+        refuse(args, ["certify"], "certifies the spectra that --no-spectra skips; use one")
+    fmt = audit_format(args)
     shapes = ShapeArgs().parse(args)
-    reports = []
-    failed = 0
-    for path in _expand_models(args.models):
+    paths = expand_models(args.models)  # a missing path: exit 2 before any work, nothing written
+    _writable(args.output)
+    kwargs = dict(input_shapes=shapes["input_shapes"], input_values=shapes["input_values"],
+                  spectra=not args.no_spectra, certify=args.certify)
+    if len(paths) == 1:
         try:
-            reports.append(audit(path, shapes["input_shapes"], input_values=shapes["input_values"],
-                                 spectra=not args.no_spectra, certify=args.certify))
+            batch = AuditBatch([ModelStatus(str(paths[0]), audit(paths[0], **kwargs))])
         except SepifyError as exc:
-            failed += 1
-            if args.debug:
-                traceback.print_exc()
-            print_error(exc, path)
-    if reports:
-        text = render_audit(reports, args.format, args.sort, args.top)
-        if args.output and not failed:
-            from ..model.save import write_text_atomic
+            named = naming_file(exc, paths[0])
+            if named is exc:
+                raise
+            raise named from exc
+    else:
+        with progress(progress_wanted(args)) as bar:
+            task = bar.add_task("auditing models", total=len(paths))
+            batch = audit_models(paths, jobs=args.jobs, on_done=lambda _: bar.advance(task), **kwargs)
+        for e in batch.failed:
+            print(f"sepify: error: {e.error}", file=sys.stderr)
+    status = max([e.exit_code or EXIT_BAD_INPUT for e in batch.failed], default=EXIT_OK)
+    if args.output and batch.failed:
+        return status  # bad input writes no file (each failed model has its line on stderr)
+    text = render_audit(batch, fmt, args.sort, args.top, width=None if args.output else _width(args))
+    if args.output:
+        from ..model.save import write_text_atomic
 
-            write_text_atomic(args.output, text)
-        else:
-            sys.stdout.write(text)
-    return EXIT_BAD_INPUT if failed else EXIT_OK
+        write_text_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return status
 
 
 # ----------------------------------------------------------------------------------------------
 # rewrite
 # ----------------------------------------------------------------------------------------------
 def _check_targets(args) -> None:
-    from ..model.save import check_writable, same_file
+    from ..model.save import same_file
 
     if not args.dry_run:
         if args.in_place:
@@ -94,9 +128,22 @@ def _check_targets(args) -> None:
             raise UsageError("rewrite needs -o OUT (or --in-place, or --dry-run)")
         elif same_file(args.output, args.model):
             raise UsageError(f"-o {args.output} is the input model; pass --in-place to overwrite it")
-    for target in ([] if args.dry_run else [args.output]) + ([args.report] if args.report else []) + \
-            ([args.html] if args.html else []):
-        check_writable(target)  # before any work: a bad target must not leave a model written
+    _writable(*([] if args.dry_run else [args.output]), args.report, args.html)
+
+
+def verify_checks(args) -> dict | None:
+    """rewrite's --verify keywords (tolerances or pass criteria), None without --verify."""
+    if not args.verify:
+        refuse(args, ["atol", "rtol", "min_cosine", "min_top1"], "criteria of --verify: add --verify")
+        return None
+    if args.max_drift is None and not args.calibrate:
+        refuse(args, ["drift_metric"], "is the metric of --max-drift (and of --calibrate): add one")
+    gates = GateArgs(drift=False).parse(args, default_metric=args.drift_metric or "channel")
+    if GateArgs.active(args):
+        refuse(args, ["atol", "rtol"], "set the elementwise rule, which --max-drift / --min-cosine / --min-top1 "
+                                       "replace: give one or the other")
+        return gates
+    return ToleranceArgs().parse(args)
 
 
 def cmd_rewrite(args) -> int:
@@ -104,8 +151,11 @@ def cmd_rewrite(args) -> int:
 
     policy = PolicyArgs().parse(args)
     latency = LatencyArgs().parse(args)
-    calibration = CalibrationArgs().parse(args)
+    calibration = CalibrationArgs(verify=True).parse(args)
+    checks = verify_checks(args)
     shapes = ShapeArgs().parse(args)
+    if calibration is None:
+        refuse(args, ["progress"], "progress bars are drawn for calibration: add --calibrate")
     _check_targets(args)
     loaded = load_model(args.model)
     try:
@@ -129,50 +179,57 @@ def cmd_rewrite(args) -> int:
         if named is exc:
             raise
         raise named from exc
-    return finish_rewrite(args, loaded, model, report, cal, shapes, latency)
+    return finish_rewrite(args, loaded, model, report, cal, shapes, latency, checks)
 
 
-def finish_rewrite(args, loaded, model, report, cal, shapes, latency) -> int:
-    """Save the model, write the JSON report, print the plan, then --verify / --bench / --html."""
+def finish_rewrite(args, loaded, model, report, cal, shapes, latency, checks=None) -> int:
+    """Save the model (unless --dry-run), --verify / --bench it (in memory with --dry-run), write the
+    JSON report and the HTML page, then print: one JSON document, or the tables."""
     from ..model.save import save_model, write_text_atomic
-    from ..render.text import render_calibration, render_latency, render_rewrite
 
     if not args.dry_run:
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
+    rewritten = model if args.dry_run else args.output  # verify/bench what was written, or the rewrite in memory
+    drift = bench = None
+    if args.verify:
+        from ..pipeline.verify import verify
+
+        drift = verify(loaded, rewritten, input_shapes=shapes["input_shapes"], input_values=shapes["input_values"],
+                       per_layer=bool(args.html), **(checks or {}))
+    if args.bench:
+        from ..pipeline.bench import benchmark
+
+        bench = benchmark(loaded, rewritten, input_shapes=shapes["input_shapes"], input_values=shapes["input_values"],
+                          threads=latency.threads)
     record = report.to_dict()
     if cal is not None:
         record["calibration"] = cal.to_dict()
+    if drift is not None:
+        record["verify"] = drift.to_dict()
+    if bench is not None:
+        record["bench"] = bench.to_dict()
     if args.report:
         write_text_atomic(args.report, dumps(record))
-    if args.format == "json":
-        sys.stdout.write(dumps(record) + "\n")
-    else:
-        sys.stdout.write(render_rewrite(report, args.output if not args.dry_run else None) + render_latency(report)
-                         + (render_calibration(cal) if cal is not None else ""))
-    status = EXIT_OK
-    drift = None
-    if (args.verify or args.bench) and not args.dry_run:
-        from ..render.text import render_bench, render_drift
-
-        if args.verify:
-            from ..pipeline.verify import verify
-
-            drift = verify(args.model, args.output, input_shapes=shapes["input_shapes"],
-                           input_values=shapes["input_values"], atol=args.atol, rtol=args.rtol,
-                           per_layer=bool(args.html))
-            sys.stdout.write(render_drift(drift))
-            status = EXIT_OK if drift.passed else EXIT_DRIFT
-        if args.bench:
-            from ..pipeline.bench import benchmark
-
-            sys.stdout.write(render_bench(benchmark(args.model, args.output, input_shapes=shapes["input_shapes"],
-                                                    input_values=shapes["input_values"], threads=latency.threads)))
     if args.html:
         from ..render.html import write_html_report
 
         write_html_report(args.html, loaded, shapes["input_shapes"], rewrite=report, calibration=cal, drift=drift,
-                          input_values=shapes["input_values"])
-    return status
+                          bench=bench, input_values=shapes["input_values"])
+    if args.format == "json":
+        sys.stdout.write(dumps(record) + "\n")
+    else:
+        from ..render.text import render_bench, render_calibration, render_drift, render_latency, render_rewrite
+
+        width = _width(args)
+        status = f"written to {args.output}" if not args.dry_run else "dry run, nothing written"
+        sys.stdout.write(render_rewrite(report, status, width) + render_latency(report, width)
+                         + (render_calibration(cal, width) if cal is not None else "")
+                         + (render_drift(drift, width) if drift is not None else "")
+                         + (render_bench(bench, width) if bench is not None else ""))
+    for what, path in (("rewrite report", args.report), ("HTML report", args.html)):
+        if path:
+            say(args, f"{what} written to {path}")
+    return EXIT_DRIFT if drift is not None and not drift.passed else EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,25 +240,30 @@ def cmd_verify(args) -> int:
     from ..render.text import render_drift
 
     shapes = ShapeArgs().parse(args)
+    if args.inputs:
+        refuse(args, ["input_shape", "seed"], "shape and seed random inputs; --inputs gives the inputs")
+    gates = GateArgs(drift=True).parse(args)
+    tolerances = ToleranceArgs().parse(args)
+    if GateArgs.active(args):
+        refuse(args, ["atol", "rtol"], "set the elementwise rule, which --max-drift / --min-cosine / --min-top1 "
+                                       "replace: give one or the other")
     report = verify(args.original, args.rewritten, args.inputs, shapes["input_shapes"],
-                    input_values=shapes["input_values"], seed=args.seed, **ToleranceArgs().parse(args),
-                    per_layer=args.per_layer)
-    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_drift(report))
+                    input_values=shapes["input_values"], seed=args.seed or 0, **tolerances,
+                    per_layer=args.per_layer, **gates)
+    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_drift(report, _width(args)))
     return EXIT_OK if report.passed else EXIT_DRIFT
 
 
 def cmd_bench(args) -> int:
     from ..pipeline.bench import benchmark
     from ..render.text import render_bench
+    from .args import BenchArgs
 
-    if args.runs < 1 or args.warmup < 0:
-        raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
+    options = BenchArgs().parse(args)
     shapes = ShapeArgs().parse(args)
-    report = benchmark(args.model, args.other, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                       providers=args.providers, input_shapes=shapes["input_shapes"],
-                       input_values=shapes["input_values"],
-                       profile_runs=0 if args.no_profile else 20, spinning=args.spinning, rewarm=0 if args.cold else 1)
-    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_bench(report))
+    report = benchmark(args.model, args.other, input_shapes=shapes["input_shapes"],
+                       input_values=shapes["input_values"], **options)
+    sys.stdout.write(report.to_json() + "\n" if args.format == "json" else render_bench(report, _width(args)))
     return EXIT_OK
 
 
@@ -234,6 +296,11 @@ def _in_memory(args, loaded, calibration):
     return model, report, None
 
 
+def _no_progress_without_calibration(args, calibration) -> None:
+    if calibration is None:
+        refuse(args, ["progress"], "progress bars are drawn for calibration: add --calibrate")
+
+
 def cmd_plan(args) -> int:
     from ..model.load import load_model
     from ..model.save import write_text_atomic
@@ -241,13 +308,17 @@ def cmd_plan(args) -> int:
     from ..render.text import render_calibration, render_rewrite
 
     calibration = CalibrationArgs(html=True).parse(args)
+    SweepArgs(plot=True).check(args)
+    _no_progress_without_calibration(args, calibration)
     shapes = ShapeArgs().parse(args)
-    if args.plot and args.sweep:
+    if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:  # before the long sweep, not after
             raise UsageError("--plot needs matplotlib: pip install 'sepify[plot]'")
+    _writable(args.output, args.html, args.plot)
     loaded = load_model(args.model)
+    width = None if args.output else _width(args)
     if args.sweep:
         result = _sweep(args, loaded, calibration)
         if args.format == "json":
@@ -255,7 +326,7 @@ def cmd_plan(args) -> int:
         else:
             from ..render.text import render_sweep
 
-            text = render_sweep(result)
+            text = render_sweep(result, width)
         if args.plot:
             from ..render.plot import plot_sweep
 
@@ -263,8 +334,6 @@ def cmd_plan(args) -> int:
         if args.html:
             write_html_report(args.html, loaded, shapes["input_shapes"], sweep=result, input_values=shapes["input_values"])
     else:
-        if args.plot:
-            raise UsageError("--plot draws the --sweep curve; add --sweep")
         _, report, cal = _in_memory(args, loaded, calibration)
         if args.format == "json":
             d = report.to_dict()
@@ -272,7 +341,8 @@ def cmd_plan(args) -> int:
                 d["calibration"] = cal.to_dict()
             text = dumps(d) + "\n"
         else:
-            text = render_rewrite(report, None) + (render_calibration(cal) if cal is not None else "")
+            text = render_rewrite(report, "plan only, no model written", width) + \
+                (render_calibration(cal, width) if cal is not None else "")
         if args.html:
             write_html_report(args.html, loaded, shapes["input_shapes"], rewrite=report, calibration=cal,
                               input_values=shapes["input_values"])
@@ -280,6 +350,9 @@ def cmd_plan(args) -> int:
         write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
+    for what, path in (("plan", args.output), ("plot", args.plot), ("HTML report", args.html)):
+        if path:
+            say(args, f"{what} written to {path}")
     return EXIT_OK
 
 
@@ -289,42 +362,31 @@ def cmd_report(args) -> int:
     from ..render.html import write_html_report
 
     calibration = CalibrationArgs(html=False).parse(args)
+    SweepArgs(plot=False).check(args, eval_also="--verify", policy_used=True)
+    _no_progress_without_calibration(args, calibration)
     shapes = ShapeArgs().parse(args)
+    _writable(args.output)
     loaded = load_model(args.model)
     parts: dict = {}
+    notes: list[str] = []
     if args.sweep:
         parts["sweep"] = _sweep(args, loaded, calibration)
     model, report, cal = _in_memory(args, loaded, calibration)
     parts["rewrite"], parts["calibration"] = report, cal
-    if args.verify and report.changed:
-        data = args.eval or (args.calibrate if args.calibrate and args.calibrate != "random" else None)
-        inputs = _verify_inputs(data, loaded) if data else None
-        parts["drift"] = verify(loaded, model, inputs, shapes["input_shapes"], input_values=shapes["input_values"],
-                                per_layer=True)
-        if data:
-            n = next(iter(inputs.values())).shape[0]
-            parts["drift"].input_source = f"{data} ({n} sample(s) in one batch)"
-    write_html_report(args.output, loaded, shapes["input_shapes"], input_values=shapes["input_values"], **parts)
-    sys.stdout.write(f"report written to {args.output}\n")
+    if args.verify:
+        if report.changed:
+            data = args.eval or (args.calibrate if args.calibrate and args.calibrate != "random" else None)
+            parts["drift"] = verify(loaded, model, data, shapes["input_shapes"], input_values=shapes["input_values"],
+                                    per_layer=True)  # every sample of the file
+        else:
+            notes.append("--verify: nothing was rewritten under this policy, so there is no drift to show")
+    write_html_report(args.output, loaded, shapes["input_shapes"], input_values=shapes["input_values"], notes=notes,
+                      **parts)
+    print(f"report written to {args.output}")
     return EXIT_OK
-
-
-def _verify_inputs(data, loaded):
-    """One feed for ``verify``: the samples concatenated on the batch axis when it is symbolic, else the first."""
-    import numpy as np
-
-    from ..calibration.data import load_calibration
-
-    cs = load_calibration(data, loaded, samples=16)
-    if len(cs.feeds) == 1:
-        return cs.feeds[0]
-    try:
-        return {k: np.concatenate([f[k] for f in cs.feeds]) for k in cs.feeds[0]} if cs.stack_axis else cs.feeds[0]
-    except ValueError:
-        return cs.feeds[0]
 
 
 COMMANDS = {"audit": cmd_audit, "rewrite": cmd_rewrite, "verify": cmd_verify, "bench": cmd_bench,
             "plan": cmd_plan, "report": cmd_report}
 
-__all__ = ["COMMANDS", "finish_rewrite", "naming_file", "print_error"]
+__all__ = ["COMMANDS", "audit_format", "finish_rewrite", "naming_file", "print_error", "say", "verify_checks"]

@@ -1,8 +1,9 @@
 """The ``sepify`` command: a thin shell over the Python API (parse, call, render, exit code).
 
-Exit codes: 0 success · 1 verify found drift beyond tolerance · 2 bad input (unreadable or
-invalid model, bad arguments, unresolvable shapes) · 3 internal error (a bug; ``--debug``
-shows the traceback).
+Exit codes: 0 success · 1 verify found drift beyond tolerance (or the --max-drift / --min-cosine /
+--min-top1 criteria failed) · 2 bad input (unreadable or invalid model, bad arguments,
+unresolvable shapes; in a multi-model audit: any model failed) · 3 internal error (a bug;
+``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -14,99 +15,126 @@ from typing import Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, SepifyError, UsageError
 from ..version import __version__
-from .args import CalibrationArgs, LatencyArgs, PolicyArgs, ShapeArgs, SweepArgs, ToleranceArgs, error_message
+from .args import (BenchArgs, CalibrationArgs, GateArgs, HelpFormatter, LatencyArgs, PolicyArgs, ProgressArgs, ShapeArgs,
+                   SweepArgs, ToleranceArgs, error_message)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so usage errors share the one-line error path."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # Accepted after the subcommand too (``sepify audit --debug M``); main() reads it from argv.
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # Accepted after the subcommand too (``sepify audit M --debug``); main() reads it from argv.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def _format(p, choices, what: str, default: str | None = "table") -> None:
+    p.add_argument("--format", choices=choices, default=default,
+                   help=f"{what}: table for people, json for programs (stdout then holds exactly one JSON document)"
+                   + ("" if default else "; default: from -o's suffix (.json, .csv, .md), else table"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sepify", description="Find the expensive convolutions in an ONNX model and make them cheaper.")
+    parser = _Parser(prog="sepify", description="Find the expensive convolutions in an ONNX model and make them "
+                                                "cheaper. Run `sepify COMMAND --help` for a command's flags.")
     parser.add_argument("--version", action="version", version=f"sepify {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    a = sub.add_parser("audit", help="cost and separability of every Conv-like node")
+    a = sub.add_parser("audit", help="cost and separability of every Conv-like node",
+                       description="Cost and separability of every Conv-like node; several models or a folder give "
+                                   "one status row per model, then the details of each.")
     _common(a)
     a.add_argument("models", nargs="+", metavar="MODEL", help="ONNX file(s) or folder(s) of .onnx files")
     ShapeArgs().add(a)
-    a.add_argument("--format", choices=("table", "json", "csv", "md"), default="table")
+    _format(a, ("table", "json", "csv", "md"), "report format (csv: one row per node; md: Markdown)", default=None)
     a.add_argument("-o", "--output", metavar="FILE", help="write the report here (atomically) instead of stdout")
-    a.add_argument("--sort", choices=("macs", "name", "graph"), default="macs")
-    a.add_argument("--top", type=int, default=None, metavar="K", help="only the K most expensive nodes per model")
+    a.add_argument("--sort", choices=("macs", "name", "graph"), default="macs",
+                   help="node order: most MACs first, by name, or as in the graph")
+    a.add_argument("--top", type=int, default=None, metavar="K",
+                   help="only the K most expensive nodes per model (default: all)")
     a.add_argument("--no-spectra", action="store_true", help="cost only, skip the separability analysis")
     a.add_argument("--certify", action="store_true",
                    help="prove for every large weight matrix that no exact split up to its break-even rank exists "
                         "(slower; by default ranks up to 32 are examined and the report says so)")
+    a.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="audit several models in N parallel processes (a failing model never stops the others)")
+    ProgressArgs().add(a)
 
-    r = sub.add_parser("rewrite", help="replace eligible convolutions by cheaper factorized chains")
+    r = sub.add_parser("rewrite", help="replace eligible convolutions by cheaper factorized chains",
+                       description="Replace eligible convolutions by cheaper factorized chains and write the model.")
     _common(r)
-    r.add_argument("model", metavar="MODEL")
+    r.add_argument("model", metavar="MODEL", help="the ONNX model to rewrite")
     r.add_argument("-o", "--output", metavar="OUT", help="where to write the rewritten model")
     r.add_argument("--in-place", action="store_true", help="overwrite MODEL (only when asked)")
     ShapeArgs().add(r)
     PolicyArgs().add(r)
     LatencyArgs().add(r)
-    r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="write no model (-o and --in-place are left alone); print the plan, and --verify / --bench "
+                        "the rewrite in memory")
     r.add_argument("--report", metavar="FILE.json", help="write the rewrite report as JSON")
-    r.add_argument("--format", choices=("table", "json"), default="table", help="how to print the plan")
-    r.add_argument("--verify", action="store_true", help="compare original and rewritten outputs after writing")
-    r.add_argument("--bench", action="store_true", help="time original vs rewritten after writing")
+    _format(r, ("table", "json"), "how to print the plan (and --verify / --bench)")
+    r.add_argument("--verify", action="store_true",
+                   help="compare original and rewritten outputs in onnxruntime (exit 1 when they differ beyond the "
+                        "tolerance or the pass criteria)")
+    r.add_argument("--bench", action="store_true", help="time original vs rewritten in onnxruntime")
     ToleranceArgs().add(r)
-    CalibrationArgs(html=True).add(r)
+    GateArgs(drift=False).add(r)
+    CalibrationArgs(html=True, verify=True).add(r)
+    ProgressArgs().add(r)
 
-    v = sub.add_parser("verify", help="compare two models' outputs in onnxruntime (exit 1 on drift)")
+    v = sub.add_parser("verify", help="compare two models' outputs in onnxruntime (exit 1 on drift)",
+                       description="Run both models on the same inputs in onnxruntime and compare every output.")
     _common(v)
-    v.add_argument("original", metavar="ORIGINAL")
-    v.add_argument("rewritten", metavar="REWRITTEN")
+    v.add_argument("original", metavar="ORIGINAL", help="the reference model")
+    v.add_argument("rewritten", metavar="REWRITTEN", help="the model to check against it")
     ShapeArgs().add(v)
-    v.add_argument("--inputs", metavar="FILE.npz", help="real inputs keyed by input name")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    v.add_argument("--inputs", metavar="DATA",
+                   help="real inputs, as --calibrate takes them: an .npz keyed by input name or a folder of "
+                        ".npy/.npz, each array's first axis the sample axis; every sample is run (default: random "
+                        "inputs)")
+    v.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the random inputs (default: 0)")
     ToleranceArgs().add(v)
+    GateArgs(drift=True).add(v)
     v.add_argument("--per-layer", action="store_true", help="also compare the rewritten nodes' outputs")
-    v.add_argument("--format", choices=("table", "json"), default="table")
+    _format(v, ("table", "json"), "report format")
 
-    b = sub.add_parser("bench", help="latency of a model, or of two in interleaved rounds")
+    b = sub.add_parser("bench", help="latency of a model, or of two in interleaved rounds",
+                       description="Latency in onnxruntime: one model, or two in interleaved A/B rounds with the "
+                                   "speedup, MAC reduction, efficiency and per-conv profiler times.")
     _common(b)
-    b.add_argument("model", metavar="MODEL")
-    b.add_argument("other", metavar="OTHER", nargs="?")
+    b.add_argument("model", metavar="MODEL", help="the model to time (the original, with OTHER)")
+    b.add_argument("other", metavar="OTHER", nargs="?", help="a second model (the rewrite) timed against MODEL")
     ShapeArgs().add(b)
-    b.add_argument("--runs", type=int, default=100)
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--providers", nargs="+", default=None, metavar="EP")
-    b.add_argument("--no-profile", action="store_true", help="skip per-node profiler times")
-    b.add_argument("--spinning", choices=("run", "off"), default="run",
-                   help="worker threads spin within a run and stop when it returns (default), or never spin")
-    b.add_argument("--cold", action="store_true",
-                   help="time each run right after the other model's (no untimed re-warm run per round)")
-    b.add_argument("--format", choices=("table", "json"), default="table")
+    BenchArgs().add(b)
+    _format(b, ("table", "json"), "report format")
 
     for name, helptext in (("plan", "show the rewrite plan; with --sweep the MACs/drift trade-off curve"),
                            ("report", "write a self-contained HTML report (audit, plan, calibration, curve)")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; nothing else "
+                           "is written.")
         _common(p)
-        p.add_argument("model", metavar="MODEL")
+        p.add_argument("model", metavar="MODEL", help="the ONNX model")
         ShapeArgs().add(p)
         PolicyArgs().add(p)
         CalibrationArgs(html=name == "plan").add(p)
         SweepArgs(plot=name == "plan").add(p)
+        ProgressArgs().add(p)
         if name == "plan":
-            p.add_argument("--format", choices=("table", "json"), default="table")
+            _format(p, ("table", "json"), "how to print the plan or the sweep")
             p.add_argument("-o", "--output", metavar="FILE", help="write the table/JSON here instead of stdout")
         else:
             p.add_argument("-o", "--output", metavar="FILE.html", required=True, help="where to write the page")
             p.add_argument("--verify", action="store_true",
-                           help="per-layer drift of the rewritten model on --eval (or the calibration) samples")
+                           help="per-layer drift of the rewritten model on every --eval (or calibration) sample")
     return parser
 
 

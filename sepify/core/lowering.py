@@ -54,6 +54,7 @@ def branch_lowering(stages: Sequence[Stage]) -> list[list[Stage]]:
 
 
 LOWERINGS = ("branches", "grouped", "concat")
+SINGLE = "single"  # the lowering of a chain that can be written only one way (rank 1, chained, spatial)
 
 
 @dataclass
@@ -153,4 +154,4 @@ def lower(stages: Sequence[Stage], kind: str) -> Lowered:
     return Lowered("concat", [replace(first, weight=pw)], branches, join="sum", split=True)
 
 
-__all__ = ["LOWERINGS", "Lowered", "branch_lowering", "lower", "lowering_kinds"]
+__all__ = ["LOWERINGS", "Lowered", "SINGLE", "branch_lowering", "lower", "lowering_kinds"]

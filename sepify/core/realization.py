@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .geometry import ConvGeometry
-from .lowering import Lowered, lowering_kinds
+from .lowering import SINGLE, Lowered, lowering_kinds
 from .stages import Stage, stages_macs
 
 SOURCES = ("exact", "svd", "calibrated")
@@ -60,9 +60,9 @@ class Realization:
         return stages_macs(self.geometry, self.stages)
 
     @property
-    def lowering(self) -> str | None:
-        """The lowering used, or None when the chain can be written only one way."""
-        return self.lowered.kind if lowering_kinds(self.stages) else None
+    def lowering(self) -> str:
+        """The lowering used: one of ``LOWERINGS``, or ``"single"`` when the chain can be written only one way."""
+        return self.lowered.kind if lowering_kinds(self.stages) else SINGLE
 
     @property
     def label(self) -> str:

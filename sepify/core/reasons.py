@@ -2,6 +2,8 @@
 
 The codes are strings (``Reason.DEPTHWISE == "depthwise"``), so reports and JSON carry them as
 they are; the README lists each with its meaning (``tests/test_architecture.py`` checks that).
+A node carries exactly one code (:func:`primary` when its schemes give several; each scheme's own
+stays in the audit's ``separability.schemes``), so ``reason == "depthwise"`` is a test that works.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Reason(str, Enum):
     NO_SAVING_WITHIN_TOL = "no_saving_within_tol"
     RANK_SAVES_NOTHING = "rank_saves_nothing"
     NOT_NEEDED_FOR_BUDGET = "not_needed_for_budget"  # the budget was met without it
+    KEPT_BY_PLAN = "kept_by_plan"  # an (edited) plan says keep
     DRIFT_BOUND_REACHED = "drift_bound_reached"  # --max-drift: rewriting it too would pass the bound
     # the rewrite
     EXACTNESS_LOST_IN_ROUNDING = "exactness_lost_in_rounding"  # exact in float64, not after the cast
@@ -42,9 +45,14 @@ class Reason(str, Enum):
         return self.value
 
 
-def join(reasons) -> str:
-    """Several scheme-level reasons of one node as one code list, sorted (``depthwise,no_mac_saving``)."""
-    return ",".join(sorted({str(r) for r in reasons if r}))
+def primary(reasons) -> Reason | None:
+    """One code for the reasons several schemes give for one node: ``no_mac_saving`` when a scheme
+    applies but no rank of it saves MACs, else the first scheme's (registry order: dw-pw, pw-dw,
+    spatial — ``depthwise`` for a depthwise 1-D conv)."""
+    codes = [Reason(str(r)) for r in reasons if r]
+    if not codes:
+        return None
+    return Reason.NO_MAC_SAVING if Reason.NO_MAC_SAVING in codes else codes[0]
 
 
-__all__ = ["Reason", "join"]
+__all__ = ["Reason", "primary"]

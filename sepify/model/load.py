@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, ParameterError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -554,6 +554,9 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         path = None
         base_dir = None
     else:
+        if not isinstance(source, (str, os.PathLike)):
+            shown = source if isinstance(source, (int, float)) else f"<{type(source).__name__}>"
+            raise ParameterError("model", shown, "expected a path, the model's bytes or an onnx.ModelProto")
         path = Path(os.fspath(source))
         label = str(path)
         if not path.exists():

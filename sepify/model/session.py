@@ -3,12 +3,61 @@ shape probe all come through :func:`ort_session` (with their own presets of its 
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+import io
 from typing import Sequence
 
 import onnx
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, ParameterError, UsageError
 from .load import ort_max_ir_version
+
+PROVIDER_SUFFIX = "ExecutionProvider"
+
+
+def provider_names() -> dict[str, str]:
+    """Every name ``providers`` accepts → onnxruntime's name: the full names onnxruntime knows
+    (``onnxruntime.get_all_providers()``) and, for each, its short name — the full name without
+    "ExecutionProvider", in any case (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``…)."""
+    import onnxruntime as ort
+
+    names: dict[str, str] = {}
+    for full in ort.get_all_providers():
+        names[full.lower()] = full
+        if full.endswith(PROVIDER_SUFFIX):
+            names[full[: -len(PROVIDER_SUFFIX)].lower()] = full
+    return names
+
+
+def resolve_providers(providers) -> list[str] | None:
+    """``providers`` (names, or one comma-separated string; short names allowed, see
+    :func:`provider_names`) as onnxruntime's names, in order, each checked against the providers
+    this onnxruntime build has (``onnxruntime.get_available_providers()``): an unknown or
+    unavailable one is a ParameterError naming it and what is available.  None or empty: None
+    (onnxruntime on the CPU)."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return None
+    items = [providers] if isinstance(providers, str) else list(providers)
+    wanted = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if not wanted:
+        return None
+    known = provider_names()
+    available = ort.get_available_providers()
+    short = ", ".join(p[: -len(PROVIDER_SUFFIX)].lower() if p.endswith(PROVIDER_SUFFIX) else p for p in available)
+    out: list[str] = []
+    for name in wanted:
+        full = known.get(name.lower())
+        if full is None:
+            raise ParameterError("providers", name, f"unknown execution provider (this onnxruntime has: {short})")
+        if full not in available:
+            raise ParameterError("providers", name, f"{full} is not available in this onnxruntime build "
+                                                    f"(it has: {short})")
+        if full not in out:
+            out.append(full)
+    return out
 
 
 def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> bytes:
@@ -32,6 +81,12 @@ def ort_session_bytes(model: onnx.ModelProto, extra_outputs: Sequence[str] = ())
 
 
 SPINNING = ("run", "off")
+
+
+def check_threads(threads) -> None:
+    """``threads`` is None (onnxruntime's default) or a positive number of intra-op threads."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+        raise ParameterError("threads", threads, "needs a positive number of threads (or none: onnxruntime's default)")
 _OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
 
 
@@ -57,6 +112,7 @@ def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, pr
 
     if spinning is not None and spinning not in SPINNING:
         raise UsageError(f"unknown spinning mode {spinning!r} (one of {', '.join(SPINNING)})")
+    check_threads(threads)
     opts = ort.SessionOptions()
     opts.log_severity_level = log_severity
     if spinning == "off":
@@ -72,11 +128,22 @@ def ort_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *, pr
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    wanted = resolve_providers(providers) or ["CPUExecutionProvider"]
+    banner = io.StringIO()
     try:
-        return ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts,
-                                    providers=providers or ["CPUExecutionProvider"])
+        # onnxruntime prints an "EP Error … Falling back" banner on stdout when a provider fails to
+        # start, and retries on the CPU: keep it off stdout, and refuse the fallback below.
+        with contextlib.redirect_stdout(banner):
+            session = ort.InferenceSession(ort_session_bytes(model, extra_outputs), opts, providers=wanted)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+    missing = [p for p in wanted if p not in session.get_providers()]
+    if missing:
+        said = next((ln for ln in banner.getvalue().splitlines() if "EP Error" in ln), "")
+        raise ParameterError("providers", missing[0], "onnxruntime could not start it"
+                             + (f" ({ort_message(said.replace('EP Error', '', 1))})" if said else "")
+                             + "; it fell back to " + ", ".join(session.get_providers()))
+    return session
 
 
 def ort_message(exc: BaseException, limit: int = 400) -> str:
@@ -93,4 +160,5 @@ def ort_message(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["SPINNING", "ort_message", "ort_session", "ort_session_bytes"]
+__all__ = ["PROVIDER_SUFFIX", "SPINNING", "ort_message", "ort_session", "ort_session_bytes", "provider_names",
+           "check_threads", "resolve_providers"]

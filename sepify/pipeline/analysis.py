@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..core.reasons import Reason, join
+from ..core.reasons import Reason, primary
 from ..core.schemes import all_schemes
 from ..model.cost import ConvSpec, conv_spec, matmul_operands
 from ..model.graph import MATMUL_OPS, GraphView
@@ -41,7 +41,7 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
     geo = spec.geometry()
     reasons = [sch.reason(geo) for sch in all_schemes()]
     if all(r is not None for r in reasons):  # no scheme applies: decided without reading the weight
-        return join(reasons)
+        return primary(reasons)
     return None
 
 
@@ -50,7 +50,7 @@ def geometry_reason(geo) -> str | None:
     rank) — what a cost-only audit and a full one agree on, and what a plan need not decompose."""
     applicable = [sch for sch in all_schemes() if sch.reason(geo) is None]
     if not applicable:
-        return join(sch.reason(geo) for sch in all_schemes())
+        return primary(sch.reason(geo) for sch in all_schemes())
     return None if any(sch.break_even(geo) >= 1 for sch in applicable) else Reason.NO_MAC_SAVING
 
 

@@ -12,7 +12,7 @@ from ..threads import single_blas
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
 from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
-from ..core.reasons import Reason, join
+from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..model.cost import CONVENTION, conv_cost, matmul_macs
 from ..model.graph import MATMUL_OPS
@@ -181,6 +181,12 @@ class AuditReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return dumps(self.to_dict(), indent=indent)
+
+    def __repr__(self) -> str:
+        t = self.totals
+        return (f"AuditReport(model={self.model!r}, conv_nodes={t.conv_nodes}, conv_macs={t.conv_macs}, "
+                f"eligible_nodes={t.eligible_nodes}, exact_savings_macs={t.exact_savings_macs}, "
+                f"warnings={len(self.warnings)})")
 
     def node(self, name: str) -> NodeAudit:
         for n in self.nodes:
@@ -385,7 +391,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
             done[key] = analyze_weight(weight, geo, weight.dtype, certify)
         node.separability = sep = done[key]
         if not any(a.eligible for a in sep.schemes.values()):
-            node.reason = join(a.reason for a in sep.schemes.values())
+            node.reason = primary(a.reason for a in sep.schemes.values())
             node.eligible = False
     matmul_total = 0
     counted = [spec.ref for spec, n in zip(an.specs, nodes) if n.macs is not None]

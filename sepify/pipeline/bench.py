@@ -38,9 +38,9 @@ import onnx
 
 from .audit import audit
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 from ..serialize import SCHEMA_VERSION, dumps
-from ..model.session import SPINNING, ort_session
+from ..model.session import SPINNING, check_threads, ort_session, resolve_providers
 from .verify import model_inputs
 
 
@@ -60,10 +60,16 @@ class Latency:
         return asdict(self)
 
 
+NODES_MEASURE = ("per rewritten conv: onnxruntime profiler kernel times (median over the profiled runs, same threads "
+                 "and spinning as the timed runs, full graph optimizations) of the original conv and of the nodes "
+                 "that replaced it, activations fused into them included; layout reorders and the time between "
+                 "kernels are in no row")
+
+
 @dataclass
 class NodeTime:
     name: str  # the original conv's name
-    time_a_us: float | None
+    time_a_us: float | None  # the conv's kernel time (fused activation included)
     time_b_us: float | None  # sum over the nodes that replaced it
 
     @property
@@ -98,6 +104,12 @@ class BenchReport:
     # Wall seconds of the rounds used, per model (for pooling repeated benchmarks; not in to_dict).
     times_a: np.ndarray | None = field(default=None, repr=False, compare=False)
     times_b: np.ndarray | None = field(default=None, repr=False, compare=False)
+    profile: "ProfileSummary | None" = None  # what the per-node times in ``nodes`` add up to
+    providers: list[str] | None = None  # onnxruntime execution providers (None: the CPU)
+
+    def __repr__(self) -> str:
+        return (f"BenchReport(model_a={self.model_a!r}, model_b={self.model_b!r}, median_a_ms="
+                f"{self.latency_a.median_ms:.3f}, speedup={self.speedup}, nodes={len(self.nodes)})")
 
     @property
     def mac_reduction(self) -> float | None:
@@ -114,6 +126,7 @@ class BenchReport:
             "model_a": self.model_a,
             "model_b": self.model_b,
             "threads": self.threads,
+            "providers": self.providers or ["CPUExecutionProvider"],
             "latency_a": self.latency_a.to_dict(),
             "latency_b": self.latency_b.to_dict() if self.latency_b else None,
             "speedup": self.speedup,
@@ -130,6 +143,8 @@ class BenchReport:
             "spinning": self.spinning,
             "rewarm": self.rewarm,
             "nodes": [n.to_dict() for n in self.nodes],
+            "nodes_measure": NODES_MEASURE,
+            "profile": self.profile.to_dict() if self.profile else None,
         }
 
     def to_json(self) -> str:
@@ -272,14 +287,21 @@ def time_models(models: Sequence[onnx.ModelProto], feeds, *, threads: int | None
 
 
 
-def profile_node_times(model, feeds, runs: int, providers=None, threads=None) -> dict[str, float]:
-    """Median kernel time per node name (µs) from onnxruntime's profiler."""
+PROFILE_SKIP = 2  # profiled runs left out at the start (first-run allocations)
+# Activations (and the branch sum) onnxruntime fuses into the conv before them: their kernel time is the conv's.
+FUSED_INTO_CONV = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "Add")
+
+
+def profile_node_times(model, feeds, runs: int, providers=None, threads=None, spinning: str = "run",
+                       skip: int = PROFILE_SKIP) -> dict[str, float]:
+    """Median kernel time (µs) per node onnxruntime ran, from its profiler: a session made like the
+    timed ones (same threads and spinning, full graph optimizations), ``skip`` + ``runs`` runs of
+    which the first ``skip`` are left out.  Keys are onnxruntime's node names after its graph
+    optimizations (a fused NCHWc conv is named after its output tensor: ``<tensor>_nchwc``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        # Basic optimizations only: the extended level fuses Conv+activation under new names,
-        # and then no kernel time can be attributed to the rewritten nodes.
-        sess = ort_session(model, providers=providers, threads=threads, spinning="off", optimization="basic",
+        sess = ort_session(model, providers=providers, threads=threads, spinning=spinning,
                            profile_prefix=os.path.join(tmp, "prof"))
-        for _ in range(runs):
+        for _ in range(skip + runs):
             sess.run(None, feeds)
         path = sess.end_profiling()
         with open(path) as fh:
@@ -288,7 +310,48 @@ def profile_node_times(model, feeds, runs: int, providers=None, threads=None) ->
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]))
-    return {k: float(np.median(v)) for k, v in per_node.items()}
+    return {k: float(np.median(v[skip:] if len(v) > skip else v)) for k, v in per_node.items()}
+
+
+def conv_of(model) -> dict[str, str]:
+    """onnxruntime node name → the conv it belongs to, for every main-graph node and the names
+    onnxruntime gives fused nodes: a rewritten chain's nodes (``conv/sep_*``) belong to ``conv``, an
+    activation or sum fused after a conv belongs to that conv, ``<tensor>_nchwc`` to the producer of
+    ``<tensor>``.  Layout reorders (``ReorderInput``/``ReorderOutput``) belong to none."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def owner(node) -> str:
+        for _ in range(len(graph.node)):
+            if node.op_type in FUSED_INTO_CONV and node.input and node.input[0] in producer:
+                before = producer[node.input[0]]
+                if before.op_type in ("Conv", "Add") or "/sep_" in before.name:
+                    node = before
+                    continue
+            break
+        return node.name.split("/sep_")[0] if "/sep_" in node.name else node.name
+
+    out = {n.name: owner(n) for n in graph.node if n.name}
+    for tensor, node in producer.items():
+        out.setdefault(f"{tensor}_nchwc", owner(node))
+    return out
+
+
+@dataclass
+class ProfileSummary:
+    """What the per-node times measure (see :func:`profile_node_times`): sums of medians, µs."""
+
+    runs: int
+    threads: int | None
+    spinning: str
+    kernels_a_us: float  # every kernel of the original model
+    kernels_b_us: float
+    rewritten_a_us: float  # the kernels of the convs that were rewritten (fused activations included)
+    rewritten_b_us: float  # the kernels of the nodes that replaced them
+    other_b_us: float  # the rewritten model's kernels attributed to no conv (layout reorders, …)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def benchmark(
@@ -312,6 +375,12 @@ def benchmark(
     Feeds: ``inputs`` (an .npz path or a mapping), else seeded random arrays at ``input_shapes``
     with the fixed ``input_values`` for those inputs (as :func:`sepify.verify.verify`).  The MAC
     counts come from audits whose onnxruntime shape fallback runs on the same feeds."""
+    providers = resolve_providers(providers)
+    check_threads(threads)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ParameterError("runs", runs, "needs a positive number of timed runs")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ParameterError("warmup", warmup, "needs a number of untimed runs ≥ 0")
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a)
     lb = None if model_b is None else (model_b if isinstance(model_b, LoadedModel) else load_model(model_b))
     feeds, _ = model_inputs(la, inputs, input_shapes, seed, input_values)
@@ -321,7 +390,8 @@ def benchmark(
     idx = rounds.used()
     ta = rounds.of(0, idx)
     report = BenchReport(la.label, Latency.of(list(ta)), threads=threads, rounds=runs, rounds_used=len(idx),
-                         contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm, times_a=ta)
+                         contention_a=rounds.contention(0), spinning=spinning, rewarm=rewarm, times_a=ta,
+                         providers=providers)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     report.macs_a = audit(la, shapes, input_values=feeds, spectra=False).totals.total_macs
     if lb is None:
@@ -335,21 +405,27 @@ def benchmark(
     report.speedup_p10, report.speedup_p90 = float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
     report.macs_b = audit(lb, shapes, input_values=feeds, spectra=False).totals.total_macs
     if profile_runs:
-        report.nodes = _rewritten_node_times(la, lb, feeds, profile_runs, providers, threads)
+        report.nodes, report.profile = _rewritten_node_times(la, lb, feeds, profile_runs, providers, threads, spinning)
     return report
 
 
-def _rewritten_node_times(la, lb, feeds, runs, providers, threads) -> list[NodeTime]:
-    new_nodes: dict[str, list[str]] = {}
-    for n in lb.model.graph.node:
-        if "/sep_" in n.name:
-            new_nodes.setdefault(n.name.split("/sep_")[0], []).append(n.name)
-    if not new_nodes:
-        return []
-    times_a = profile_node_times(la.model, feeds, runs, providers, threads)
-    times_b = profile_node_times(lb.model, feeds, runs, providers, threads)
-    out = []
-    for original, parts in new_nodes.items():
-        b_times = [times_b[p] for p in parts if p in times_b]
-        out.append(NodeTime(original, times_a.get(original), sum(b_times) if b_times else None))
-    return out
+def _rewritten_node_times(la, lb, feeds, runs, providers, threads, spinning) -> tuple[list[NodeTime], ProfileSummary | None]:
+    rewritten = list(dict.fromkeys(n.name.split("/sep_")[0] for n in lb.model.graph.node if "/sep_" in n.name))
+    if not rewritten:
+        return [], None
+    times_a = profile_node_times(la.model, feeds, runs, providers, threads, spinning)
+    times_b = profile_node_times(lb.model, feeds, runs, providers, threads, spinning)
+    of_a, of_b = conv_of(la.model), conv_of(lb.model)
+    sums_a: dict[str, float] = {}
+    sums_b: dict[str, float] = {}
+    for times, of, sums in ((times_a, of_a, sums_a), (times_b, of_b, sums_b)):
+        for name, us in times.items():
+            conv = of.get(name)
+            if conv is not None:
+                sums[conv] = sums.get(conv, 0.0) + us
+    out = [NodeTime(c, sums_a.get(c), sums_b.get(c)) for c in rewritten]
+    mine_b = sum(us for name, us in times_b.items() if of_b.get(name) is not None)
+    summary = ProfileSummary(runs, threads, spinning, sum(times_a.values()), sum(times_b.values()),
+                             sum(sums_a.get(c, 0.0) for c in rewritten), sum(sums_b.get(c, 0.0) for c in rewritten),
+                             sum(times_b.values()) - mine_b)
+    return out, summary

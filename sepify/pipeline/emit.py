@@ -50,7 +50,7 @@ def history_entry(policy: dict[str, Any], realizations: Sequence[Realization], *
         "sepify_version": __version__,
         "policy": policy,
         "nodes": [{"node": r.node, "scheme": r.label, "rank": r.rank, "weight_error": r.weight_error,
-                   **({"lowering": r.lowering} if r.lowering else {})} for r in realizations],
+                   "lowering": r.lowering} for r in realizations],
     }
     entry.update({k: v for k, v in extra.items() if v is not None})
     return entry

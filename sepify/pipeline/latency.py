@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..core.lowering import LOWERINGS, Lowered, lower, lowering_kinds
+from ..core.lowering import LOWERINGS, SINGLE, Lowered, lower, lowering_kinds
 from ..core.realization import Realization
 from ..core.reasons import Reason
 from ..errors import ParameterError, UsageError
@@ -42,7 +42,6 @@ from .plan import Plan
 from .realize import realize
 
 MIN_CLEAN_ROUNDS = 5
-SINGLE = "single"  # the label of a chain that can be written only one way
 # Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
 FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
 

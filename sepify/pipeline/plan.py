@@ -29,7 +29,7 @@ from ..core.allocate import Option, greedy
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry
 from ..core.linalg import exact_tolerance
-from ..core.reasons import Reason, join
+from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..errors import ParameterError
 from ..model.cost import ConvSpec, conv_cost
@@ -44,14 +44,18 @@ POLICY_MODES = ("lossless", "tol", "rank", "budget")
 class Policy:
     """How to choose a decomposition per layer (see the module doc).
 
-    ``mode``: ``lossless`` | ``tol`` (with ``tol``, a relative weight error) | ``rank`` (with
-    ``rank``) | ``budget`` (with ``budget``, the fraction of the conv MACs to keep).  ``scheme``:
-    ``auto`` or one registered scheme (:func:`sepify.core.schemes.names`).  ``include`` /
-    ``exclude``: regular expressions on node names; ``min_macs``: skip smaller layers;
-    ``chain``: split an exactly separable kernel stage further.
+    ``mode``: ``lossless`` | ``tol`` (with ``tol``, a relative weight error in [0, 1]) | ``rank``
+    (with ``rank``) | ``budget`` (with ``budget``, the fraction of the conv MACs to keep, in (0, 1]).
+    Left out, the mode is the one whose value is given (``Policy(budget=0.5)`` is a budget policy),
+    else lossless; a value of another mode than the one named is refused.  ``scheme``: ``auto`` or
+    one registered scheme (:func:`sepify.core.schemes.names`).  ``include`` / ``exclude``: regular
+    expressions on node names; ``min_macs``: skip smaller layers; ``chain``: split an exactly
+    separable kernel stage further.
+
+    Every bad value raises :class:`sepify.ParameterError` naming the parameter.
     """
 
-    mode: str = "lossless"
+    mode: str = None  # type: ignore[assignment]  # None: inferred (see above); always set after __init__
     tol: float | None = None
     rank: int | None = None
     budget: float | None = None
@@ -62,16 +66,28 @@ class Policy:
     chain: bool = True
 
     def __post_init__(self) -> None:
+        values = [m for m, v in (("tol", self.tol), ("rank", self.rank), ("budget", self.budget)) if v is not None]
+        if self.mode is None:
+            if len(values) > 1:
+                raise ParameterError("policies", values, "choose one policy")
+            self.mode = values[0] if values else "lossless"
         if self.mode not in POLICY_MODES:
             raise ParameterError("mode", self.mode, f"unknown policy (one of {', '.join(POLICY_MODES)})")
+        other = [m for m in values if m != self.mode]
+        if other:
+            raise ParameterError(other[0], getattr(self, other[0]), f"is not a parameter of a {self.mode} policy")
         if self.scheme not in ("auto", *scheme_names()):
             raise ParameterError("scheme", self.scheme, f"unknown scheme (auto, {', '.join(scheme_names())})")
-        if self.mode == "tol" and (self.tol is None or not self.tol >= 0):
-            raise ParameterError("tol", self.tol, "needs a non-negative relative error")
-        if self.mode == "rank" and (self.rank is None or self.rank < 1):
+        if self.mode == "tol" and (self.tol is None or not 0 <= self.tol <= 1):
+            raise ParameterError("tol", self.tol, "needs a relative weight error in [0, 1] (||W - W'||/||W|| is 1 at "
+                                                  "rank 0, so a tolerance above 1 would accept anything)")
+        if self.mode == "rank" and (self.rank is None or isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                    or self.rank < 1):
             raise ParameterError("rank", self.rank, "needs a positive integer")
         if self.mode == "budget" and (self.budget is None or not 0 < self.budget <= 1):
             raise ParameterError("budget", self.budget, "needs a fraction in (0, 1]")
+        if isinstance(self.min_macs, bool) or not isinstance(self.min_macs, int) or self.min_macs < 0:
+            raise ParameterError("min_macs", self.min_macs, "needs a number of MACs ≥ 0")
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
             if pattern:
                 try:
@@ -156,6 +172,10 @@ class Plan:
             if name in (n.name, n.qualified_name):
                 return n
         raise KeyError(name)
+
+    def __repr__(self) -> str:
+        return (f"Plan(policy={self.policy.mode!r}, nodes={len(self.nodes)}, rewrites={len(self.rewrites)}, "
+                f"conv_macs={self.conv_macs} -> {self.conv_macs_after})")
 
     def to_dict(self) -> dict[str, Any]:
         before, after = self.conv_macs, self.conv_macs_after
@@ -247,7 +267,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
                     cache[key] = errors
             curves[(name, "" if k == 0 else variant)] = (errors, sch.macs_curve(geo, len(errors) - 1, variant))
     if not curves:
-        return None, join(reasons)
+        return None, primary(reasons)
     return _NodeState(spec, weight, geo, tol, curves), None
 
 
@@ -380,7 +400,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
             np_.reason = Reason.BELOW_MIN_MACS
             continue
         if not any(st.has(s) for s in schemes):
-            np_.reason = join(get_scheme(s).reason(st.geo) for s in schemes) or "scheme_ineligible"
+            np_.reason = primary(get_scheme(s).reason(st.geo) for s in schemes) or Reason.NO_MAC_SAVING
             continue
         states[len(nodes) - 1] = st
 

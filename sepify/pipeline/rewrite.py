@@ -38,7 +38,7 @@ class NodeRewrite:
     macs_before: int
     macs_after: int
     new_nodes: list[str] = field(default_factory=list)
-    lowering: str | None = None  # how a rank-r dw-pw/pw-dw chain was written; None: only one way
+    lowering: str = "single"  # how a rank-r dw-pw/pw-dw chain was written (LOWERINGS); "single": only one way
     latency: dict[str, Any] | None = None  # measured by --only-faster (see sepify.pipeline.latency)
     variant: str = ""  # the scheme's variant (spatial: "v" kh×1 first, "h" 1×kw first)
     source: str = "svd"  # "exact" | "svd" | "calibrated" (sepify.core.realization)
@@ -47,6 +47,17 @@ class NodeRewrite:
     def of(cls, rz: Realization, name: str, latency: dict[str, Any] | None = None) -> "NodeRewrite":
         return cls(name, rz.node, rz.scheme, rz.rank, rz.chained, rz.weight_error, rz.planned_error, rz.macs_before,
                    rz.macs_after, lowering=rz.lowering, latency=latency, variant=rz.variant, source=rz.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RewriteTotals:
+    conv_macs_before: int
+    conv_macs_after: int
+    macs_ratio: float
+    rewritten_nodes: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +77,21 @@ class RewriteReport:
     def macs_ratio(self) -> float:
         return self.conv_macs_after / self.conv_macs_before if self.conv_macs_before else 1.0
 
+    @property
+    def totals(self) -> RewriteTotals:
+        return RewriteTotals(self.conv_macs_before, self.conv_macs_after, self.macs_ratio, len(self.rewritten))
+
+    def node(self, name: str) -> NodeRewrite:
+        for r in self.rewritten:
+            if name in (r.name, r.qualified_name):
+                return r
+        raise KeyError(name)
+
+    def __repr__(self) -> str:
+        return (f"RewriteReport(model={self.model!r}, policy={self.policy.mode!r}, rewritten={len(self.rewritten)}, "
+                f"kept={len(self.kept)}, conv_macs={self.conv_macs_before} -> {self.conv_macs_after}, "
+                f"changed={self.changed})")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
@@ -73,12 +99,7 @@ class RewriteReport:
             "model": self.model,
             "policy": self.policy.to_dict(),
             "changed": self.changed,
-            "totals": {
-                "conv_macs_before": self.conv_macs_before,
-                "conv_macs_after": self.conv_macs_after,
-                "macs_ratio": self.macs_ratio,
-                "rewritten_nodes": len(self.rewritten),
-            },
+            "totals": self.totals.to_dict(),
             "rewritten": [r.to_dict() for r in self.rewritten],
             "kept": self.kept,
         }
@@ -121,7 +142,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
         the_plan = measure_plan(the_plan, threads=threads, runs=latency_runs, providers=providers,
                                 lowerings=[lowering] if lowering else None)
     specs = {s.ref.qualified_name: s for s in an.specs}
-    kept = [{"name": n.qualified_name, "reason": n.reason or "kept", **({"latency": n.latency} if n.latency else {})}
+    kept = [{"name": n.qualified_name, "reason": n.reason or Reason.KEPT_BY_PLAN, **({"latency": n.latency} if n.latency else {})}
             for n in the_plan.nodes if n.action != "rewrite"]
     realized: list[tuple[Realization, Any]] = []
     for np_ in the_plan.rewrites:
@@ -151,4 +172,4 @@ def finish_rewrite(loaded, policy_record: dict[str, Any], conv_macs: int, realiz
     return model, report
 
 
-__all__ = ["NodeRewrite", "RewriteReport", "finish_rewrite", "rewrite"]
+__all__ = ["NodeRewrite", "RewriteReport", "RewriteTotals", "finish_rewrite", "rewrite"]

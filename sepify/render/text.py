@@ -1,31 +1,25 @@
-"""Rendering of typed results: rich tables, JSON, CSV and Markdown. No computation here."""
+"""Rendering of typed results: tables for the terminal, JSON, CSV and Markdown.  No computation here.
+
+Every table takes ``width`` (:func:`sepify.render.table.output_width`: the terminal's, or None for
+files and pipes, which get every column unwrapped) and fits it (:func:`~sepify.render.table.fit_table`).
+"""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import csv
 import io
 import json
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-
+from ..core.drift import STD_FLOOR
 from ..pipeline.audit import AuditReport, NodeAudit
 from ..serialize import json_default
+from .table import Column, dropped_note, fit_table, render
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from ..calibration.sweep import SweepReport
-
-
-def _rich():
-    """rich, imported when a table is drawn (JSON, CSV and Markdown output do not need it)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    return Console, Table
+    from ..pipeline.batch import ModelStatus
 
 
 CSV_FIELDS = [
@@ -33,6 +27,8 @@ CSV_FIELDS = [
     "output_shape", "weight_shape", "params", "macs", "flops", "share", "arithmetic_intensity", "shape_source",
     "eligible", "reason", "best_scheme", "best_rank", "best_macs", "best_error",
 ]
+FORMATS = ("table", "json", "csv", "md")
+FORMAT_OF_SUFFIX = {".json": "json", ".csv": "csv", ".md": "md", ".markdown": "md"}
 
 
 def human(n: float | int | None) -> str:
@@ -81,65 +77,76 @@ def sort_nodes(nodes: Sequence[NodeAudit], sort: str = "macs", top: int | None =
     return ordered[:top] if top else ordered
 
 
-def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None) -> Table:
-    Console, Table = _rich()
+# ----------------------------------------------------------------------------------------------
+# audit
+# ----------------------------------------------------------------------------------------------
+AUDIT_COLUMNS = [Column("node", "left", 100, name=True), Column("op", "left", 20), Column("in → out", "left", 45),
+                 Column("kernel", "left", 40), Column("s/d/g", "left", 15), Column("params", keep=25),
+                 Column("MACs", keep=100), Column("share", keep=70), Column("FLOP/B", keep=10),
+                 Column("separability", "left", 90, fold=24)]
+
+
+def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None, width: int | None = None):
+    """(rich Table, dropped column headers)."""
     t = report.totals
-    table = Table(
-        title=f"{report.model}  ({report.producer or 'unknown producer'}, opset {report.opset})",
-        caption=(
-            f"conv MACs {human(t.conv_macs)} of {human(t.total_macs)} total ({human(t.matmul_macs)} Gemm/MatMul) · "
-            f"{t.conv_nodes} conv nodes, {t.eligible_nodes} rewritable · exact savings {human(t.exact_savings_macs)} MACs"
-        ),
-        show_lines=False,
-    )
-    for col, just in (("node", "left"), ("op", "left"), ("in → out", "left"), ("kernel", "left"), ("s/d/g", "left"),
-                      ("params", "right"), ("MACs", "right"), ("share", "right"), ("FLOP/B", "right"),
-                      ("separability", "left")):
-        table.add_column(col, justify=just, overflow="fold")
+    rows = []
     for n in sort_nodes(report.nodes, sort, top):
-        sdg = f"{_dims(n.strides)}/{_dims(n.dilations)}/{n.group}"
-        table.add_row(
-            n.qualified_name,
-            n.op_type,
-            f"{_dims(n.input_shape)} → {_dims(n.output_shape)}" + ("" if n.shape_source in ("inferred", "input") else f" ({n.shape_source})"),
-            _dims(n.kernel_shape),
-            sdg,
-            human(n.params),
-            human(n.macs),
-            f"{100 * n.share:.1f}%" if n.share is not None else "?",
-            f"{n.arithmetic_intensity:.1f}" if n.arithmetic_intensity is not None else "?",
-            _best_text(n),
-        )
-    return table
+        rows.append([
+            n.qualified_name, n.op_type,
+            f"{_dims(n.input_shape)} → {_dims(n.output_shape)}"
+            + ("" if n.shape_source in ("inferred", "input") else f" ({n.shape_source})"),
+            _dims(n.kernel_shape), f"{_dims(n.strides)}/{_dims(n.dilations)}/{n.group}", human(n.params),
+            human(n.macs), f"{100 * n.share:.1f}%" if n.share is not None else "?",
+            f"{n.arithmetic_intensity:.1f}" if n.arithmetic_intensity is not None else "?", _best_text(n)])
+    caption = (f"conv MACs {human(t.conv_macs)} of {human(t.total_macs)} total ({human(t.matmul_macs)} Gemm/MatMul) · "
+               f"{t.conv_nodes} conv nodes, {t.eligible_nodes} rewritable · exact savings "
+               f"{human(t.exact_savings_macs)} MACs")
+    return fit_table(AUDIT_COLUMNS, rows, width, title=f"{report.model}  ({report.producer or 'unknown producer'}, "
+                                                          f"opset {report.opset})", caption=caption)
 
 
-def summary_table(reports: Sequence[AuditReport]) -> Table:
-    Console, Table = _rich()
-    table = Table(title="models")
-    for col in ("model", "convs", "conv MACs", "total MACs", "conv share", "params", "rewritable", "exact savings"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in reports:
-        t = r.totals
-        table.add_row(
-            r.model, str(t.conv_nodes), human(t.conv_macs), human(t.total_macs),
-            f"{100 * t.conv_macs / t.total_macs:.1f}%" if t.total_macs else "?",
-            human(t.model_params), str(t.eligible_nodes), human(t.exact_savings_macs),
-        )
-    return table
+def _entries(items) -> list[ModelStatus]:
+    from ..pipeline.batch import AuditBatch, ModelStatus
+
+    if isinstance(items, AuditBatch):
+        return list(items.entries)
+    return [i if isinstance(i, ModelStatus) else ModelStatus(i.model, i) for i in items]
 
 
-def render_audit_text(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None, width: int = 160) -> str:
-    Console, Table = _rich()
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
-    if len(reports) > 1:
-        console.print(summary_table(reports))
-    for r in reports:
-        console.print(audit_table(r, sort, top))
-        for w in r.warnings:
-            console.print(f"warning: {w}")
-    console.print(f"Convention: {reports[0].convention}" if reports else "")
-    return buf.getvalue()
+def summary_table(entries: Sequence[ModelStatus], width: int | None = None):
+    columns = [Column("model", "left", 100, name=True), Column("status", "left", 100, fold=16), Column("convs", keep=60),
+               Column("conv MACs", keep=90), Column("total MACs", keep=40), Column("conv share", keep=30),
+               Column("params", keep=20), Column("rewritable", keep=50), Column("exact savings", keep=80)]
+    rows = []
+    for e in entries:
+        if e.report is None:
+            rows.append([e.path, f"error: {e.error}", "", "", "", "", "", "", ""])
+            continue
+        t = e.report.totals
+        rows.append([e.report.model, "ok", str(t.conv_nodes), human(t.conv_macs), human(t.total_macs),
+                     f"{100 * t.conv_macs / t.total_macs:.1f}%" if t.total_macs else "?", human(t.model_params),
+                     str(t.eligible_nodes), human(t.exact_savings_macs)])
+    failed = sum(1 for e in entries if e.report is None)
+    return fit_table(columns, rows, width, title="models",
+                     caption=f"{len(entries)} model(s), {failed} failed" if failed else f"{len(entries)} model(s)")
+
+
+def render_audit_text(items, sort: str = "macs", top: int | None = None, width: int | None = None) -> str:
+    entries = _entries(items)
+    parts: list = []
+    if len(entries) > 1:
+        table, dropped = summary_table(entries, width)
+        parts += [table, dropped_note(dropped, width)]
+    for e in entries:
+        if e.report is None:
+            continue
+        table, dropped = audit_table(e.report, sort, top, width)
+        parts += [table, dropped_note(dropped, width)]
+        parts += [f"warning: {w}" for w in e.report.warnings]
+    reports = [e.report for e in entries if e.report is not None]
+    if reports:
+        parts.append(f"Convention: {reports[0].convention}")
+    return render(parts, width)
 
 
 def _report_dict(r: AuditReport, sort: str, top: int | None) -> dict:
@@ -149,11 +156,16 @@ def _report_dict(r: AuditReport, sort: str, top: int | None) -> dict:
     return d
 
 
-def render_audit_json(reports: Sequence[AuditReport], sort: str = "graph", top: int | None = None) -> str:
-    if len(reports) == 1:
-        return json.dumps(_report_dict(reports[0], sort, top), indent=2, default=json_default)
-    return json.dumps({"schema_version": reports[0].schema_version,
-                       "models": [_report_dict(r, sort, top) for r in reports]}, indent=2, default=json_default)
+def render_audit_json(items, sort: str = "graph", top: int | None = None) -> str:
+    entries = _entries(items)
+    if len(entries) == 1 and entries[0].report is not None:
+        return json.dumps(_report_dict(entries[0].report, sort, top), indent=2, default=json_default)
+    from ..serialize import SCHEMA_VERSION
+
+    models = [{"status": "ok", **_report_dict(e.report, sort, top)} if e.report is not None else e.to_dict()
+              for e in entries]
+    return json.dumps({"schema_version": SCHEMA_VERSION, "models": models,
+                       "failed": sum(1 for e in entries if e.report is None)}, indent=2, default=json_default)
 
 
 def _csv_row(r: AuditReport, n: NodeAudit) -> dict:
@@ -170,19 +182,34 @@ def _csv_row(r: AuditReport, n: NodeAudit) -> dict:
     }
 
 
-def render_audit_csv(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None) -> str:
+def render_audit_csv(items, sort: str = "macs", top: int | None = None) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for r in reports:
-        for n in sort_nodes(r.nodes, sort, top):
-            writer.writerow(_csv_row(r, n))
+    for e in _entries(items):
+        if e.report is None:
+            writer.writerow({"model": e.path, "reason": f"error: {e.error}"})
+            continue
+        for n in sort_nodes(e.report.nodes, sort, top):
+            writer.writerow(_csv_row(e.report, n))
     return buf.getvalue()
 
 
-def render_audit_markdown(reports: Sequence[AuditReport], sort: str = "macs", top: int | None = None) -> str:
+def render_audit_markdown(items, sort: str = "macs", top: int | None = None) -> str:
     lines = []
-    for r in reports:
+    entries = _entries(items)
+    if len(entries) > 1:
+        lines += ["| model | status | conv MACs | rewritable |", "|---|---|---:|---:|"]
+        for e in entries:
+            status = "ok" if e.report is not None else f"error: {e.error}"
+            macs = human(e.report.totals.conv_macs) if e.report is not None else ""
+            n = str(e.report.totals.eligible_nodes) if e.report is not None else ""
+            lines.append(f"| `{e.path}` | {status} | {macs} | {n} |")
+        lines.append("")
+    for e in entries:
+        r = e.report
+        if r is None:
+            continue
         t = r.totals
         lines.append(f"## {r.model}\n")
         lines.append(f"Conv MACs **{human(t.conv_macs)}** of {human(t.total_macs)} total; "
@@ -196,174 +223,202 @@ def render_audit_markdown(reports: Sequence[AuditReport], sort: str = "macs", to
                 f"{human(n.macs)} | {f'{100 * n.share:.1f}%' if n.share is not None else '?'} | {_best_text(n)} |"
             )
         lines.append("")
+    reports = [e.report for e in entries if e.report is not None]
     if reports:
         lines.append(f"_Convention: {reports[0].convention}_")
     return "\n".join(lines) + "\n"
 
 
-def render_audit(reports: Sequence[AuditReport], fmt: str, sort: str = "macs", top: int | None = None) -> str:
+def render_audit(items, fmt: str, sort: str = "macs", top: int | None = None, width: int | None = None) -> str:
+    """``items``: an AuditBatch, or AuditReports / ModelStatus entries."""
     if fmt == "json":
-        return render_audit_json(reports, sort, top)
+        return render_audit_json(items, sort, top) + "\n"
     if fmt == "csv":
-        return render_audit_csv(reports, sort, top)
+        return render_audit_csv(items, sort, top)
     if fmt == "md":
-        return render_audit_markdown(reports, sort, top)
-    return render_audit_text(reports, sort, top)
+        return render_audit_markdown(items, sort, top)
+    return render_audit_text(items, sort, top, width)
 
 
-def render_rewrite(report, written_to: str | None = None, width: int = 160) -> str:
-    Console, Table = _rich()
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
-    table = Table(title=f"{report.model}: {report.policy.mode} rewrite plan")
-    for col in ("node", "scheme", "rank", "weight error", "MACs before", "MACs after", "ratio"):
-        table.add_column(col, justify="left" if col in ("node", "scheme") else "right", overflow="fold")
-    for r in report.rewritten:
-        table.add_row(r.qualified_name, r.scheme + ("+spatial" if r.chained else ""), str(r.rank),
-                      f"{r.weight_error:.2e}", human(r.macs_before), human(r.macs_after),
-                      f"{r.macs_after / r.macs_before:.2f}x" if r.macs_before else "")
-    console.print(table)
+# ----------------------------------------------------------------------------------------------
+# rewrite, latency, calibration, sweep
+# ----------------------------------------------------------------------------------------------
+def render_rewrite(report, status: str | None = None, width: int | None = None) -> str:
+    """The per-node plan, the kept reasons and the totals; ``status`` ends the totals line
+    (``written to OUT``, ``dry run, nothing written``, …)."""
+    columns = [Column("node", "left", 100, name=True), Column("scheme", "left", 95), Column("rank", keep=95),
+               Column("lowering", "left", 85), Column("weight err", keep=80), Column("MACs", "left", 100),
+               Column("ratio", keep=100)]
+    rows = [[r.qualified_name, r.scheme + ("+spatial" if r.chained else ""), str(r.rank), r.lowering or "",
+             f"{r.weight_error:.2e}", f"{human(r.macs_before)} → {human(r.macs_after)}",
+             f"{r.macs_after / r.macs_before:.2f}x" if r.macs_before else ""] for r in report.rewritten]
+    table, dropped = fit_table(columns, rows, width, title=f"{report.model}: {report.policy.mode} rewrite plan")
     reasons: dict[str, int] = {}
     for k in report.kept:
-        reasons[k["reason"]] = reasons.get(k["reason"], 0) + 1
-    if reasons:
-        console.print("kept: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
-    console.print(
-        f"conv MACs {human(report.conv_macs_before)} -> {human(report.conv_macs_after)} "
-        f"({report.macs_ratio:.3f}x), {len(report.rewritten)} node(s) rewritten"
-        + (f"; written to {written_to}" if written_to else ("; dry run, nothing written" if written_to is None else ""))
-    )
-    return buf.getvalue()
+        reasons[str(k["reason"])] = reasons.get(str(k["reason"]), 0) + 1
+    kept = ("kept: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+            if reasons else None)
+    totals = (f"conv MACs {human(report.conv_macs_before)} -> {human(report.conv_macs_after)} "
+              f"({report.macs_ratio:.3f}x), {len(report.rewritten)} node(s) rewritten" + (f"; {status}" if status else ""))
+    return render([table if report.rewritten else None, dropped_note(dropped, width), kept, totals], width)
 
 
-def _console(buf, width=160):
-    Console, Table = _rich()
-    return Console(file=buf, width=width, force_terminal=False, color_system=None)
-
-
-def render_drift(report) -> str:
-    Console, Table = _rich()
-    buf = io.StringIO()
-    console = _console(buf)
-    for title, rows in (("outputs", report.outputs), ("rewritten layers", report.layers)):
-        if not rows:
-            continue
-        table = Table(title=f"{report.model_a} vs {report.model_b}: {title}")
-        for col in ("tensor", "shape", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "SNR dB", "top-1", "mismatched", "pass"):
-            table.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")
-        for d in rows:
-            table.add_row(d.name, _dims(d.shape), f"{d.max_abs:.2e}", f"{d.mean_abs:.2e}", f"{d.p99_abs:.2e}",
-                          f"{d.max_rel:.2e}", f"{d.cosine:.6f}", f"{d.snr_db:.1f}",
-                          f"{d.top1_agreement:.3f}" if d.top1_agreement is not None else "",
-                          str(d.mismatched) + (f" (+{d.nonfinite_b} non-finite)" if d.nonfinite_b != d.nonfinite_a else ""),
-                          "yes" if d.passed else "NO")
-        console.print(table)
-    tensors = [*report.outputs, *report.layers]
-    # float16 tensors get their own default tolerances (a few ulps of their largest value)
-    own = [d for d in tensors if d.atol is not None and (d.atol, d.rtol) != (report.atol, report.rtol)]
-    if not own:
-        rule = f"|a-b| <= {report.atol:g} + {report.rtol:g}*|a|"
-    else:
-        parts = [f"{d.name}: {d.atol:.3g} + {d.rtol:.3g}*|a|" for d in own]
-        if len(own) < len(tensors):
-            parts.append(f"others: {report.atol:g} + {report.rtol:g}*|a|")
-        rule = "|a-b| <= atol + rtol*|a| (" + "; ".join(parts) + "; float16: a few ulps of the largest value)"
-    console.print(f"{'PASSED' if report.passed else 'FAILED'}: {rule} on every output element; "
-                  f"inputs: {report.input_source}")
-    for w in getattr(report, "warnings", []):
-        console.print(f"warning: {w}")
-    return buf.getvalue()
-
-
-def render_bench(report) -> str:
-    Console, Table = _rich()
-    buf = io.StringIO()
-    console = _console(buf)
-    table = Table(title=f"latency (threads: {report.threads or 'default'})")
-    for col in ("model", "median ms", "p10 ms", "p90 ms", "runs", "MACs"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(report.model_a, f"{report.latency_a.median_ms:.3f}", f"{report.latency_a.p10_ms:.3f}",
-                  f"{report.latency_a.p90_ms:.3f}", str(report.latency_a.runs), human(report.macs_a))
-    if report.latency_b:
-        table.add_row(report.model_b, f"{report.latency_b.median_ms:.3f}", f"{report.latency_b.p10_ms:.3f}",
-                      f"{report.latency_b.p90_ms:.3f}", str(report.latency_b.runs), human(report.macs_b))
-    console.print(table)
-    if report.speedup is not None:
-        mr = report.mac_reduction
-        console.print(f"speedup {report.speedup:.2f}x (per-round p10-p90 {report.speedup_p10:.2f}-{report.speedup_p90:.2f}) · "
-                      f"MAC reduction {mr:.2f}x · efficiency {report.efficiency:.2f}" if mr else
-                      f"speedup {report.speedup:.2f}x")
-    if report.nodes:
-        nt = Table(title="rewritten nodes (onnxruntime profiler, median kernel time)")
-        for col in ("node", "original us", "rewritten us", "speedup"):
-            nt.add_column(col, justify="left" if col == "node" else "right")
-        for n in report.nodes:
-            nt.add_row(n.name, f"{n.time_a_us:.1f}" if n.time_a_us else "?", f"{n.time_b_us:.1f}" if n.time_b_us else "?",
-                       f"{n.speedup:.2f}x" if n.speedup else "?")
-        console.print(nt)
-    return buf.getvalue()
-
-
-def render_latency(report, width: int = 160) -> str:
+def render_latency(report, width: int | None = None) -> str:
     """A table of the measured rewrites: original vs each lowering, speedup, decision."""
-    Console, Table = _rich()
     from ..pipeline.latency import latency_rows
 
     rows = latency_rows(report)
     if not rows:
         return ""
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     threads = rows[0].get("threads")
-    table = Table(title=f"onnxruntime latency per node (isolated, {threads or 'default'} thread(s), medians)")
-    for col in ("node", "original", "lowerings (µs)", "best", "speedup", "runs", "rewritten"):
-        table.add_column(col, justify="left" if col in ("node", "lowerings (µs)", "best") else "right", overflow="fold")
+    columns = [Column("node", "left", 100, name=True), Column("original", keep=90), Column("lowerings (µs)", "left", 60, fold=16),
+               Column("best", "left", 70), Column("speedup", keep=95), Column("runs", keep=20),
+               Column("rewritten", "left", 100)]
+    cells = []
     for d in rows:
         if "error" in d:
-            table.add_row(d["node"], "?", f"not measured: {d['error']}", "", "", "", "no")
+            cells.append([d["node"], "?", f"not measured: {d['error']}", "", "", "", "no"])
             continue
         lows = ", ".join(f"{k} {v:.0f}" for k, v in d["lowerings_us"].items())
-        table.add_row(d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
-                      lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no")
-    console.print(table)
-    return buf.getvalue()
+        cells.append([d["node"] + (f" (+{d['activation']})" if d.get("activation") else ""), f"{d['original_us']:.0f} µs",
+                      lows, d["chosen"], f"{d['speedup']:.2f}x", str(d["runs"]), "yes" if d["faster"] else "no"])
+    table, dropped = fit_table(columns, cells, width, title="onnxruntime latency per node (isolated, "
+                                                              f"{threads or 'default'} thread(s), medians)")
+    return render([table, dropped_note(dropped, width)], width)
 
 
+def channel_drift_note(metric: str) -> str | None:
+    """One line on what the channel drift means and which number to read (after it is printed)."""
+    if metric != "channel":
+        return None
+    return (f"drift (channel) is 1 - cosine after scaling every output channel to unit spread (floored at "
+            f"{STD_FLOOR:g} x its RMS), so small-valued channels such as class scores count as much as large ones; "
+            "it is far larger than the plain 1 - cosine when those channels move. Compare rewrites of one model by "
+            "it; for accuracy read 1 - cosine and top-1 agreement from `sepify verify --inputs` on held-out data.")
 
 
-def render_sweep(report: SweepReport) -> str:
-    """The sweep as a rich table."""
-    Console, Table = _rich()
-    t = Table(title=f"{report.model}: conv MACs vs drift ({report.drift_metric}; eval on {report.eval_data})")
-    for col in ("budget", "MACs", "drift", "1-cos", "predicted", "weight-only MACs", "weight-only drift",
-                "weight-only 1-cos", "ratio", "latency"):
-        t.add_column(col, justify="right")
+def render_calibration(cal, width: int | None = None) -> str:
+    """The calibration report's summary lines under the rewrite table."""
+    lines = [f"calibration: {cal.data}, {cal.samples} samples, allocation {cal.allocation}; "
+             f"drift ({cal.drift_metric}) {_g(cal.drift)} vs weight-only {_g(cal.drift_weight_only)}; "
+             f"1-cosine {_g(cal.drift_cosine)} vs {_g(cal.drift_cosine_weight_only)} (on the calibration samples)",
+             channel_drift_note(cal.drift_metric)]
+    if cal.folded_batchnorms:
+        lines.append(f"BatchNormalization folded into {len(cal.folded_batchnorms)} rewritten conv(s)")
+    lines.extend(f"note: {n}" for n in cal.notes)
+    return render(lines, width)
+
+
+def _g(v) -> str:
+    return "?" if v is None else f"{v:.3g}"
+
+
+def render_sweep(report: SweepReport, width: int | None = None) -> str:
+    """The sweep as a table."""
+    columns = [Column("budget", keep=100), Column("MACs", keep=100), Column("drift", keep=100),
+               Column("1-cos", keep=90), Column("predicted", keep=40), Column("weight-only MACs", keep=30),
+               Column("weight-only drift", keep=80), Column("weight-only 1-cos", keep=50), Column("ratio", keep=60),
+               Column("latency", keep=70)]
+    rows = []
     for p in report.points:
         ratio = (p.drift_weight_only / p.drift) if p.drift_weight_only is not None and p.drift > 0 else None
         lat = ""
         if p.latency and "speedup" in p.latency and p.latency["speedup"] is not None:
             lat = f"{p.latency['speedup']:.2f}x"
-        t.add_row(f"{p.budget:.2f}", f"{p.macs_ratio:.3f}", f"{p.drift:.2e}", f"{p.drift_cosine:.2e}",
-                  "" if p.predicted_drift is None else f"{p.predicted_drift:.2e}",
-                  "" if p.macs_ratio_weight_only is None else f"{p.macs_ratio_weight_only:.3f}",
-                  "" if p.drift_weight_only is None else f"{p.drift_weight_only:.2e}",
-                  "" if p.drift_cosine_weight_only is None else f"{p.drift_cosine_weight_only:.2e}",
-                  "" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x", lat)
-    buf = io.StringIO()
-    Console(file=buf, width=160, force_terminal=False).print(t)
-    return buf.getvalue()
+        rows.append([f"{p.budget:.2f}", f"{p.macs_ratio:.3f}", f"{p.drift:.2e}", f"{p.drift_cosine:.2e}",
+                     "" if p.predicted_drift is None else f"{p.predicted_drift:.2e}",
+                     "" if p.macs_ratio_weight_only is None else f"{p.macs_ratio_weight_only:.3f}",
+                     "" if p.drift_weight_only is None else f"{p.drift_weight_only:.2e}",
+                     "" if p.drift_cosine_weight_only is None else f"{p.drift_cosine_weight_only:.2e}",
+                     "" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x", lat])
+    table, dropped = fit_table(columns, rows, width, title=f"{report.model}: conv MACs vs drift "
+                                                              f"({report.drift_metric}; eval on {report.eval_data})")
+    return render([table, dropped_note(dropped, width), channel_drift_note(report.drift_metric)], width)
 
 
-def render_calibration(cal) -> str:
-    """The calibration report's summary lines under the rewrite table."""
-    lines = [f"calibration: {cal.data}, {cal.samples} samples, allocation {cal.allocation}; "
-             f"drift ({cal.drift_metric}) {_g(cal.drift)} vs weight-only {_g(cal.drift_weight_only)}; "
-             f"1-cosine {_g(cal.drift_cosine)} vs {_g(cal.drift_cosine_weight_only)} (on the calibration samples)"]
-    if cal.folded_batchnorms:
-        lines.append(f"BatchNormalization folded into {len(cal.folded_batchnorms)} rewritten conv(s)")
-    lines.extend(f"note: {n}" for n in cal.notes)
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------------------------
+# verify, bench
+# ----------------------------------------------------------------------------------------------
+def _drift_rule(report) -> str:
+    if report.gates is not None:
+        return report.gates.describe() + " on every output it applies to (over all samples)"
+    tensors = [*report.outputs, *report.layers]
+    # float16 tensors get their own default tolerances (a few ulps of their largest value)
+    own = [d for d in tensors if d.atol is not None and (d.atol, d.rtol) != (report.atol, report.rtol)]
+    if not own:
+        return f"|a-b| <= {report.atol:g} + {report.rtol:g}*|a| on every output element"
+    parts = [f"{d.name}: {d.atol:.3g} + {d.rtol:.3g}*|a|" for d in own]
+    if len(own) < len(tensors):
+        parts.append(f"others: {report.atol:g} + {report.rtol:g}*|a|")
+    return ("|a-b| <= atol + rtol*|a| (" + "; ".join(parts) + "; float16: a few ulps of the largest value) "
+            "on every output element")
 
 
-def _g(v) -> str:
-    return "?" if v is None else f"{v:.3g}"
+def render_drift(report, width: int | None = None) -> str:
+    gated = report.gates is not None
+    metric = report.gates.drift_metric if gated else "cosine"
+    columns = [Column("tensor", "left", 100, name=True), Column("shape", "left", 30), Column("max abs", keep=80),
+               Column("mean abs", keep=20), Column("p99 abs", keep=25), Column("max rel", keep=15),
+               Column("cosine", keep=95), Column(f"drift ({metric})", keep=96), Column("SNR dB", keep=35),
+               Column("top-1", keep=90), Column("mismatched", keep=85 if not gated else 10), Column("pass", keep=100)]
+    parts: list = []
+    for title, rows in (("outputs", report.outputs), ("rewritten layers", report.layers)):
+        if not rows:
+            continue
+        cells = [[d.name, _dims(d.shape), f"{d.max_abs:.2e}", f"{d.mean_abs:.2e}", f"{d.p99_abs:.2e}",
+                  f"{d.max_rel:.2e}", f"{d.cosine:.6f}", "" if d.drift is None else f"{d.drift:.2e}",
+                  f"{d.snr_db:.1f}", f"{d.top1_agreement:.3f}" if d.top1_agreement is not None else "",
+                  str(d.mismatched) + (f" (+{d.nonfinite_b} non-finite)" if d.nonfinite_b != d.nonfinite_a else ""),
+                  "yes" if d.passed else "NO"] for d in rows]
+        table, dropped = fit_table(columns, cells, width, title=f"{report.model_a} vs {report.model_b}: {title}")
+        parts += [table, dropped_note(dropped, width)]
+    samples = f" ({report.samples} samples in {report.runs} runs)" if report.samples > 1 else ""
+    parts.append(f"{'PASSED' if report.passed else 'FAILED'}: {_drift_rule(report)}; inputs: "
+                 f"{report.input_source}{samples if 'sample' not in report.input_source else ''}")
+    if report.layers:
+        parts.append("(rewritten layers are diagnostics: only the outputs decide PASSED/FAILED)")
+    parts += [f"warning: {w}" for w in getattr(report, "warnings", [])]
+    return render(parts, width)
+
+
+def render_bench(report, width: int | None = None) -> str:
+    columns = [Column("model", "left", 100, name=True), Column("median ms", keep=100), Column("p10 ms", keep=60),
+               Column("p90 ms", keep=60), Column("runs", keep=30), Column("MACs", keep=80)]
+    rows = [[report.model_a, f"{report.latency_a.median_ms:.3f}", f"{report.latency_a.p10_ms:.3f}",
+             f"{report.latency_a.p90_ms:.3f}", str(report.latency_a.runs), human(report.macs_a)]]
+    if report.latency_b:
+        rows.append([report.model_b, f"{report.latency_b.median_ms:.3f}", f"{report.latency_b.p10_ms:.3f}",
+                     f"{report.latency_b.p90_ms:.3f}", str(report.latency_b.runs), human(report.macs_b)])
+    providers = ", ".join(getattr(report, "providers", None) or ["CPUExecutionProvider"])
+    table, dropped = fit_table(columns, rows, width, title=f"latency ({providers}, threads: {report.threads or 'default'})")
+    parts: list = [table, dropped_note(dropped, width)]
+    if report.rounds_used is not None and report.rounds and report.rounds_used < report.rounds:
+        parts.append(f"{report.rounds_used} of {report.rounds} rounds used: the others had threads waiting for a CPU "
+                     "(other processes)")
+    if report.speedup is not None:
+        mr = report.mac_reduction
+        parts.append(f"speedup {report.speedup:.2f}x (per-round p10-p90 {report.speedup_p10:.2f}-"
+                     f"{report.speedup_p90:.2f}) · MAC reduction {mr:.2f}x · efficiency {report.efficiency:.2f}" if mr
+                     else f"speedup {report.speedup:.2f}x")
+    if report.nodes:
+        cols = [Column("node", "left", 100, name=True), Column("original µs", keep=100),
+                Column("rewritten µs", keep=100), Column("speedup", keep=90)]
+        cells = [[n.name, f"{n.time_a_us:.1f}" if n.time_a_us else "?", f"{n.time_b_us:.1f}" if n.time_b_us else "?",
+                  f"{n.speedup:.2f}x" if n.speedup else "?"] for n in report.nodes]
+        nt, dropped = fit_table(cols, cells, width, title="rewritten convs: summed kernel times (onnxruntime profiler)")
+        parts += [nt, dropped_note(dropped, width)]
+        p = report.profile
+        if p is not None:
+            parts.append(f"Kernel time of each conv and of the nodes that replaced it (fused activations included), "
+                         f"median of {p.runs} profiled runs at the timed runs' settings (threads: "
+                         f"{p.threads or 'default'}, spinning {p.spinning}). Rows add up to {p.rewritten_a_us:.0f} -> "
+                         f"{p.rewritten_b_us:.0f} µs; all kernels: {p.kernels_a_us:.0f} -> {p.kernels_b_us:.0f} µs "
+                         f"({p.other_b_us:.0f} µs of the rewritten model in layout reorders and other nodes of no "
+                         "conv). The medians above are wall time per run, kernels plus the gaps between them.")
+    return render(parts, width)
+
+
+__all__ = ["AUDIT_COLUMNS", "CSV_FIELDS", "FORMATS", "FORMAT_OF_SUFFIX", "audit_table", "channel_drift_note", "human",
+           "render_audit", "render_audit_csv", "render_audit_json", "render_audit_markdown", "render_audit_text",
+           "render_bench", "render_calibration", "render_drift", "render_latency", "render_rewrite", "render_sweep",
+           "sort_nodes", "summary_table"]
