@@ -42,7 +42,9 @@ from ..core.stages import Stage, cast_stages, compose
 from ..errors import ParameterError, UsageError
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..pipeline.plan import Policy, plan as make_plan, unreachable_budget
+from ..pipeline.lut import grid_candidates
+from ..pipeline.plan import (Policy, Prediction, latency_costs, plan as make_plan, prior_scale, unreachable_budget,
+                             unreachable_speedup)
 from ..pipeline.realize import realization, realize
 from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
@@ -84,6 +86,7 @@ class CalibrationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # what the plan was made at
+    prediction: dict[str, Any] | None = None  # latency cost: what the allocation expects (plan.Prediction)
 
     @property
     def macs_ratio(self) -> float:
@@ -148,12 +151,22 @@ class Calibrator:
         self.shapes = plan_input_shapes(self.loaded.model, self.calib, input_shapes)
         self.input_values = input_values  # for the plans' shape fallback (and benchmarks) at self.shapes
         self.folded_model, self.folded = fold_batchnorms(self.loaded.model) if opts.fold_bn else (self.loaded.model, [])
-        self.base = make_plan(self._derived(self.folded_model), self.policy, self.shapes, input_values=input_values)
+        base_policy = self.policy
+        if allocation == "sensitivity" and (self.policy.cost == "latency" or self.policy.mode == "speedup"):
+            # The base plan only says which layers are eligible; the latency allocation is calibration's.
+            base_policy = replace(self.policy, mode="budget", budget=1.0, target_speedup=None, cost="macs",
+                                  latency_table=None)
+        self.base = make_plan(self._derived(self.folded_model), base_policy, self.shapes, input_values=input_values)
         if allocation == "sensitivity":
             self.layers = layers_from_plan(self.base)
         else:
             self.layers = layers_from_plan(self.base, [n.qualified_name for n in self.base.rewrites])
         self.by_name = {l.name: l for l in self.layers}
+        self.latency = None  # LatencyCosts under latency cost or only_faster
+        self._lat: dict[str, tuple[float, dict[tuple[str, int], float]]] = {}
+        self.prediction: Prediction | None = None
+        if allocation == "sensitivity" and (self.policy.cost == "latency" or opts.only_faster):
+            self._measure_latencies()
         self.work = WorkingModel(self.folded_model, self.layers)
         self.outputs = float_outputs(self.folded_model)
         self.targets = Targets()
@@ -166,6 +179,33 @@ class Calibrator:
     @property
     def conv_macs(self) -> int:
         return self.base.conv_macs
+
+    def _schemes(self) -> list[str]:
+        return list(scheme_names()) if self.policy.scheme == "auto" else [self.policy.scheme]
+
+    def _measure_latencies(self) -> None:
+        """Time every layer and its candidates on the latency grid (variant "": calibration's); the
+        candidates faster than their conv are the ranks the profiles evaluate."""
+        t = time.perf_counter()
+        self.latency = latency_costs(self.base.analysis, self.policy, progress=self.progress)
+        specs = {s.ref.qualified_name: s for s in self.base.analysis.specs}
+        wanted = {n.qualified_name: [] for n in self.base.nodes if self.latency.covers(specs[n.qualified_name])}
+        for layer in self.layers:
+            wanted[layer.name] = [c for c in grid_candidates(layer.geo, self._schemes()) if c[1] == ""]
+        self.latency.require(wanted)
+        for layer in self.layers:
+            orig = self.latency.original(layer.spec)
+            if orig is None:
+                continue
+            found = {(c[0], c[2]): self.latency.candidate(layer.spec, *c) for c in wanted[layer.name]}
+            self._lat[layer.name] = (orig, {k: us for k, us in found.items() if us is not None and us < orig})
+        self._conv_us = {n.qualified_name: self.latency.original(specs[n.qualified_name]) for n in self.base.nodes
+                         if n.qualified_name in wanted}
+        self.timings["latency"] = time.perf_counter() - t
+
+    def _rank_grid(self, layer, scheme: str) -> list[int]:
+        """The measured-faster ranks of ``scheme`` for ``layer`` (latency cost / only_faster)."""
+        return sorted(r for (s, r) in self._lat.get(layer.name, (0.0, {}))[1] if s == scheme)
 
     def profile(self) -> None:
         """The reference pass (targets; curves and probes under sensitivity allocation) and the sensitivities.
@@ -188,7 +228,8 @@ class Calibrator:
             t = time.perf_counter()
             self.profiles = reference_pass(self.work, self.layers, self.calib, rows=self.rows, seed=self.seed,
                                            schemes=schemes if self.allocation == "sensitivity" else None,
-                                           targets=self.targets, progress=bar)
+                                           targets=self.targets, progress=bar,
+                                           rank_grid=self._rank_grid if self.latency is not None else None)
             self.timings["reference_pass"] = time.perf_counter() - t
             if self.allocation == "sensitivity":
                 t = time.perf_counter()
@@ -196,34 +237,83 @@ class Calibrator:
                                       progress=bar)
                 self.timings["sensitivities"] = time.perf_counter() - t
 
-    def choose(self, budget: float | None = None, max_drift: float | None = None) -> tuple[dict[str, Pick], float | None]:
-        """Scheme, rank and variant per layer, and the predicted drift (None under plan allocation)."""
+    def choose(self, budget: float | None = None, max_drift: float | None = None, *, speedup: float | None = None,
+               scale: float | None = None) -> tuple[dict[str, Pick], float | None]:
+        """Scheme, rank and variant per layer, and the predicted drift (None under plan allocation).
+
+        Cost: MACs, or measured latency under latency cost (:attr:`latency`): a budget is then a
+        fraction of the convs' summed latency, and ``speedup`` ``S`` asks for ``(1 − 1/S)·T / scale``
+        µs saved of the model's measured latency ``T`` (:attr:`prediction` holds what is expected)."""
         if self.allocation == "plan":
             return {n.qualified_name: (n.scheme, n.rank, n.variant) for n in self.base.rewrites
                     if n.qualified_name in self.by_name}, None
-        if budget is None and max_drift is None:
-            raise UsageError("allocation by sensitivity needs a budget or a max_drift")
-        # One decision per weight: convs sharing one are one layer of the walk (MACs and drifts added,
+        if budget is None and max_drift is None and speedup is None:
+            raise UsageError("allocation by sensitivity needs a budget or a max_drift (or a speedup target)")
+        lat = self.latency if self.policy.cost == "latency" else None
+        # One decision per weight: convs sharing one are one layer of the walk (costs and drifts added,
         # over the choices every member has).
         unit_of = weight_units(self.layers)
         units: dict[str, list[LayerProfile]] = {}
         for n, p in self.profiles.items():
+            if lat is not None and n not in self._lat:
+                continue  # no latency for it: not a candidate of a latency plan
             units.setdefault(unit_of.get(n, n), []).append(p)
         layers = {}
         for u, profs in units.items():
-            per = [{o.payload: o for o in p.options()} for p in profs]
+            if lat is not None:
+                per = [{o.payload: o for o in p.options(lambda sch, r, t=self._lat[p.name][1]: t.get((sch, r)))}
+                       for p in profs]
+                cost0 = sum(self._lat[p.name][0] for p in profs)
+            else:
+                per = [{o.payload: o for o in p.options()} for p in profs]
+                if self.latency is not None:  # only_faster: the candidates measured faster, on MACs
+                    per = [{k: o for k, o in q.items() if k in self._lat.get(p.name, (0, {}))[1]}
+                           for q, p in zip(per, profs)]
+                cost0 = sum(p.macs for p in profs)
             common = [k for k in per[0] if all(k in q for q in per[1:])]
-            layers[u] = (sum(p.macs for p in profs),
-                         [Option(sum(q[k].cost for q in per), sum(q[k].loss for q in per), k) for k in common])
-        result = greedy(layers, target=budget * self.conv_macs if budget is not None else None, max_loss=max_drift,
-                        convex=True, fixed=self.conv_macs - sum(c0 for c0, _ in layers.values()))
+            layers[u] = (cost0, [Option(sum(q[k].cost for q in per), sum(q[k].loss for q in per), k) for k in common])
+        inside = sum(c0 for c0, _ in layers.values())
+        model_us = None
+        if lat is None:
+            total = self.conv_macs
+            target = budget * total if budget is not None else None
+            fixed = total - inside
+        else:
+            total = sum(v for v in self._conv_us.values() if v is not None)
+            if speedup is not None:
+                model_us = self.model_us()
+                scale = prior_scale(model_us, total) if scale is None else scale
+                target = model_us - (1 - 1 / speedup) * model_us / scale
+                fixed = model_us - inside
+            else:
+                target = budget * total if budget is not None else None
+                fixed = total - inside
+        result = greedy(layers, target=target, max_loss=max_drift, convex=True, fixed=fixed)
         if result.exhausted:
-            raise unreachable_budget(budget, result.cost / self.conv_macs if self.conv_macs else 1.0)
+            if speedup is not None:
+                raise unreachable_speedup(speedup, model_us / max(model_us - scale * (model_us - result.cost), 1e-9))
+            raise unreachable_budget(budget, result.cost / total if total else 1.0)
         picks = {u: o.payload for u, o in result.chosen.items()}
         loss = result.loss
-        if budget is not None:
+        if budget is not None and lat is None and self.latency is None:
             picks, loss = self._fill(units, layers, picks, loss, budget * self.conv_macs - result.cost)
+        if lat is not None:
+            after = sum(self._lat[p.name][1][picks[u]] if u in picks else self._lat[p.name][0]
+                        for u, profs in units.items() for p in profs)
+            before = sum(self._lat[p.name][0] for profs in units.values() for p in profs)
+            self.prediction = Prediction(self.policy.threads, total, total - (before - after), loss, model_us,
+                                         1.0 if scale is None else scale,
+                                         str(lat.table.path) if lat.table.path is not None else None, lat.local)
         return {n: (*picks[u], "") for n, u in unit_of.items() if u in picks and n in self.profiles}, loss
+
+    def model_us(self) -> float:
+        """The input model's measured latency (µs) at the policy's threads, once per calibrator."""
+        if getattr(self, "_model_us", None) is None:
+            from ..pipeline.verify import model_inputs
+
+            feeds, _ = model_inputs(self.loaded, None, self.shapes, 0, self.input_values)
+            self._model_us = self.latency.model_us(self.loaded.model, feeds, self.loaded.label)
+        return self._model_us
 
     def _fill(self, units, layers, picks, loss, slack):
         """Spend what the last greedy step left under the budget: the rank curves are sampled on a
@@ -365,7 +455,7 @@ class Calibrator:
                     if self.allocation != "sensitivity":
                         reason = node.reason or Reason.KEPT_BY_PLAN
                     elif prof is not None and not any(c.ranks for c in prof.curves.values()):
-                        reason = Reason.NO_MAC_SAVING
+                        reason = Reason.NOT_FASTER if self.latency is not None else Reason.NO_MAC_SAVING
                     else:
                         reason = Reason.DRIFT_BOUND_REACHED if by_drift else Reason.NOT_NEEDED_FOR_BUDGET
                 kept.append({"name": name, "reason": reason or Reason.KEPT_BY_PLAN})
@@ -391,7 +481,7 @@ def options_of(options: CalibrationOptions | None, kw: Mapping[str, Any]) -> Cal
 @single_blas
 def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random", input_shapes=None,
               *, options: CalibrationOptions | None = None, measure: bool = True, input_values=None,
-              **kw) -> CalibrationResult:
+              calibrator: Calibrator | None = None, scale: float | None = None, **kw) -> CalibrationResult:
     """Plan and calibrate the factors of ``model`` on sample inputs (see the module docstring).
 
     ``options`` (:class:`~sepify.calibration.options.CalibrationOptions`, or its fields as keywords):
@@ -403,25 +493,43 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     tightened and the layers calibrated again (at most 3 tries; the report notes a miss).
     ``input_values`` (see :func:`sepify.audit`) fix those inputs in random data and in the plans'
     shape fallback; calibration data that holds them must agree.
+
+    A speedup policy (``target_speedup``) allocates on measured latency the least predicted drift
+    that reaches the target (``scale`` corrects the isolated savings; :func:`calibrated_rewrite`
+    checks the result end to end).  ``calibrator``: a profiled :class:`Calibrator` to reuse (its
+    policy and options stand).
     """
-    policy = policy or Policy()
-    opts = options_of(options, kw)
+    policy = policy or (calibrator.policy if calibrator is not None else Policy())
+    opts = calibrator.options if calibrator is not None else options_of(options, kw)
     max_drift, allocation = opts.max_drift, opts.allocation
     if max_drift is not None and policy.mode in ("tol", "rank"):
         raise ParameterError("max_drift", max_drift, f"chooses ranks itself; a {policy.mode} policy cannot go with it")
+    if max_drift is not None and policy.mode == "speedup":
+        raise ParameterError("max_drift", max_drift, "a speedup target already asks for the least drift: give one "
+                                                     "of the two (--max-drift with --cost latency: the fastest model "
+                                                     "within the drift)")
     if allocation == "auto":
-        allocation = "sensitivity" if (policy.mode == "budget" or max_drift is not None) else "plan"
+        allocation = "sensitivity" if (policy.mode in ("budget", "speedup") or max_drift is not None) else "plan"
+    if allocation == "plan" and (policy.mode == "speedup" or opts.only_faster):
+        raise ParameterError("allocation", "plan", "a speedup target and only_faster are allocated on calibration "
+                                                   "sensitivities (allocation sensitivity)")
+    if allocation == "plan" and policy.cost == "latency":
+        raise ParameterError("allocation", "plan", "latency cost with calibration is allocated on sensitivities")
     rows, seed = opts.rows, opts.seed
     t0 = time.perf_counter()
-    cal = Calibrator(model, policy, data, input_shapes, options=replace(opts, allocation=allocation),
-                     input_values=input_values)
-    cal.profile()
+    if calibrator is None:
+        cal = Calibrator(model, policy, data, input_shapes, options=replace(opts, allocation=allocation),
+                         input_values=input_values)
+        cal.profile()
+    else:
+        cal = calibrator
     budget = policy.budget if policy.mode == "budget" else None
+    speedup = policy.target_speedup if policy.mode == "speedup" else None
     notes: list[str] = cal.notes
     bound = max_drift
     drift = drift_cos = drift_w = drift_w_cos = None
     for attempt in range(MAX_DRIFT_TRIES if max_drift is not None else 1):
-        choices, predicted = cal.choose(budget, bound)
+        choices, predicted = cal.choose(budget, bound, speedup=speedup, scale=scale)
         results, solved = cal.solve(choices)
         if measure or max_drift is not None:
             drift, drift_cos = cal.drift()
@@ -437,7 +545,8 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
         drift_w, drift_w_cos = cal.drift()
     cal.timings["total"] = time.perf_counter() - t0
     after = cal.conv_macs - sum(r.macs_before - r.macs_after for r in results.values())
-    if budget is not None and cal.conv_macs and after / cal.conv_macs < budget - BUDGET_TOLERANCE:
+    if budget is not None and policy.cost == "macs" and cal.conv_macs and \
+            after / cal.conv_macs < budget - BUDGET_TOLERANCE:
         notes.append(f"conv MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no rank step of the "
                      f"chosen layers lands closer (the layers' MACs per rank are too coarse)")
     report = CalibrationReport(
@@ -445,7 +554,8 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
         cal.conv_macs, after, predicted, opts.drift_metric, drift, drift_w, drift_cos, drift_w_cos,
         [results[l.name] for l in cal.layers if l.name in results], [],
         [p.to_dict() for p in cal.profiles.values()] if allocation == "sensitivity" else [], dict(cal.timings), notes,
-        {k: list(v) for k, v in cal.shapes.items()})
+        {k: list(v) for k, v in cal.shapes.items()},
+        cal.prediction.to_dict() if cal.prediction is not None and policy.cost == "latency" else None)
     return CalibrationResult(report, dict(choices), dict(solved), dict(results), cal)
 
 
@@ -456,9 +566,42 @@ def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None =
 
     Returns ``(ModelProto, RewriteReport, CalibrationReport)``.  The rewrite report's
     ``weight_error`` is against the original (BatchNorm-folded) weight and ``planned_error`` is the
-    layer's relative output error on the calibration data.
+    layer's relative output error on the calibration data.  A speedup policy is checked end to end
+    and corrected (:mod:`sepify.pipeline.speedup`): every round calibrates its choices again.
     """
-    result = calibrate(model, policy, data, input_shapes, **kw)
+    policy = policy or Policy()
+    if policy.mode != "speedup":
+        return _write(calibrate(model, policy, data, input_shapes, **kw), lowering)
+    from ..pipeline.speedup import reach
+    from ..pipeline.verify import model_inputs
+
+    input_values = kw.pop("input_values", None)
+    kw.pop("measure", None)
+    opts = options_of(kw.pop("options", None), kw)
+    if opts.allocation == "plan":
+        raise ParameterError("allocation", "plan", "a speedup target is allocated on calibration sensitivities")
+    cal = Calibrator(model, policy, data, input_shapes, options=replace(opts, allocation="sensitivity"),
+                     input_values=input_values)
+    cal.profile()
+    results: dict[int, CalibrationResult] = {}
+
+    def build(scale):
+        res = calibrate(cal.loaded, calibrator=cal, scale=scale)
+        out, report, creport = _write(res, lowering)
+        results[id(report)] = res
+        report.prediction = creport.prediction
+        return out, report, cal.prediction
+
+    feeds, _ = model_inputs(cal.loaded, None, cal.shapes, 0, cal.input_values)
+    out, report, check = reach(build, cal.loaded.model, feeds, policy.target_speedup, policy.threads,
+                               checked=cal.latency.local)
+    report.speedup = check.to_dict()
+    creport = results[id(report)].report
+    creport.notes.extend(r.note for r in check.rounds if r.note)
+    return out, report, creport
+
+
+def _write(result: CalibrationResult, lowering: str | None):
     cal = result.calibrator
     rep = result.report
     # Layers left out because the drift bound stopped the walk (not because the budget was met): with

@@ -41,13 +41,17 @@ class Layer:
         return max(1, min(prod(self.geo.out_spatial), math.ceil(rows / max(samples, 1))))
 
 
-def candidate_ranks(geo: ConvGeometry, scheme: str, max_ranks: int = MAX_CURVE_RANKS) -> tuple[list[int], dict[int, int]]:
-    """Ranks of ``scheme`` that cut MACs (all of them, or a geometric grid of ``max_ranks``), with their MACs."""
+def candidate_ranks(geo: ConvGeometry, scheme: str, max_ranks: int = MAX_CURVE_RANKS,
+                    grid: Iterable[int] | None = None) -> tuple[list[int], dict[int, int]]:
+    """Ranks of ``scheme`` that cut MACs (all of them, or a geometric grid of ``max_ranks``; ``grid``:
+    those of the given ranks), with their MACs."""
     sch = get_scheme(scheme)
     r_top = sch.break_even(geo)
     if r_top < 1:
         return [], {}
-    if r_top <= max_ranks:
+    if grid is not None:
+        ranks = sorted({int(r) for r in grid if 1 <= r <= r_top})
+    elif r_top <= max_ranks:
         ranks = list(range(1, r_top + 1))
     else:
         ranks = sorted({int(round(v)) for v in np.geomspace(1, r_top, max_ranks)})

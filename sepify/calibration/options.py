@@ -23,7 +23,8 @@ class CalibrationOptions:
     ``value_range``: random data uniform in ``(lo, hi)`` instead of N(0, 1); ``batch``: samples per
     run when the batch dim is symbolic; ``fold_bn``: fold Conv → BatchNormalization pairs;
     ``drift_metric``: ``channel`` | ``cosine``; ``allocation``: ``auto`` | ``sensitivity`` | ``plan``;
-    ``max_drift``: bound on the measured drift; ``progress``: progress bars on stderr.
+    ``max_drift``: bound on the measured drift; ``progress``: progress bars on stderr;
+    ``only_faster``: only candidates measured faster than their conv (ranks of the latency grid).
     """
 
     samples: int | None = None
@@ -36,6 +37,7 @@ class CalibrationOptions:
     allocation: str = "auto"
     max_drift: float | None = None
     progress: bool = False
+    only_faster: bool = False  # candidates restricted to measured-faster ranks of the latency grid
 
     def __post_init__(self) -> None:
         if self.samples is not None and self.samples < 1:

@@ -79,11 +79,17 @@ class LayerProfile:
         t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
         return math.exp(math.log(e_lo) + t * (math.log(e_hi) - math.log(e_lo)))
 
-    def options(self) -> list[Option]:
-        """(MACs, predicted drift = s·e², (scheme, rank)) of every candidate, for the allocator."""
+    def options(self, cost_of=None) -> list[Option]:
+        """(cost, predicted drift = s·e², (scheme, rank)) of every candidate, for the allocator; cost:
+        the MACs, or ``cost_of(scheme, rank)`` (None leaves the candidate out)."""
         s = self.sensitivity or 0.0
-        return [Option(m, s * e * e, (c.scheme, r)) for c in self.curves.values()
-                for r, m, e in zip(c.ranks, c.macs, c.error)]
+        out = []
+        for c in self.curves.values():
+            for r, m, e in zip(c.ranks, c.macs, c.error):
+                cost = m if cost_of is None else cost_of(c.scheme, r)
+                if cost is not None:
+                    out.append(Option(cost, s * e * e, (c.scheme, r)))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "macs": self.macs, "sensitivity": self.sensitivity, "probe_drift": self.probe_drift,
@@ -111,14 +117,15 @@ def _run_rows(layer: Layer, start: int, b: int, rows: int, samples: int, seed: i
     return bidx, np.concatenate(pos), bidx + start
 
 
-def _systems(layer: Layer, schemes: Sequence[str]):
-    """Per scheme: (r_max, SVD stages at r_max, candidate ranks, MACs) for a layer."""
+def _systems(layer: Layer, schemes: Sequence[str], rank_grid=None):
+    """Per scheme: (r_max, SVD stages at r_max, candidate ranks, MACs) for a layer; ``rank_grid(layer,
+    scheme)``: the ranks to evaluate (None: :func:`~sepify.calibration.layers.candidate_ranks`' grid)."""
     out = {}
     for s in schemes:
         sch = get_scheme(s)
         if sch.reason(layer.geo) is not None:
             continue
-        ranks, macs = candidate_ranks(layer.geo, s)
+        ranks, macs = candidate_ranks(layer.geo, s, grid=rank_grid(layer, s) if rank_grid else None)
         if not ranks:
             continue
         r_max = ranks[-1]
@@ -134,7 +141,7 @@ def _eq_bytes(stages: Sequence[Stage]) -> int:
 
 def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: CalibrationSet, *, rows: int, seed: int,
                    schemes: Sequence[str] | None, targets: Targets, progress=None,
-                   probe_target: float = SENSITIVITY_TARGET) -> dict[str, LayerProfile]:
+                   probe_target: float = SENSITIVITY_TARGET, rank_grid=None) -> dict[str, LayerProfile]:
     """One pass per chunk of layers over the original model: stores the targets (original conv
     outputs at the sampled positions) and, when ``schemes`` is given, every layer's output-error
     curves per scheme and rank plus a probe candidate for its sensitivity."""
@@ -142,7 +149,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     chunks: list[list[tuple[Layer, dict]]] = []
     budget = 0
     for layer in layers:
-        systems = _systems(layer, schemes) if schemes else {}
+        systems = _systems(layer, schemes, rank_grid) if schemes else {}
         size = sum(_eq_bytes(v[1]) for v in systems.values())
         if not chunks or budget + size > GRAM_BUDGET:
             chunks.append([])

@@ -91,10 +91,15 @@ POLICY_DESTS = ("lossless", "tol", "rank", "budget")
 
 class PolicyArgs(ArgGroup):
     flags = {"lossless": "--lossless", "tol": "--tol", "rank": "--rank", "budget": "--budget",
-             "scheme": "--scheme", "include": "--include", "exclude": "--exclude", "min_macs": "--min-macs"}
+             "scheme": "--scheme", "include": "--include", "exclude": "--exclude", "min_macs": "--min-macs",
+             "target_speedup": "--target-speedup", "cost": "--cost", "latency_table": "--latency-table"}
+
+    def __init__(self, threads: bool = False):
+        self.threads = threads  # add --threads here (commands without the latency group's)
 
     def add(self, p):
-        pol = p.add_argument_group("policy (one of --lossless, --tol, --rank, --budget; default --lossless)")
+        pol = p.add_argument_group("policy (one of --lossless, --tol, --rank, --budget, --target-speedup; default "
+                                   "--lossless)")
         pol.add_argument("--lossless", action="store_true", help="only exact factorizations that cut MACs")
         pol.add_argument("--tol", type=float, metavar="E",
                          help="per layer the cheapest factorization within relative weight error E, 0 <= E <= 1 "
@@ -108,15 +113,41 @@ class PolicyArgs(ArgGroup):
         pol.add_argument("--exclude", metavar="REGEX", help="skip nodes whose name matches")
         pol.add_argument("--min-macs", type=int, default=0, metavar="N", help="skip layers below N MACs")
         pol.add_argument("--no-chain", action="store_true", help="do not split a dw-pw/pw-dw kernel stage further")
+        pol.add_argument("--target-speedup", type=float, metavar="S",
+                         help="the least error that makes the model S times faster end to end at --threads, on "
+                              "measured latency (checked by timing the result; corrected in up to 3 rounds)")
+        pol.add_argument("--cost", choices=("macs", "latency"), default=None,
+                         help="what --budget / --tol / --max-drift spend: conv MACs (default; the same plan on every "
+                              "machine) or onnxruntime latency measured per conv and candidate at --threads "
+                              "(--target-speedup: always latency)")
+        pol.add_argument("--latency-table", metavar="FILE.json",
+                         help="plan with a latency table measured elsewhere (sepify latency-table on the target) "
+                              "instead of this machine's cache")
+        if self.threads:
+            pol.add_argument("--threads", type=int, default=None, metavar="T",
+                             help="onnxruntime intra-op threads the latencies are measured at (latency cost)")
 
     def parse(self, args):
         from ..pipeline.plan import Policy
 
         if args.min_macs < 0:
             raise UsageError(f"--min-macs {args.min_macs}: must be ≥ 0")
+        threads = getattr(args, "threads", None)
+        check_threads(threads)
+        latency = args.cost == "latency" or args.target_speedup is not None
+        if not latency:
+            refuse(args, ["latency_table"], "is what latency cost plans with: add --cost latency or --target-speedup")
+        if args.target_speedup is not None:
+            given_policies = given(args, *POLICY_DESTS)
+            if given_policies:
+                raise UsageError(f"--target-speedup and {given_policies[0]}: choose one policy")
+            return Policy(target_speedup=args.target_speedup, scheme=args.scheme, include=args.include,
+                          exclude=args.exclude, min_macs=args.min_macs, chain=not args.no_chain, cost=args.cost,
+                          threads=threads, latency_table=args.latency_table)
         return Policy.from_args(lossless=args.lossless, tol=args.tol, rank=args.rank, budget=args.budget,
                                 scheme=args.scheme, include=args.include, exclude=args.exclude,
-                                min_macs=args.min_macs, chain=not args.no_chain)
+                                min_macs=args.min_macs, chain=not args.no_chain, cost=args.cost,
+                                threads=threads if latency else None, latency_table=args.latency_table)
 
 
 @dataclass(frozen=True)
@@ -147,7 +178,8 @@ class LatencyArgs(ArgGroup):
                          help="time each planned rewrite against its original conv in onnxruntime (isolated, real "
                               "shapes) and keep it only if faster, written in its fastest lowering")
         lat.add_argument("--threads", type=int, default=None, metavar="T",
-                         help="onnxruntime intra-op threads for --only-faster and --bench (default: onnxruntime's)")
+                         help="onnxruntime intra-op threads for --only-faster, --bench, --cost latency and "
+                              "--target-speedup (default: onnxruntime's)")
         lat.add_argument("--latency-runs", type=int, default=None, metavar="N",
                          help="interleaved rounds per node for --only-faster (default: as many as fit 1 s, 10-50)")
 
@@ -157,8 +189,10 @@ class LatencyArgs(ArgGroup):
             raise UsageError(f"--latency-runs {args.latency_runs}: must be ≥ 1")
         if not args.only_faster:
             refuse(args, ["latency_runs"], "times --only-faster's measurements; add --only-faster")
-            if not getattr(args, "bench", False):
-                refuse(args, ["threads"], "sets the threads of --only-faster and --bench; add one of them")
+            latency_cost = getattr(args, "cost", None) == "latency" or getattr(args, "target_speedup", None) is not None
+            if not getattr(args, "bench", False) and not latency_cost:
+                refuse(args, ["threads"], "sets the threads of --only-faster, --bench and latency cost; add one of "
+                                          "them")
         return LatencyOptions(args.lowering, args.only_faster, args.threads, args.latency_runs)
 
 

@@ -14,6 +14,7 @@ import traceback
 from typing import Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, SepifyError, UsageError
+from ..core.schemes import names as scheme_names
 from ..version import __version__
 from .args import (BenchArgs, CalibrationArgs, GateArgs, HelpFormatter, LatencyArgs, PolicyArgs, ProgressArgs, ShapeArgs,
                    SweepArgs, ToleranceArgs, error_message)
@@ -117,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     BenchArgs().add(b)
     _format(b, ("table", "json"), "report format")
 
+    t = sub.add_parser("latency-table", help="measure a model's convs and candidate chains on this machine (the "
+                                             "deployment target) for --latency-table",
+                       description="Time every conv of MODEL and each candidate chain on the latency grid in "
+                                   "onnxruntime at --threads, plus the whole model, and write the latency table "
+                                   "that --latency-table plans with elsewhere.")
+    _common(t)
+    t.add_argument("model", metavar="MODEL", help="the ONNX model")
+    t.add_argument("-o", "--output", metavar="FILE.json", required=True, help="where to write the table")
+    ShapeArgs().add(t)
+    t.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="onnxruntime intra-op threads to measure at (default: onnxruntime's)")
+    t.add_argument("--scheme", action="append", default=None, choices=scheme_names(),
+                   help="only these schemes' candidates (repeatable; default: every registered scheme)")
+    _format(t, ("table", "json"), "how to print the summary")
+    ProgressArgs().add(t)
+
     for name, helptext in (("plan", "show the rewrite plan; with --sweep the MACs/drift trade-off curve"),
                            ("report", "write a self-contained HTML report (audit, plan, calibration, curve)")):
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; nothing else "
@@ -124,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("model", metavar="MODEL", help="the ONNX model")
         ShapeArgs().add(p)
-        PolicyArgs().add(p)
+        PolicyArgs(threads=True).add(p)
         CalibrationArgs(html=name == "plan").add(p)
         SweepArgs(plot=name == "plan").add(p)
         ProgressArgs().add(p)

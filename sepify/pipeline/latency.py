@@ -38,12 +38,11 @@ from ..errors import ParameterError, UsageError
 from ..model.load import ort_max_ir_version
 from .bench import DEFAULT_BUDGET_S, DEFAULT_WARMUP, time_models
 from .emit import emit
+from .lut import FUSED_ACTIVATIONS, fused_activation  # noqa: F401 - FUSED_ACTIVATIONS re-exported
 from .plan import Plan
 from .realize import realize
 
 MIN_CLEAN_ROUNDS = 5
-# Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
-FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
 
 
 @dataclass
@@ -76,22 +75,6 @@ class NodeLatency:
 # ----------------------------------------------------------------------------------------------
 # Isolated models
 # ----------------------------------------------------------------------------------------------
-def _fused_activation(an, spec):
-    """The conv's only consumer when it is an activation onnxruntime fuses into convs (constant extra inputs)."""
-    ref = spec.ref
-    y = ref.node.output[0]
-    users = an.view.consumers.get(y, [])
-    if len(users) != 1 or y in {o.name for o in ref.graph.output}:
-        return None
-    act = users[0]
-    if act.op_type not in FUSED_ACTIVATIONS or act.node.domain not in ("", "ai.onnx") or act.graph is not ref.graph:
-        return None
-    for name in act.node.input[1:]:
-        if name and an.view.constant(name, act) is None:
-            return None
-    return act
-
-
 def isolated_model(an, spec, *, activation: bool = True) -> onnx.ModelProto:
     """The conv of ``spec`` alone (plus its fused activation) at its real input shape and dtype,
     with its real weight; the bias (if any) from the model, or zeros when it is not constant."""
@@ -109,7 +92,7 @@ def isolated_model(an, spec, *, activation: bool = True) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.asarray(bias), spec.b_name))
     nodes = [node]
     out_name = node.output[0]
-    act = _fused_activation(an, spec) if activation else None
+    act = fused_activation(an, spec) if activation else None
     if act is not None:
         copy = onnx.NodeProto()
         copy.CopyFrom(act.node)
@@ -169,7 +152,7 @@ def measure_node(an, spec, rz: Realization, *, lowerings: Sequence[str] | None =
     medians = {k: float(np.median(t) * 1e6) for k, t in zip(cands, times[1:])}
     speedups = {k: float(np.median(t0 / t)) for k, t in zip(cands, times[1:])}
     chosen = max(speedups, key=lambda k: speedups[k])
-    act = _fused_activation(an, spec)
+    act = fused_activation(an, spec)
     contention = [c for c in (rounds.contention(j) for j in range(len(models))) if c is not None]
     return NodeLatency(spec.ref.qualified_name, threads, len(rounds.times[0]), float(np.median(t0) * 1e6), medians,
                        speedups, chosen, speedups[chosen], min_speedup, act.op_type if act is not None else None,

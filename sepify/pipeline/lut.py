@@ -87,6 +87,8 @@ class LatencyTable:
     meta: dict[str, Any]
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
+    # whole models measured with the table (sepify latency-table): digest -> {"label", "latency_us"}
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, threads: int | None) -> "LatencyTable":
@@ -111,7 +113,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "sepify_version": __version__, "meta": self.meta,
-                "entries": dict(sorted(self.entries.items()))}
+                "models": self.models, "entries": dict(sorted(self.entries.items()))}
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         from ..model.save import write_text_atomic
@@ -129,7 +131,7 @@ class LatencyTable:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            return cls(dict(data["meta"]), dict(data.get("entries", {})), path)
+            return cls(dict(data["meta"]), dict(data.get("entries", {})), path, dict(data.get("models", {})))
         except FileNotFoundError:
             raise UsageError(f"{path}: no such latency table") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -154,6 +156,26 @@ def cached_table(threads: int | None) -> LatencyTable:
     table = LatencyTable.empty(threads)
     table.path = path
     return table
+
+
+# Activations onnxruntime fuses into a preceding Conv (ConvActivationFusion, NCHWc).
+FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid")
+
+
+def fused_activation(an, spec):
+    """The conv's only consumer when it is an activation onnxruntime fuses into convs (constant extra inputs)."""
+    ref = spec.ref
+    y = ref.node.output[0]
+    users = an.view.consumers.get(y, [])
+    if len(users) != 1 or y in {o.name for o in ref.graph.output}:
+        return None
+    act = users[0]
+    if act.op_type not in FUSED_ACTIVATIONS or act.node.domain not in ("", "ai.onnx") or act.graph is not ref.graph:
+        return None
+    for name in act.node.input[1:]:
+        if name and an.view.constant(name, act) is None:
+            return None
+    return act
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,5 +270,217 @@ def measure(table: LatencyTable, geo: ConvGeometry, candidates: Sequence[tuple[s
     table.meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-__all__ = ["Activation", "LatencyTable", "cached_table", "candidate_key", "chain_model", "conv_model", "cpu_model",
-           "measure", "op_key"]
+# ----------------------------------------------------------------------------------------------
+# The candidates of a model and their costs
+# ----------------------------------------------------------------------------------------------
+def latency_grid(top: int) -> list[int]:
+    """The ranks the latency planner measures, up to ``top``: 1, 2, 4, then every multiple of 8 up to
+    64, of 16 up to 256, of 32 up to 512 and of 64 beyond.  GEMM kernels work on channel blocks, so
+    a rank between two block sizes usually runs as slowly as the larger one; which sizes pay is
+    decided by the measurements (a rank no faster than a larger one is never chosen: the larger one
+    has less error), the grid only bounds how many are measured."""
+    out = [r for r in (1, 2, 4) if r <= top]
+    r = 8
+    while r <= top:
+        out.append(r)
+        r += 8 if r < 64 else 16 if r < 256 else 32 if r < 512 else 64
+    return out
+
+
+MAX_MAC_RATIO = 0.9  # candidates keeping more of the conv's MACs are not measured: they cannot pay for a node more
+
+
+def grid_candidates(geo: ConvGeometry, schemes: Sequence[str], max_mac_ratio: float = MAX_MAC_RATIO
+                    ) -> list[tuple[str, str, int]]:
+    """``(scheme, variant, rank)`` on :func:`latency_grid` for every applicable scheme and variant
+    (variant ``""`` for a scheme's first, as plans name it) below ``max_mac_ratio`` of the conv's MACs."""
+    out = []
+    for name in schemes:
+        sch = get_scheme(name)
+        if sch.reason(geo) is not None:
+            continue
+        for k, variant in enumerate(sch.variants(geo)):
+            top = sch.break_even(geo, variant)
+            for r in latency_grid(top):
+                if sch.macs(geo, r, variant) <= max_mac_ratio * geo.macs:
+                    out.append((name, "" if k == 0 else variant, r))
+    return out
+
+
+def model_key(model: onnx.ModelProto) -> str:
+    """A digest of the model's graph (for the end-to-end latency stored with a table)."""
+    import hashlib
+
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()[:20]
+
+
+class LatencyCosts:
+    """Measured latencies (µs) of a model's convs and of their candidate chains, at ``threads``.
+
+    ``table``: a :class:`LatencyTable` or the path of one measured elsewhere (``sepify latency-table``
+    on the deployment target), used as it is — a candidate it lacks is not a candidate, a conv it
+    lacks is an error; None: this machine's cached table, completed by measuring what it lacks
+    (:func:`measure`) and saved back.
+    """
+
+    def __init__(self, analysis, threads: int | None, table: "LatencyTable | str | os.PathLike | None" = None,
+                 *, progress: bool = False):
+        self.an = analysis
+        self.threads = threads
+        self.progress = progress
+        if table is None:
+            self.table, self.measuring = cached_table(threads), True
+        else:
+            self.table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+            self.measuring = False
+            if self.table.meta.get("threads") != threads:
+                raise UsageError(f"latency table {self.table.path or ''}: measured at threads="
+                                 f"{self.table.meta.get('threads')}, not {threads}; measure one with "
+                                 f"sepify latency-table --threads {threads}")
+        self._sig: dict[str, tuple[str, ConvGeometry, str, Activation | None, bool]] = {}
+        for spec in analysis.specs:
+            geo = spec.geometry() if spec.ref.op_type == "Conv" else None
+            if geo is None:
+                continue
+            act = fused_activation(analysis, spec)
+            activation = None
+            if act is not None:
+                consts = tuple(np.asarray(analysis.view.constant(n, act).value) for n in act.node.input[1:] if n)
+                attrs = tuple((a.name, helper.get_attribute_value(a)) for a in act.node.attribute)
+                activation = Activation(act.op_type, consts, attrs)
+            elem = spec.dtype or onnx.TensorProto.FLOAT
+            dtype = str(helper.tensor_dtype_to_np_dtype(elem))
+            key = op_key(geo, dtype, activation.label if activation else None, bool(spec.b_name))
+            self._sig[spec.ref.qualified_name] = (key, geo, dtype, activation, bool(spec.b_name))
+
+    @property
+    def local(self) -> bool:
+        """Whether the table was measured on this machine (its end-to-end checks mean something here)."""
+        return self.table.matches(self.threads) or self.measuring
+
+    def covers(self, spec) -> bool:
+        return spec.ref.qualified_name in self._sig
+
+    def key(self, spec) -> str:
+        return self._sig[spec.ref.qualified_name][0]
+
+    def require(self, wanted: dict[str, Sequence[tuple[str, str, int]]]) -> None:
+        """Make sure the table holds every node of ``wanted`` (qualified name → candidates): measured
+        here when the table is this machine's, else a clear error for a conv the table lacks."""
+        by_key: dict[str, tuple[tuple, list]] = {}
+        for name, cands in wanted.items():
+            if name not in self._sig:
+                continue
+            key, geo, dtype, act, bias = self._sig[name]
+            entry = by_key.setdefault(key, ((geo, dtype, act, bias), []))
+            entry[1].extend(cands)
+        if not self.measuring:
+            missing = [k for k in by_key if self.table.original(k) is None]
+            if missing:
+                raise UsageError(f"latency table {self.table.path or ''} has no entry for {len(missing)} conv "
+                                 f"geometr{'y' if len(missing) == 1 else 'ies'} of this model (e.g. {missing[0]}); "
+                                 "measure the model with sepify latency-table on the target")
+            return
+        todo = {k: v for k, v in by_key.items()
+                if self.table.original(k) is None or any(self.table.candidate(k, candidate_key(*c)) is None
+                                                          for c in v[1])}
+        if not todo:
+            return
+        from ..progress import progress as progress_bar
+
+        total = sum(len(v[1]) for v in todo.values())
+        with progress_bar(self.progress) as bar:
+            task = bar.add_task("latency table", total=total) if bar else None
+            for key, ((geo, dtype, act, bias), cands) in todo.items():
+                measure(self.table, geo, cands, dtype=dtype, bias=bias, activation=act, threads=self.threads,
+                        progress=bar, task=task)
+        if self.table.path is not None:
+            try:
+                self.table.save()
+            except OSError:
+                pass  # an unwritable cache only costs measuring again next time
+
+    def original(self, spec) -> float | None:
+        sig = self._sig.get(spec.ref.qualified_name)
+        return self.table.original(sig[0]) if sig else None
+
+    def candidate(self, spec, scheme: str, variant: str, rank: int) -> float | None:
+        sig = self._sig.get(spec.ref.qualified_name)
+        return self.table.candidate(sig[0], candidate_key(scheme, variant, rank)) if sig else None
+
+    def model_us(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], label: str = "") -> float:
+        """The whole model's median latency (µs) at ``threads``: measured here when the table is this
+        machine's (the load of the moment matters more than a cached figure), else the one stored
+        with a table measured on the target."""
+        key = model_key(model)
+        if not self.measuring:
+            stored = self.table.models.get(key)
+            if stored is None:
+                raise UsageError(f"latency table {self.table.path or ''} has no end-to-end latency of this model: "
+                                 "measure it with sepify latency-table MODEL on the target")
+            return float(stored["latency_us"])
+        us = measure_model(model, feeds, self.threads)
+        self.table.models[key] = {"label": label, "latency_us": us}
+        return us
+
+
+@dataclass
+class TableReport:
+    """What ``sepify latency-table`` measured: the table (this model's entries) and a summary."""
+
+    model: str
+    threads: int | None
+    convs: int  # convs with a latency entry
+    geometries: int  # distinct op keys among them
+    candidates: int
+    measured: int  # candidates measured in this run (the rest came from this machine's cache)
+    model_us: float
+    seconds: float
+    table: LatencyTable = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "threads": self.threads, "convs": self.convs,
+                "geometries": self.geometries, "candidates": self.candidates, "measured": self.measured,
+                "model_us": self.model_us, "seconds": self.seconds, "meta": self.table.meta}
+
+
+def latency_table(model, input_shapes=None, *, threads: int | None = None, schemes: Sequence[str] | None = None,
+                  input_values=None, progress: bool = False) -> TableReport:
+    """Measure every conv of ``model`` and its candidate chains on :func:`latency_grid` (all registered
+    schemes, or ``schemes``) at ``threads``, and the whole model's latency — on this machine, as the
+    deployment target.  This machine's cache supplies what it already holds and takes the new
+    entries; the returned table holds only this model's (write it with ``report.table.save(path)``)."""
+    from ..core.schemes import names as scheme_names
+    from .analysis import analyze_model
+    from .verify import model_inputs
+
+    t0 = time.perf_counter()
+    an = analyze_model(model, input_shapes, input_values)
+    costs = LatencyCosts(an, threads, progress=progress)
+    wanted = {}
+    for spec in an.specs:
+        if costs.covers(spec):
+            wanted[spec.ref.qualified_name] = grid_candidates(spec.geometry(), list(schemes or scheme_names()))
+    keys = {costs.key(s) for s in an.specs if costs.covers(s)}
+    before = sum(len(costs.table.entries.get(k, {}).get("candidates", {})) for k in keys)
+    costs.require(wanted)
+    feeds, _ = model_inputs(an.loaded, None, an.input_shapes, 0, an.table.input_values or None)
+    model_us = costs.model_us(an.loaded.model, feeds, an.loaded.label)
+    out = LatencyTable(dict(costs.table.meta))
+    for k in keys:
+        out.entries[k] = costs.table.entries[k]
+    out.models[model_key(an.loaded.model)] = {"label": an.loaded.label, "latency_us": model_us}
+    total = sum(len(costs.table.entries[k].get("candidates", {})) for k in keys)
+    return TableReport(an.loaded.label, threads, len(wanted), len(keys), total, max(0, total - before), model_us,
+                       time.perf_counter() - t0, out)
+
+
+def measure_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None,
+                  budget_s: float = 2.0) -> float:
+    """One model's median latency (µs), timed as :func:`sepify.pipeline.bench.benchmark` times."""
+    rounds = time_models([model], feeds, threads=threads, budget_s=budget_s)
+    return float(np.median(rounds.of(0, rounds.used(min(MIN_ROUNDS, len(rounds.times[0])))))) * 1e6
+
+
+__all__ = ["Activation", "LatencyCosts", "LatencyTable", "TableReport", "latency_table", "cached_table", "candidate_key", "chain_model",
+           "conv_model", "cpu_model", "grid_candidates", "latency_grid", "measure", "measure_model", "model_key", "op_key"]

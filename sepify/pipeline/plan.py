@@ -37,7 +37,8 @@ from ..model.shapes import input_values_record
 from ..serialize import SCHEMA_VERSION, dumps, from_dict
 from .analysis import ModelAnalysis, analyze_model, check_weight, geometry_reason
 
-POLICY_MODES = ("lossless", "tol", "rank", "budget")
+POLICY_MODES = ("lossless", "tol", "rank", "budget", "speedup")
+COSTS = ("macs", "latency")
 
 
 @dataclass
@@ -45,12 +46,20 @@ class Policy:
     """How to choose a decomposition per layer (see the module doc).
 
     ``mode``: ``lossless`` | ``tol`` (with ``tol``, a relative weight error in [0, 1]) | ``rank``
-    (with ``rank``) | ``budget`` (with ``budget``, the fraction of the conv MACs to keep, in (0, 1]).
+    (with ``rank``) | ``budget`` (with ``budget``, the fraction of the conv cost to keep, in (0, 1])
+    | ``speedup`` (with ``target_speedup``: the least error that reaches that end-to-end speedup).
     Left out, the mode is the one whose value is given (``Policy(budget=0.5)`` is a budget policy),
     else lossless; a value of another mode than the one named is refused.  ``scheme``: ``auto`` or
     one registered scheme (:func:`sepify.core.schemes.names`).  ``include`` / ``exclude``: regular
     expressions on node names; ``min_macs``: skip smaller layers; ``chain``: split an exactly
-    separable kernel stage further.
+    separable kernel stage further (MAC cost only).
+
+    ``cost``: what a rewrite saves — ``macs`` (the default for every mode but speedup: the same plan
+    on every machine, nothing timed) or ``latency`` (onnxruntime latencies of each conv and each
+    candidate chain at its real shapes and ``threads``, from a latency table:
+    :mod:`sepify.pipeline.lut`; ``latency_table`` names one measured elsewhere, else this machine's
+    cache is completed by measuring).  Under latency cost only measured ranks are candidates and
+    only candidates faster than their conv.
 
     Every bad value raises :class:`sepify.ParameterError` naming the parameter.
     """
@@ -64,9 +73,14 @@ class Policy:
     exclude: str | None = None
     min_macs: int = 0
     chain: bool = True
+    target_speedup: float | None = None
+    cost: str = None  # type: ignore[assignment]  # None: "latency" for a speedup policy, else "macs"
+    threads: int | None = None  # onnxruntime intra-op threads the latencies are measured at
+    latency_table: str | None = None  # a table measured elsewhere (sepify latency-table); None: this machine's
 
     def __post_init__(self) -> None:
-        values = [m for m, v in (("tol", self.tol), ("rank", self.rank), ("budget", self.budget)) if v is not None]
+        values = [m for m, v in (("tol", self.tol), ("rank", self.rank), ("budget", self.budget),
+                                 ("speedup", self.target_speedup)) if v is not None]
         if self.mode is None:
             if len(values) > 1:
                 raise ParameterError("policies", values, "choose one policy")
@@ -75,7 +89,23 @@ class Policy:
             raise ParameterError("mode", self.mode, f"unknown policy (one of {', '.join(POLICY_MODES)})")
         other = [m for m in values if m != self.mode]
         if other:
-            raise ParameterError(other[0], getattr(self, other[0]), f"is not a parameter of a {self.mode} policy")
+            label = "target_speedup" if other[0] == "speedup" else other[0]
+            raise ParameterError(label, getattr(self, label), f"is not a parameter of a {self.mode} policy")
+        if self.cost is None:
+            self.cost = "latency" if self.mode == "speedup" else "macs"
+        if self.cost not in COSTS:
+            raise ParameterError("cost", self.cost, f"unknown cost (one of {', '.join(COSTS)})")
+        if self.mode == "speedup" and self.cost != "latency":
+            raise ParameterError("cost", self.cost, "a speedup target is reached on measured latency (cost latency)")
+        if self.mode == "speedup" and (self.target_speedup is None or not self.target_speedup > 1):
+            raise ParameterError("target_speedup", self.target_speedup, "needs a speedup > 1 (e.g. 1.4)")
+        if self.mode == "rank" and self.cost != "macs":
+            raise ParameterError("cost", self.cost, "a rank policy fixes the rank: it has no cost to minimize")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ParameterError("threads", self.threads, "needs a number of threads ≥ 1")
+        if self.latency_table is not None and self.cost != "latency":
+            raise ParameterError("latency_table", self.latency_table, "is used by latency cost only (cost='latency')")
         if self.scheme not in ("auto", *scheme_names()):
             raise ParameterError("scheme", self.scheme, f"unknown scheme (auto, {', '.join(scheme_names())})")
         if self.mode == "tol" and (self.tol is None or not 0 <= self.tol <= 1):
@@ -118,6 +148,7 @@ class Candidate:
     macs: int
     chained: bool = False
     variant: str = ""  # "": the scheme's cheaper variant
+    latency_us: float | None = None  # measured (latency cost)
 
     @property
     def label(self) -> str:
@@ -144,9 +175,43 @@ class NodePlan:
     dtype: str | None = None
     lowering: str | None = None  # "branches" | "grouped" | "concat"; None: rewrite()'s choice
     latency: dict[str, Any] | None = None  # onnxruntime timings (sepify.pipeline.latency.measure_plan)
+    latency_us: float | None = None  # latency cost: the conv's measured latency (µs)
+    latency_us_after: float | None = None  # latency cost: the planned chain's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Prediction:
+    """What a latency-cost plan expects (isolated latencies, µs): the conv latencies before and after,
+    and with the measured end-to-end latency of the model (speedup policies) the predicted speedup
+    ``model_us / (model_us − scale · saved)``; ``scale`` corrects the isolated savings from
+    end-to-end measurements (:mod:`sepify.pipeline.speedup`)."""
+
+    threads: int | None
+    conv_us: float
+    conv_us_after: float
+    loss: float  # the allocator's total loss (weight-only: retained spectral energy lost)
+    model_us: float | None = None
+    scale: float = 1.0
+    table: str | None = None
+    measured_here: bool = True
+
+    @property
+    def saved_us(self) -> float:
+        return self.conv_us - self.conv_us_after
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.model_us:
+            return None
+        return self.model_us / max(self.model_us - self.scale * self.saved_us, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["predicted_speedup"] = self.speedup
+        return d
 
 
 @dataclass
@@ -154,6 +219,7 @@ class Plan:
     policy: Policy
     nodes: list[NodePlan]
     analysis: ModelAnalysis | None = field(default=None, repr=False, compare=False)
+    prediction: Prediction | None = None
 
     @property
     def conv_macs(self) -> int:
@@ -190,6 +256,7 @@ class Plan:
                 "macs_ratio": after / before if before else 1.0,
                 "rewritten_nodes": len(self.rewrites),
             },
+            "prediction": self.prediction.to_dict() if self.prediction else None,
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -202,7 +269,8 @@ class Plan:
         is for (``sepify.plan(model, …).analysis``) to rewrite with it."""
         policy = from_dict(Policy, data.get("policy", {}))
         nodes = [from_dict(NodePlan, n) for n in data.get("nodes", [])]
-        return cls(policy, nodes, analysis)
+        pred = data.get("prediction")
+        return cls(policy, nodes, analysis, from_dict(Prediction, pred) if pred else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +285,8 @@ class _NodeState:
     # splits have a different spectrum in the costlier order, and an exact split there can still
     # beat every other scheme.
     curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]]
+    # latency cost: (the conv's µs, {(scheme, variant, rank): µs} of the measured candidates)
+    latency: tuple[float, dict[tuple[str, str, int], float]] | None = None
 
     def has(self, scheme: str) -> bool:
         return any(s == scheme for s, _ in self.curves)
@@ -272,8 +342,10 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
 
 
 def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
-    """Every (scheme, variant, rank) that saves MACs, with its weight error."""
+    """Every (scheme, variant, rank) that saves MACs, with its weight error — under latency cost
+    (``st.latency`` set) the measured ranks that run faster than the conv, with their latency."""
     out = []
+    lat = st.latency
     for s in schemes:
         for (name, variant), (curve, macs_at) in st.curves.items():
             if name != s:
@@ -282,8 +354,17 @@ def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
                 macs = macs_at[r - 1]
                 if macs >= st.geo.macs:
                     break
-                out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
+                if lat is None:
+                    out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
+                    continue
+                us = lat[1].get((s, variant, r))
+                if us is not None and us < lat[0]:
+                    out.append(Candidate(s, r, float(curve[r]), macs, variant=variant, latency_us=us))
     return out
+
+
+def _cost(c: Candidate) -> float:
+    return c.macs if c.latency_us is None else c.latency_us
 
 
 def _with_chain(st: _NodeState, cand: Candidate) -> Candidate:
@@ -352,7 +433,7 @@ def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float], cha
         return None
 
     def plain(k):
-        return sum(c.macs for c in options[k]), options[k][0].error
+        return sum(_cost(c) for c in options[k]), options[k][0].error
 
     best = min(ok, key=plain)
     if chained is None:
@@ -369,16 +450,21 @@ def _best_shared(options: dict[tuple, list[Candidate]], bounds: list[float], cha
 
 @single_blas
 def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values=None,
-         analysis: ModelAnalysis | None = None) -> Plan:
+         analysis: ModelAnalysis | None = None, latency=None, scale: float | None = None, cache: dict | None = None,
+         progress: bool = False) -> Plan:
     """Choose a scheme and rank for every Conv-like node under ``policy`` (default: lossless).
 
-    ``input_shapes`` / ``input_values`` as for :func:`sepify.audit` (ignored with ``analysis``)."""
+    ``input_shapes`` / ``input_values`` as for :func:`sepify.audit` (ignored with ``analysis``).
+    Latency cost: ``latency`` (a :class:`sepify.pipeline.lut.LatencyCosts` for this analysis; made
+    from the policy when None), ``scale`` (a speedup policy's correction of the isolated savings),
+    ``progress`` (a bar while latencies are measured); None: :func:`prior_scale`.  ``cache``: weight curves shared between
+    plans of one analysis (a speedup policy's correction rounds)."""
     policy = policy or Policy()
     an = analysis or analyze_model(model, input_shapes, input_values)
     schemes = list(scheme_names()) if policy.scheme == "auto" else [policy.scheme]
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}
-    curves: dict = {}
+    curves: dict = cache if cache is not None else {}
     for spec in an.specs:
         ref = spec.ref
         np_ = NodePlan(ref.name, ref.qualified_name, ref.op_type, None, "keep")
@@ -404,13 +490,18 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
             continue
         states[len(nodes) - 1] = st
 
+    lat = None
+    if policy.cost == "latency":
+        lat = latency if latency is not None else latency_costs(an, policy, progress=progress)
+        _attach_latency(an, lat, nodes, states, schemes)
     groups = _weight_groups(states)
-    if policy.mode == "budget":
-        _allocate_budget(policy, nodes, states, schemes, groups)
+    prediction = None
+    if policy.mode in ("budget", "speedup"):
+        prediction = _allocate(policy, an, nodes, states, schemes, groups, lat, scale)
     else:
         for group in groups:
             options = _shared_candidates(states, group, schemes)
-            chained = _chain_probe(states, group, options) if policy.chain else None
+            chained = _chain_probe(states, group, options) if policy.chain and lat is None else None
             if policy.mode == "lossless":
                 pick = _best_shared(options, [states[i].tol_exact for i in group], chained)
             elif policy.mode == "tol":
@@ -422,23 +513,72 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
                 pick = min(fixed, key=lambda k: (fixed[k][0].error, sum(c.macs for c in fixed[k]))) if fixed else None
             for j, i in enumerate(group):
                 _apply(nodes[i], states[i], options[pick][j] if pick is not None else None, policy)
-    return Plan(policy, nodes, an)
+        if lat is not None:
+            prediction = _prediction(policy, lat, nodes, 0.0)
+    return Plan(policy, nodes, an, prediction)
+
+
+def latency_costs(an: ModelAnalysis, policy: Policy, progress: bool = False):
+    """The latency costs a latency-cost plan of ``an`` uses under ``policy``."""
+    from .lut import LatencyCosts
+
+    return LatencyCosts(an, policy.threads, policy.latency_table, progress=progress)
+
+
+def _attach_latency(an: ModelAnalysis, lat, nodes: list[NodePlan], states: dict[int, _NodeState],
+                    schemes: list[str]) -> None:
+    """Measure (or look up) every conv and the grid candidates of the planned ones; a planned conv the
+    table cannot time is kept with reason ``latency_not_measured``."""
+    from .lut import grid_candidates
+
+    specs = {s.ref.qualified_name: s for s in an.specs}
+    wanted: dict[str, list] = {}
+    for i, n in enumerate(nodes):
+        spec = specs[n.qualified_name]
+        if not lat.covers(spec):
+            continue
+        wanted[n.qualified_name] = []
+        if i in states:
+            have = set(states[i].curves)
+            wanted[n.qualified_name] = [c for c in grid_candidates(states[i].geo, schemes) if (c[0], c[1]) in have]
+    lat.require(wanted)
+    for i, n in enumerate(nodes):
+        spec = specs[n.qualified_name]
+        n.latency_us = lat.original(spec)
+        if i not in states:
+            continue
+        if n.latency_us is None:
+            n.reason = Reason.LATENCY_NOT_MEASURED
+            del states[i]
+            continue
+        found = {c: lat.candidate(spec, *c) for c in wanted.get(n.qualified_name, [])}
+        states[i] = replace(states[i], latency=(n.latency_us, {c: us for c, us in found.items() if us is not None}))
+
+
+def _prediction(policy: Policy, lat, nodes: list[NodePlan], loss: float, model_us: float | None = None,
+                scale: float = 1.0) -> Prediction:
+    before = sum(n.latency_us or 0.0 for n in nodes)
+    after = sum(((n.latency_us_after if n.action == "rewrite" else n.latency_us) or 0.0) for n in nodes)
+    return Prediction(policy.threads, before, after, loss, model_us, scale,
+                      str(lat.table.path) if lat.table.path is not None else None, lat.local)
 
 
 _NO_CHOICE = {"lossless": Reason.NO_EXACT_SAVING, "tol": Reason.NO_SAVING_WITHIN_TOL,
-              "rank": Reason.RANK_SAVES_NOTHING, "budget": Reason.NOT_NEEDED_FOR_BUDGET}
+              "rank": Reason.RANK_SAVES_NOTHING, "budget": Reason.NOT_NEEDED_FOR_BUDGET,
+              "speedup": Reason.NOT_NEEDED_FOR_BUDGET}
 
 
 def _apply(np_: NodePlan, st: _NodeState, choice: Candidate | None, policy: Policy) -> None:
     if choice is None:
         np_.reason = _NO_CHOICE[policy.mode]
         return
-    if policy.chain:
+    if policy.chain and choice.latency_us is None:  # a split is not measured: latency plans keep the chain as timed
         choice = _with_chain(st, choice)
     np_.action = "rewrite"
     np_.scheme, np_.rank, np_.chained = choice.scheme, choice.rank, choice.chained
     np_.variant = choice.variant
     np_.error, np_.macs_after = choice.error, choice.macs
+    np_.latency_us_after = choice.latency_us
 
 
 def unreachable_budget(budget: float, floor: float) -> ParameterError:
@@ -456,27 +596,67 @@ def _energy_loss(error: float) -> float:
     return -float(np.log(max(1.0 - error * error, 1e-12)))
 
 
-def _allocate_budget(policy: Policy, nodes: list[NodePlan], states: dict[int, _NodeState], schemes: list[str],
-                     groups: list[list[int]]) -> None:
-    """Rank allocation for a global MAC budget: the greedy walk of :func:`sepify.core.allocate.greedy`
-    along each layer's Pareto front of (MACs, ``−log(1 − e²)``) — the retained spectral energy lost,
-    the product-of-energies objective of Zhang et al. (2015), ``e`` the relative weight error.  It is
-    convex where ``e²`` falls linearly with MACs, so cuts spread across layers instead of emptying one.
-    Convs sharing a weight are one layer of the walk (their MACs and losses added)."""
-    total = sum(n.macs or 0 for n in nodes)
+def unreachable_speedup(target: float, reachable: float) -> ParameterError:
+    return ParameterError("target_speedup", target, f"unreachable: rewriting every eligible conv with its fastest "
+                                                    f"measured chain predicts {reachable:.2f}× (the rest of the model "
+                                                    "keeps its time)")
+
+
+def prior_scale(model_us: float, conv_us: float) -> float:
+    """The first guess at how much of an isolated saving the whole model keeps: isolated convs pay a
+    session call each and run with cold neighbours, so when their sum exceeds the whole model's
+    latency the savings are shrunk in proportion (never enlarged)."""
+    return min(1.0, model_us / conv_us) if conv_us > 0 else 1.0
+
+
+def _allocate(policy: Policy, an: ModelAnalysis, nodes: list[NodePlan], states: dict[int, _NodeState],
+              schemes: list[str], groups: list[list[int]], lat, scale: float | None) -> Prediction | None:
+    """Rank allocation for a global budget or speedup target: the greedy walk of
+    :func:`sepify.core.allocate.greedy` along each layer's Pareto front of (cost, ``−log(1 − e²)``) —
+    the retained spectral energy lost, the product-of-energies objective of Zhang et al. (2015), ``e``
+    the relative weight error.  It is convex where ``e²`` falls linearly with the cost, so cuts spread
+    across layers instead of emptying one.  Convs sharing a weight are one layer of the walk (their
+    costs and losses added).  Cost: MACs, or measured latency (µs) under latency cost — a budget is
+    then a fraction of the convs' summed latency, and a speedup target ``S`` asks the walk to save
+    ``(1 − 1/S)·T / scale`` µs of the model's measured end-to-end latency ``T``."""
+    def cost0(i):
+        return nodes[i].latency_us if lat is not None else nodes[i].macs
+
+    total = sum((n.latency_us if lat is not None else n.macs) or 0 for n in nodes)
     options = {g[0]: _shared_candidates(states, g, schemes) for g in groups}
-    layers = {g[0]: (sum(nodes[i].macs for i in g),
-                     [Option(sum(c.macs for c in cs), len(g) * _energy_loss(cs[0].error), key, key=cs[0].error)
+    layers = {g[0]: (sum(cost0(i) for i in g),
+                     [Option(sum(_cost(c) for c in cs), len(g) * _energy_loss(cs[0].error), key, key=cs[0].error)
                       for key, cs in options[g[0]].items()]) for g in groups}
-    result = greedy(layers, target=policy.budget * total, fixed=total - sum(c0 for c0, _ in layers.values()))
+    inside = sum(c0 for c0, _ in layers.values())
+    model_us = None
+    if policy.mode == "speedup":
+        from .verify import model_inputs
+
+        feeds, _ = model_inputs(an.loaded, None, an.input_shapes, 0, an.table.input_values or None)
+        model_us = lat.model_us(an.loaded.model, feeds, an.loaded.label)
+        scale = prior_scale(model_us, total) if scale is None else scale
+        fixed = model_us - inside
+        target = model_us - (1 - 1 / policy.target_speedup) * model_us / scale
+    else:
+        fixed = total - inside
+        target = policy.budget * total
+    result = greedy(layers, target=target, fixed=fixed)
     if result.exhausted:
+        if policy.mode == "speedup":
+            reach = model_us / max(model_us - scale * (model_us - result.cost), 1e-9)
+            raise unreachable_speedup(policy.target_speedup, reach)
         raise unreachable_budget(policy.budget, result.cost / total if total else 1.0)
     for g in groups:
         picked = result.chosen.get(g[0])
         for j, i in enumerate(g):
             _apply(nodes[i], states[i], options[g[0]][picked.payload][j] if picked is not None else None, policy)
             if not options[g[0]]:
-                nodes[i].reason = Reason.NO_MAC_SAVING  # no option at all, not merely not needed
+                # no option at all, not merely not needed
+                nodes[i].reason = Reason.NOT_FASTER if lat is not None else Reason.NO_MAC_SAVING
+    if lat is None:
+        return None
+    return _prediction(policy, lat, nodes, result.loss, model_us, 1.0 if scale is None else scale)
 
 
-__all__ = ["Candidate", "NodePlan", "POLICY_MODES", "Plan", "Policy", "plan", "unreachable_budget"]
+__all__ = ["COSTS", "Candidate", "NodePlan", "POLICY_MODES", "Plan", "Policy", "Prediction", "latency_costs", "plan",
+           "prior_scale", "unreachable_budget", "unreachable_speedup"]

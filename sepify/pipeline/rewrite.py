@@ -72,6 +72,8 @@ class RewriteReport:
     conv_macs_before: int
     conv_macs_after: int
     changed: bool
+    prediction: dict[str, Any] | None = None  # latency cost: the plan's prediction (sepify.pipeline.plan.Prediction)
+    speedup: dict[str, Any] | None = None  # speedup policy: the rounds of planning and end-to-end checks
 
     @property
     def macs_ratio(self) -> float:
@@ -102,6 +104,8 @@ class RewriteReport:
             "totals": self.totals.to_dict(),
             "rewritten": [r.to_dict() for r in self.rewritten],
             "kept": self.kept,
+            "prediction": self.prediction,
+            "speedup": self.speedup,
         }
 
     def to_json(self) -> str:
@@ -111,7 +115,7 @@ class RewriteReport:
 @single_blas
 def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, input_shapes=None,
             *, input_values=None, lowering: str | None = None, only_faster: bool = False, threads: int | None = None,
-            latency_runs: int | None = None, providers=None):
+            latency_runs: int | None = None, providers=None, progress: bool = False):
     """Rewrite ``model`` under ``policy`` (or an edited :class:`Plan`). Returns ``(ModelProto, RewriteReport)``.
 
     When nothing qualifies, the original ModelProto is returned unchanged (byte for byte).
@@ -132,15 +136,25 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
         raise ParameterError("lowering", lowering, f"unknown lowering (one of {', '.join(LOWERINGS)})")
     if isinstance(model, Plan) and policy is None:
         model, policy = None, model
-    the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes, input_values=input_values)
-    an = the_plan.analysis
-    if an is None:
+    if isinstance(policy, Policy) and policy.mode == "speedup":
+        if only_faster:
+            raise ParameterError("only_faster", True, "a speedup policy keeps only measured-faster chains already")
+        return _rewrite_to_speedup(model, policy, input_shapes, input_values, lowering, progress)
+    the_plan = policy if isinstance(policy, Plan) else make_plan(model, policy, input_shapes, input_values=input_values,
+                                                                 progress=progress)
+    if the_plan.analysis is None:
         raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
     if only_faster:
         from .latency import measure_plan
 
         the_plan = measure_plan(the_plan, threads=threads, runs=latency_runs, providers=providers,
                                 lowerings=[lowering] if lowering else None)
+    return rewrite_plan(the_plan, lowering)
+
+
+def rewrite_plan(the_plan: Plan, lowering: str | None = None):
+    """Realize and emit a plan (with its analysis attached): ``(ModelProto, RewriteReport)``."""
+    an = the_plan.analysis
     specs = {s.ref.qualified_name: s for s in an.specs}
     kept = [{"name": n.qualified_name, "reason": n.reason or Reason.KEPT_BY_PLAN, **({"latency": n.latency} if n.latency else {})}
             for n in the_plan.nodes if n.action != "rewrite"]
@@ -153,7 +167,32 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
         realized.append((rz, np_))
     model, report = finish_rewrite(an.loaded, the_plan.policy.to_dict(), the_plan.conv_macs, realized, kept,
                                    the_plan.policy)
+    if the_plan.prediction is not None:
+        report.prediction = the_plan.prediction.to_dict()
     return model, report
+
+
+def _rewrite_to_speedup(model, policy: Policy, input_shapes, input_values, lowering, progress):
+    """A speedup policy: plans corrected by end-to-end measurements (:mod:`sepify.pipeline.speedup`)."""
+    from .analysis import analyze_model
+    from .plan import latency_costs
+    from .speedup import reach
+    from .verify import model_inputs
+
+    an = analyze_model(model, input_shapes, input_values)
+    lat = latency_costs(an, policy, progress=progress)
+    cache: dict = {}
+
+    def build(scale):
+        p = make_plan(None, policy, analysis=an, latency=lat, scale=scale, cache=cache)
+        out, rep = rewrite_plan(p, lowering)
+        return out, rep, p.prediction
+
+    feeds, _ = model_inputs(an.loaded, None, an.input_shapes, 0, an.table.input_values or None)
+    out, report, check = reach(build, an.loaded.model, feeds, policy.target_speedup, policy.threads,
+                               checked=lat.local)
+    report.speedup = check.to_dict()
+    return out, report
 
 
 def finish_rewrite(loaded, policy_record: dict[str, Any], conv_macs: int, realized: Sequence[tuple[Realization, Any]],

@@ -287,6 +287,37 @@ def render_latency(report, width: int | None = None) -> str:
     return render([table, dropped_note(dropped, width)], width)
 
 
+def render_prediction(report, width: int | None = None) -> str:
+    """A latency-cost rewrite: the predicted conv latency and, for a speedup target, every round of
+    planning and end-to-end checking."""
+    pred, check = report.prediction, report.speedup
+    if not pred and not check:
+        return ""
+    lines = []
+    if pred:
+        where = "this machine's latency table" if pred.get("measured_here") else f"latency table {pred.get('table')}"
+        lines.append(f"latency cost ({where}, {pred.get('threads') or 'default'} thread(s)): conv latency "
+                     f"{pred['conv_us']:.0f} -> {pred['conv_us_after']:.0f} µs (isolated sums, predicted)")
+    if check:
+        if not check["checked"]:
+            lines.append(f"target {check['target']:g}x: planned with a table measured elsewhere, not timed here "
+                         f"(predicted {check['rounds'][0]['predicted']:.2f}x)")
+        else:
+            for i, r in enumerate(check["rounds"]):
+                if r.get("note"):
+                    lines.append(f"  round {i + 1}: {r['note']}")
+                    continue
+                mark = " <- written" if i == check["chosen"] else ""
+                lines.append(f"  round {i + 1}: {r['rewritten']} convs, predicted {r['predicted']:.2f}x (scale "
+                             f"{r['scale']:.2f}), measured {r['measured']:.2f}x [p10 {r['p10']:.2f}, p90 "
+                             f"{r['p90']:.2f}]{mark}")
+            verdict = "reached" if check["met"] else "NOT reached (the fastest model found is written; exit 1)"
+            lines.insert(len(lines) - len(check["rounds"]),
+                         f"target {check['target']:g}x at {check['threads'] or 'default'} thread(s), end to end: "
+                         f"{verdict}")
+    return "\n".join(lines) + "\n"
+
+
 def channel_drift_note(metric: str) -> str | None:
     """One line on what the channel drift means and which number to read (after it is printed)."""
     if metric != "channel":
