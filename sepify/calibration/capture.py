@@ -18,6 +18,7 @@ from ..core.drift import DRIFT_METRICS, DriftMeter
 from ..errors import UsageError
 from ..model.names import NameGenerator
 from ..model.session import ort_message, ort_session
+from ..model.walk import prefix_model
 from .data import CalibrationSet
 
 if TYPE_CHECKING:
@@ -65,7 +66,15 @@ class WorkingModel:
         wt.CopyFrom(self.original[name][0])
         bt.CopyFrom(self.original[name][1])
 
-    def session(self, extra_outputs: Sequence[str] = (), threads: int | None = None):
+    def session(self, extra_outputs: Sequence[str] = (), threads: int | None = None, *, prefix: bool = False):
+        """A session on the model as it now is.  ``prefix``: only the part that computes
+        ``extra_outputs``, which become its only outputs (:func:`~sepify.model.walk.prefix_model`;
+        onnxruntime runs every node of a session, so a pass needing early activations pays for the
+        whole model otherwise)."""
+        if prefix and extra_outputs:
+            part = prefix_model(self.model, list(extra_outputs))
+            if part is not None:
+                return calibration_session(part, threads=threads)
         return calibration_session(self.model, extra_outputs, threads=threads)
 
 

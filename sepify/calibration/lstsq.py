@@ -238,10 +238,12 @@ def rank_curve(eq: NormalEquations, x0: np.ndarray, inner: np.ndarray, ranks: Se
             linv = np.linalg.inv(np.linalg.cholesky(lhs))
         except np.linalg.LinAlgError:
             linv = None
+        # L⁻¹ is lower triangular, so the leading rows of L⁻¹·rhs are the leading block's own:
+        # one product serves every rank.
+        w = linv @ rhs if linv is not None else None
         for i, k in enumerate(sizes):
             if linv is not None:
-                li = linv[:, :k, :k]
-                x = li.transpose(0, 2, 1) @ (li @ rhs[:, :k])
+                x = linv[:, :k, :k].transpose(0, 2, 1) @ w[:, :k]
             else:
                 x = ridge_solve(af[:, :k, :k], bf[:, :k], x0o[:, :k], lam)
             errs[i] += sq_error(x, av[:, :k, :k], bv[:, :k], yv)

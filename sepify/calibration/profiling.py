@@ -29,6 +29,10 @@ from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped
 
 GRAM_BUDGET = 768 << 20  # bytes of normal equations held at once in the reference pass
 SENSITIVITY_TARGET = 0.3  # relative output error of the perturbation used to measure sensitivity
+# Measuring sensitivities runs the whole model once per layer: they get at most this many passes over
+# the calibration samples (samples per layer = passes · samples / layers), within these bounds.
+SENSITIVITY_PASSES = 6
+SENSITIVITY_SAMPLES = (4, 16)
 
 
 @dataclass
@@ -160,7 +164,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     for chunk in chunks:
         names = list(dict.fromkeys(n for layer, systems in chunk
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
-        session = work.session(names)
+        session = work.session(names, prefix=True)
         eqs = {layer.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
                                                v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
                             for s, v in systems.items()} for layer, systems in chunk}
@@ -213,14 +217,26 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     return profiles
 
 
+def sensitivity_samples(probed: int, samples: int, passes: float = SENSITIVITY_PASSES,
+                        bounds: tuple[int, int] = SENSITIVITY_SAMPLES) -> int:
+    """Samples each of ``probed`` layers' sensitivity is measured on: ``passes`` passes over the
+    ``samples`` in all, within ``bounds`` (a drift averaged over fewer images is too noisy)."""
+    lo, hi = bounds
+    return max(1, min(samples, max(lo, min(hi, math.floor(passes * samples / max(probed, 1))))))
+
+
 def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles: dict[str, LayerProfile],
-                          calib: CalibrationSet, *, max_samples: int = 16, metric: str = "channel",
+                          calib: CalibrationSet, *, max_samples: int | None = None, metric: str = "channel",
                           progress=None) -> None:
-    """Model drift when only one layer carries its probe perturbation: ``s = drift / e²``.
+    """Model drift when only one layer carries its probe perturbation: ``s = drift / e²``, on the
+    first ``max_samples`` samples (default :func:`sensitivity_samples`).
 
     ``1 − cos`` of the outputs is quadratic in a small perturbation, so a layer whose output is
     off by a relative ``e`` moves the model's drift by about ``s·e²``, and independent layers add.
     """
+    if max_samples is None:
+        probed = sum(1 for l in layers if profiles.get(l.name) is not None and profiles[l.name].probe is not None)
+        max_samples = sensitivity_samples(probed, calib.samples)
     feeds = calib.head(max_samples)
     outs = float_outputs(work.model)
     meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs, feeds), metric, feeds.per_run)

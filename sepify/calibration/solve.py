@@ -148,7 +148,7 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
     task = progress.add_task("calibrating layers", total=len(todo)) if progress else None
     for wave_index, wave in enumerate(groups):
         names = list(dict.fromkeys(l.x_name for l in wave))
-        session = work.session(names)
+        session = work.session(names, prefix=True)
         eqs = {}
         for l in wave:  # one system per unit: every conv sharing a weight adds its rows to it
             if unit_of[l.name] not in eqs:

@@ -44,11 +44,15 @@ class SampleSet:
             self.per_run = [1] * len(self.feeds)
 
     def head(self, samples: int) -> "SampleSet":
-        """The first runs that hold at least ``samples`` samples (all of them if fewer)."""
+        """The first ``samples`` samples (all of them if fewer); a run of stacked samples is cut to
+        the ones needed."""
         runs, total = [], 0
         for feed, k in zip(self.feeds, self.per_run):
             if total >= samples:
                 break
+            if self.stack_axis and total + k > samples:
+                k = samples - total
+                feed = {n: v[:k] for n, v in feed.items()}
             runs.append((feed, k))
             total += k
         return SampleSet([f for f, _ in runs], self.source, total, [k for _, k in runs], self.stack_axis)

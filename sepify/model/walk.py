@@ -64,4 +64,52 @@ def iter_gs_graphs(graph) -> Iterator:
         stack.extend(reversed(subs))
 
 
-__all__ = ["gs_subgraphs", "iter_graphs", "iter_gs_graphs", "node_subgraphs", "subgraph_reads"]
+def prefix_model(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> onnx.ModelProto | None:
+    """The part of ``model`` that computes the main-graph tensors ``names``, with them as its only
+    outputs: the producers of ``names`` and everything they read, transitively (subgraph reads
+    included), with the initializers and inputs those nodes read.
+
+    onnxruntime runs every node of a session whatever outputs a run asks for, so a pass that needs
+    only early activations (a calibration wave near the input) costs the whole model unless it runs
+    on this prefix.  None when a name is not a main-graph tensor (nothing is pruned then).
+    """
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    stored = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    inputs = {i.name for i in graph.input}
+    if any(n not in producer and n not in inputs and n not in stored for n in names):
+        return None
+    keep: set[int] = set()
+    read: set[str] = set()
+    stack = list(names)
+    while stack:  # iterative: a deep graph must not exhaust the recursion limit
+        t = stack.pop()
+        if t in read:
+            continue
+        read.add(t)
+        i = producer.get(t)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        node = graph.node[i]
+        stack.extend(x for x in (*node.input, *subgraph_reads(node)) if x and x not in read)
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(n for i, n in enumerate(graph.node) if i in keep)
+    g.initializer.extend(t for t in graph.initializer if t.name in read)
+    g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in read)
+    g.input.extend(i for i in graph.input if i.name in read)
+    typed = {v.name: v for v in (*graph.output, *graph.value_info)}
+    for n in dict.fromkeys(names):
+        if n in typed:
+            g.output.add().CopyFrom(typed[n])
+        else:
+            g.output.add().name = n
+    return out
+
+
+__all__ = ["gs_subgraphs", "iter_graphs", "iter_gs_graphs", "node_subgraphs", "prefix_model", "subgraph_reads"]
