@@ -38,7 +38,7 @@ from ..core.drift import DriftMeter, drift_definition
 from ..core.linalg import exact_tolerance
 from ..core.reasons import Reason
 from ..core.schemes import get as get_scheme, names as scheme_names
-from ..core.stages import Stage, cast_stages, compose
+from ..core.stages import Stage, balance, cast_stages, compose
 from ..errors import ParameterError, UsageError
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
@@ -435,7 +435,7 @@ class Calibrator:
                 ref = refs[name]
                 spec = replace(specs[name], ref=ref, w_name=ref.node.input[1])
                 dtype = layer.weight.dtype
-                rz = realization(spec, np_, cast_stages(chain or stages, dtype), layer.weight, lowering=lowering,
+                rz = realization(spec, np_, cast_stages(balance(chain or stages), dtype), layer.weight, lowering=lowering,
                                  source="exact" if res.exact else "calibrated", bias=np.asarray(bias).astype(dtype),
                                  absorbs=(bn, refs[bn].node.output[0]) if bn else None, reference=layer.weight,
                                  planned_error=res.output_error if res.output_error is not None else 0.0)

@@ -15,7 +15,7 @@ from ..core.geometry import ConvGeometry
 from ..core.lowering import LOWERINGS, lower
 from ..core.realization import Realization
 from ..core.schemes import get as get_scheme, names as scheme_names
-from ..core.stages import Stage, cast_stages, relative_error
+from ..core.stages import Stage, balance, cast_stages, relative_error
 from ..errors import UsageError
 from ..model.cost import ConvSpec
 from .analysis import ModelAnalysis, check_weight
@@ -77,7 +77,8 @@ def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | No
     """The weight-only Realization of a planned node (SVD factors of the model's weight)."""
     check_edit(np_, spec, an)
     weight = an.view.constant(spec.w_name, spec.ref).value
-    stages = cast_stages(factor_node(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0), weight.dtype)
+    # Balanced before the cast: int8 quantization of the written model then loses little (stages.balance).
+    stages = cast_stages(balance(factor_node(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0)), weight.dtype)
     rz = realization(spec, np_, stages, weight, lowering=lowering, source="svd")
     if np_.exact_tolerance is not None and rz.weight_error <= np_.exact_tolerance:
         rz = replace(rz, source="exact")
