@@ -137,9 +137,15 @@ def test_least_squares_reproduces_exact_low_rank_weights(scheme, attrs):
     assert np.linalg.norm(compose(new0, geo) - w) / np.linalg.norm(w) < 1e-7
 
 
+@pytest.mark.parametrize("triangular", [False, True])
 @pytest.mark.parametrize("scheme", ["dw-pw", "pw-dw", "spatial"])
-def test_rank_curve_matches_per_rank_solves(scheme):
-    """The nested (one Cholesky per fold) curve equals solving each truncated chain on its own."""
+def test_rank_curve_matches_per_rank_solves(scheme, triangular, monkeypatch):
+    """The nested (one Cholesky per fold) curve equals solving each truncated chain on its own
+    (``triangular``: through the LAPACK triangular inverse that wide layers take)."""
+    from sepify.calibration import lstsq
+
+    monkeypatch.setattr(lstsq, "TRIANGULAR_MIN", 1 if triangular else 10 ** 9)
+    monkeypatch.setattr(lstsq, "ONE_WAY_MIN", 10 ** 9)
     rng = np.random.default_rng(3)
     x_shape = [4, 6, 8, 8]
     geo = geometry(np.zeros((8, 6, 3, 3)), x_shape, pads=(1, 1, 1, 1))
@@ -175,6 +181,44 @@ def test_rank_curve_matches_per_rank_solves(scheme):
         e0 = sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0))
         assert base[i] == pytest.approx(np.sqrt(e0 / eq.yy.sum()), rel=1e-6)
     assert errs[0] >= errs[1] >= errs[2] - 1e-9
+
+
+def test_wide_rank_curves_validate_one_way(monkeypatch):
+    """From ONE_WAY_MIN unknowns a curve fits fold 0 and measures fold 1 only."""
+    from sepify.calibration import lstsq
+
+    rng = np.random.default_rng(5)
+    d, outs = 6, 3
+    eq = NormalEquations(1, d, outs)
+    for f in (0, 1):
+        z = rng.standard_normal((1, 50, d))
+        eq.add(f, z, z @ rng.standard_normal((d, outs)) + 0.1 * rng.standard_normal((1, 50, outs)))
+    x0 = np.zeros((1, d + 1, outs))
+    inner = np.append(np.arange(d), 0)
+    monkeypatch.setattr(lstsq, "ONE_WAY_MIN", 1)
+    errs, _ = rank_curve(eq, x0, inner, [2, 6], lam=1e-3)
+    from sepify.calibration.lstsq import ridge_solve, sq_error
+
+    order = np.concatenate([[d], np.arange(d)])  # bias first, as rank_curve orders the unknowns
+    a, b = eq.A[:, :, order[:, None], order[None, :]], eq.B[:, :, order, :]
+    for e, k in zip(errs, (3, 7)):
+        x = ridge_solve(a[0][:, :k, :k], b[0][:, :k], x0[:, order][:, :k], 1e-3)
+        want = sq_error(x, a[1][:, :k, :k], b[1][:, :k], eq.yy[1])
+        assert e == pytest.approx(np.sqrt(want / eq.yy[1].sum()), rel=1e-6)
+
+
+def test_cholesky_inverse_factor_both_ways():
+    from sepify.calibration.lstsq import TRIANGULAR_MIN, cholesky_inverse_factor
+
+    rng = np.random.default_rng(0)
+    for n in (5, TRIANGULAR_MIN + 10):
+        z = rng.standard_normal((3, 2 * n, n))
+        a = z.transpose(0, 2, 1) @ z + np.eye(n)
+        li = cholesky_inverse_factor(a)
+        np.testing.assert_allclose(np.tril(li), li, atol=1e-12)
+        np.testing.assert_allclose(li.transpose(0, 2, 1) @ li, np.linalg.inv(a), rtol=1e-8, atol=1e-10)
+    with pytest.raises(np.linalg.LinAlgError):
+        cholesky_inverse_factor(-np.eye(TRIANGULAR_MIN + 1)[None])
 
 
 # ----------------------------------------------------------------------------------------------
