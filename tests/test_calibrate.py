@@ -207,6 +207,20 @@ def test_wide_rank_curves_validate_one_way(monkeypatch):
         assert e == pytest.approx(np.sqrt(want / eq.yy[1].sum()), rel=1e-6)
 
 
+@pytest.mark.parametrize("n", [10, 120])
+def test_ridge_solve_small_and_wide(n):
+    """Batched LU below TRIANGULAR_MIN unknowns, Cholesky per group from there: the same solution."""
+    from sepify.calibration.lstsq import ridge_solve
+
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal((2, 3 * n, n))
+    a, b, x0 = z.transpose(0, 2, 1) @ z, rng.standard_normal((2, n, 4)), rng.standard_normal((2, n, 4))
+    diag = np.diagonal(a, axis1=1, axis2=2)
+    d = 1e-3 * (diag + 1e-9 * diag.mean(axis=1, keepdims=True))
+    want = np.linalg.solve(a + d[:, :, None] * np.eye(n), b + d[:, :, None] * x0)
+    np.testing.assert_allclose(ridge_solve(a, b, x0, 1e-3), want, rtol=1e-8, atol=1e-10)
+
+
 def test_cholesky_inverse_factor_both_ways():
     from sepify.calibration.lstsq import TRIANGULAR_MIN, cholesky_inverse_factor
 

@@ -200,6 +200,14 @@ def ridge_solve(a: np.ndarray, b: np.ndarray, x0: np.ndarray, lam: float) -> np.
     dreg = _ridge_terms(a, lam)
     lhs = _plus_diagonal(a, dreg)
     rhs = b + dreg[:, :, None] * x0
+    if lhs.shape[-1] >= TRIANGULAR_MIN:  # positive definite: Cholesky is half the work of LU
+        from scipy.linalg import LinAlgError as ScipyLinAlgError, cho_factor, cho_solve
+
+        try:
+            return np.stack([cho_solve(cho_factor(l, lower=True, check_finite=False), r, check_finite=False)
+                             for l, r in zip(lhs, rhs)])
+        except (np.linalg.LinAlgError, ScipyLinAlgError):
+            pass  # not numerically positive definite: LU, then least squares
     try:
         return np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
