@@ -547,8 +547,9 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     after = cal.conv_macs - sum(r.macs_before - r.macs_after for r in results.values())
     if budget is not None and policy.cost == "macs" and cal.conv_macs and \
             after / cal.conv_macs < budget - BUDGET_TOLERANCE:
-        notes.append(f"conv MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no rank step of the "
-                     f"chosen layers lands closer (the layers' MACs per rank are too coarse)")
+        notes.append(f"conv MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no candidate that fits "
+                     f"the rest of the budget has a lower predicted drift (the layers' MACs per rank are too coarse, "
+                     f"or their larger ranks are no more accurate on the samples)")
     report = CalibrationReport(
         cal.loaded.label, cal.calib.source, cal.calib.samples, rows, seed, allocation, budget, max_drift,
         cal.conv_macs, after, predicted, opts.drift_metric, drift, drift_w, drift_cos, drift_w_cos,
