@@ -122,3 +122,35 @@ def test_default_audit_says_how_far_it_looked_and_certify_finds_the_rest():
     full = sepify.audit(_cross_channel_model(w), certify=True).nodes[0].separability.schemes["spatial"]
     assert full.spectrum_complete and full.exact_rank == 40 and full.exact_saves_macs
     assert sepify.plan(_cross_channel_model(w)).nodes[0].rank == 40  # a lossless plan always decides fully
+
+
+@pytest.mark.parametrize("channels", [160, 200])
+def test_tucker2_default_audit_certifies_wide_layers_and_estimates_the_leading_errors(channels):
+    from sepify.core.schemes import get as get_scheme
+    from sepify.pipeline.audit import AUDIT_LIMIT
+    from test_calibrate import geometry
+
+    rng = np.random.default_rng(channels)
+    w = rng.standard_normal((channels, 96, 3, 3))
+    geo = geometry(w, (1, 96, 8, 8), pads=(1, 1, 1, 1))
+    sch = get_scheme("tucker2")
+    full = sch.spectrum(w, geo, "", 1e-3, sch.break_even(geo))
+    quick = sch.spectrum(w, geo, "", 1e-3, sch.break_even(geo), depth=AUDIT_DEPTH, limit=AUDIT_LIMIT)
+    assert full.complete and not quick.complete and quick.exact_above == AUDIT_DEPTH
+    np.testing.assert_allclose(quick.errors, full.errors[:len(quick.errors)], atol=1e-3)
+
+
+def test_tucker2_default_audit_decomposes_a_wide_layer_that_may_be_low_rank():
+    from sepify.core.schemes import get as get_scheme
+    from sepify.pipeline.audit import AUDIT_DEPTH, AUDIT_LIMIT
+    from test_calibrate import geometry
+
+    rng = np.random.default_rng(1)
+    core = rng.standard_normal((3, 3, 9))
+    u_out, _ = np.linalg.qr(rng.standard_normal((160, 3)))
+    u_in, _ = np.linalg.qr(rng.standard_normal((140, 3)))
+    w = np.einsum("na,abk,cb->nck", u_out, core, u_in).reshape(160, 140, 3, 3)  # multilinear rank (3, 3)
+    geo = geometry(w, (1, 140, 8, 8), pads=(1, 1, 1, 1))
+    sch = get_scheme("tucker2")
+    spec = sch.spectrum(w, geo, "", 1e-3, sch.break_even(geo), depth=AUDIT_DEPTH, limit=AUDIT_LIMIT)
+    assert spec.complete and spec.errors[3] < 1e-6 < spec.errors[2]

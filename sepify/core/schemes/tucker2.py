@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import Spectrum
+from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -31,6 +31,21 @@ def _bases(w64: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
         return vec[:, :, ::-1]
 
     return left_basis(out_matrices(w64, group)), left_basis(in_matrices(w64, group))
+
+
+def _leading_basis(mats: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """The ``k`` leading left singular vectors ``[g, rows, k]`` of ``mats`` by randomized subspace
+    iteration in float32 (as :func:`sepify.core.linalg.leading_singular_values`): estimates for a
+    report, never an exactness decision."""
+    m = np.asarray(mats, dtype=np.float32)
+    p = min(k + 20, m.shape[1], m.shape[2])
+    y = m @ np.random.default_rng(seed).standard_normal((m.shape[0], m.shape[2], p), dtype=np.float32)
+    for _ in range(3):
+        q, _ = np.linalg.qr(y)
+        y = m @ (m.transpose(0, 2, 1) @ q)
+    q, _ = np.linalg.qr(y)
+    u, _, _ = np.linalg.svd(q.transpose(0, 2, 1) @ m, full_matrices=False)
+    return (q @ u[:, :, :k]).astype(np.float64)
 
 
 def _core(w64: np.ndarray, group: int, u_out: np.ndarray, u_in: np.ndarray) -> np.ndarray:
@@ -87,9 +102,27 @@ class Tucker2(Scheme):
             errors.append(float(np.sqrt(max(0.0, 1.0 - kept[r_out - 1, r_in - 1] / total))))
         return np.asarray(errors)
 
-    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int,
-                 **kw) -> Spectrum:
-        return Spectrum(self.curve(w, geo, variant))
+    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int, *,
+                 depth: int | None = None, limit: int | None = None) -> Spectrum:
+        """The full HOSVD curve; with ``depth`` (the default audit), a layer with more than ``limit``
+        channels on a side is only certified: a rank-``r`` Tucker-2 is no better than the best rank-``r``
+        projection of either channel mode, so when Courant–Fischer (:func:`certify_tail`) proves that
+        no rank up to ``depth`` of the output mode (or the input mode) is within ``bound``, neither is
+        Tucker-2, and the leading errors are estimated from float32 leading bases."""
+        g, ng, cg = geo.group, geo.cout_per_group, geo.cin_per_group
+        if depth is None or limit is None or max(ng, cg) <= limit or useful_rank < 1:
+            return Spectrum(self.curve(w, geo, variant))
+        w64 = np.asarray(w, dtype=np.float64)
+        examined = min(depth, useful_rank, self.max_rank(geo) - 1)
+        mats = [m for m in (out_matrices(w64, g), in_matrices(w64, g)) if examined + 1 <= min(m.shape[1:])]
+        total = energy(w64.reshape(1, 1, -1))
+        if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
+            return Spectrum(self.curve(w, geo, variant))
+        k = min(LEADING_TERMS, ng, cg)
+        u_out, u_in = (_leading_basis(m, k) for m in (out_matrices(w64, g), in_matrices(w64, g)))
+        kept = np.square(_core(w64, g, u_out, u_in)).sum(axis=(0, 3)).cumsum(axis=0).cumsum(axis=1)
+        errors = [1.0] + [float(np.sqrt(max(0.0, 1.0 - kept[r - 1, r - 1] / total))) for r in range(1, k + 1)]
+        return Spectrum(np.asarray(errors), complete=False, exact_above=examined, certified_error=bound)
 
     def truncate(self, stages, geo: ConvGeometry, r_max: int, r: int, variant: str = "") -> list[Stage]:
         """The rank-``r`` chain inside the rank-``r_max`` one (HOSVD factors are nested; both ranks capped)."""
