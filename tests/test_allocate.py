@@ -146,3 +146,22 @@ def test_calibrated_twins_are_solved_together_and_stored_once():
     x1, x2 = (np.random.default_rng(s).standard_normal((1, 8, 12, 12)).astype(np.float32) for s in (0, 1))
     np.testing.assert_allclose(sess.run(None, {"a": x1, "b": x2})[0], -sess.run(None, {"a": x2, "b": x1})[0],
                                rtol=0, atol=1e-5)
+
+
+def test_calibration_profiles_twins_once_from_both_towers():
+    """One system collects both towers' rows: the twins' curves are one curve, and it differs from
+    what either tower alone gives."""
+    from sepify.calibration.calibrate import Calibrator
+    from sepify.calibration.profiling import reference_pass
+
+    cal = Calibrator(_siamese(), sepify.Policy(mode="budget", budget=0.7), "random", samples=6)
+    cal.profile()
+    for w in ("conv1", "conv2"):
+        a, b = cal.profiles[f"a_{w}"], cal.profiles[f"b_{w}"]
+        assert a.curves and {s: c.error for s, c in a.curves.items()} == {s: c.error for s, c in b.curves.items()}
+        assert a.probe is b.probe and a.sensitivity is not None and b.sensitivity is not None
+    alone = reference_pass(cal.work, cal.layers, cal.calib, rows=cal.rows, seed=cal.seed, schemes=["dw-pw"],
+                           targets=type(cal.targets)())
+    joint = cal.profiles["a_conv2"].curves["dw-pw"].error
+    assert alone["a_conv2"].curves["dw-pw"].error != alone["b_conv2"].curves["dw-pw"].error
+    assert joint not in (alone["a_conv2"].curves["dw-pw"].error, alone["b_conv2"].curves["dw-pw"].error)

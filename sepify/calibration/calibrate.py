@@ -229,7 +229,8 @@ class Calibrator:
             self.profiles = reference_pass(self.work, self.layers, self.calib, rows=self.rows, seed=self.seed,
                                            schemes=schemes if self.allocation == "sensitivity" else None,
                                            targets=self.targets, progress=bar,
-                                           rank_grid=self._rank_grid if self.latency is not None else None)
+                                           rank_grid=self._rank_grid if self.latency is not None else None,
+                                           unit_of=weight_units(self.layers))
             self.timings["reference_pass"] = time.perf_counter() - t
             if self.allocation == "sensitivity":
                 t = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -145,76 +145,91 @@ def _eq_bytes(stages: Sequence[Stage]) -> int:
 
 def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: CalibrationSet, *, rows: int, seed: int,
                    schemes: Sequence[str] | None, targets: Targets, progress=None,
-                   probe_target: float = SENSITIVITY_TARGET, rank_grid=None) -> dict[str, LayerProfile]:
+                   probe_target: float = SENSITIVITY_TARGET, rank_grid=None,
+                   unit_of: Mapping[str, str] | None = None) -> dict[str, LayerProfile]:
     """One pass per chunk of layers over the original model: stores the targets (original conv
     outputs at the sampled positions) and, when ``schemes`` is given, every layer's output-error
-    curves per scheme and rank plus a probe candidate for its sensitivity."""
+    curves per scheme and rank plus a probe candidate for its sensitivity.
+
+    ``unit_of`` maps convs that share a weight (and their geometry) to the first of them: one system
+    collects the rows of all of them — the one the joint solve of such twins will see — and its
+    curves and probe serve each (a siamese net's two towers cost one set of curves, not two)."""
     profiles: dict[str, LayerProfile] = {}
-    chunks: list[list[tuple[Layer, dict]]] = []
-    budget = 0
+    by_name = {l.name: l for l in layers}
+    members: dict[str, list[Layer]] = {}
     for layer in layers:
-        systems = _systems(layer, schemes, rank_grid) if schemes else {}
+        lead = by_name.get((unit_of or {}).get(layer.name, layer.name))
+        key = lead.name if lead is not None and lead.geo == layer.geo else layer.name
+        members.setdefault(key, []).append(layer)
+    chunks: list[list[tuple[Layer, dict, list[Layer]]]] = []
+    budget = 0
+    for key, group in members.items():
+        lead = by_name[key]
+        systems = _systems(lead, schemes, rank_grid) if schemes else {}
         size = sum(_eq_bytes(v[1]) for v in systems.values())
         if not chunks or budget + size > GRAM_BUDGET:
             chunks.append([])
             budget = 0
-        chunks[-1].append((layer, systems))
+        chunks[-1].append((lead, systems, group))
         budget += size
     task = progress.add_task("reference activations", total=len(layers)) if progress else None
     for chunk in chunks:
-        names = list(dict.fromkeys(n for layer, systems in chunk
+        names = list(dict.fromkeys(n for _, systems, group in chunk for layer in group
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names, prefix=True)
-        eqs = {layer.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
-                                               v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
-                            for s, v in systems.items()} for layer, systems in chunk}
+        eqs = {lead.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
+                                              v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
+                           for s, v in systems.items()} for lead, systems, _ in chunk}
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
-            for layer, systems in chunk:
-                y_all = values[layer.y_name]
-                for name in (layer.x_name, layer.y_name):
-                    if name in values and not np.isfinite(values[name]).all():
-                        raise nonfinite_activations(name, calib)
-                b = int(y_all.shape[0])
-                start = offsets.take(layer.name, b)
-                bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
-                y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
-                for s_idx in range(start, start + b):
-                    sel = smp == s_idx
-                    targets.put(layer.name, s_idx, pos[sel], y[sel])
-                if not systems:
-                    continue
-                patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
-                folds = folds_of(smp, calib.samples)
-                for s, (r_max, stages, _, _) in systems.items():
-                    z = last_stage_design(patches, stages, np.float32)
-                    add_rows(eqs[layer.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
-        for layer, systems in chunk:
-            prof = LayerProfile(layer.name, layer.geo.macs)
+            for lead, systems, group in chunk:
+                for layer in group:
+                    y_all = values[layer.y_name]
+                    for name in (layer.x_name, layer.y_name):
+                        if name in values and not np.isfinite(values[name]).all():
+                            raise nonfinite_activations(name, calib)
+                    b = int(y_all.shape[0])
+                    start = offsets.take(layer.name, b)
+                    bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
+                    y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
+                    for s_idx in range(start, start + b):
+                        sel = smp == s_idx
+                        targets.put(layer.name, s_idx, pos[sel], y[sel])
+                    if not systems:
+                        continue
+                    patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
+                    folds = folds_of(smp, calib.samples)
+                    for s, (r_max, stages, _, _) in systems.items():
+                        z = last_stage_design(patches, stages, np.float32)
+                        add_rows(eqs[lead.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
+        for lead, systems, group in chunk:
+            curves: dict[str, SchemeCurve] = {}
             best = None
             for s, (r_max, stages, ranks, macs) in systems.items():
-                eq = eqs[layer.name][s]
-                x0 = pack_last(stages, layer.bias)
+                eq = eqs[lead.name][s]
+                x0 = pack_last(stages, lead.bias)
                 errs, errs_w = rank_curve(eq, x0, rank_inner(stages, r_max), ranks)
-                prof.curves[s] = SchemeCurve(s, list(ranks), [macs[r] for r in ranks], errs, errs_w)
+                curves[s] = SchemeCurve(s, list(ranks), [macs[r] for r in ranks], errs, errs_w)
                 for r, e in zip(ranks, errs):
                     score = abs(math.log(max(e, 1e-12) / probe_target))
                     if e > 1e-6 and (best is None or score < best[0]):
                         best = (score, s, r)
+            probe = None
             if best is not None:
                 _, s, r = best
                 r_max, stages, _, _ = systems[s]
                 mask = rank_mask(stages, r_max, r)
-                x, lam, e = solve_ridge_cv(eqs[layer.name][s], pack_last(stages, layer.bias), mask)
+                x, lam, e = solve_ridge_cv(eqs[lead.name][s], pack_last(stages, lead.bias), mask)
                 new, bias = unpack_last(stages, x)
-                small = get_scheme(s).truncate(new, layer.geo, r_max, r)
-                prof.probe = Probe(s, r, e, compose(small, layer.geo), bias)
-            profiles[layer.name] = prof
-            eqs.pop(layer.name)
+                small = get_scheme(s).truncate(new, lead.geo, r_max, r)
+                probe = Probe(s, r, e, compose(small, lead.geo), bias)
+            for layer in group:
+                profiles[layer.name] = LayerProfile(layer.name, layer.geo.macs, dict(curves), probe)
+            eqs.pop(lead.name)
             if progress:
-                progress.advance(task)
+                progress.advance(task, len(group))
         del session
-    return profiles
+    return {l.name: profiles[l.name] for l in layers}
 
 
 def sensitivity_samples(probed: int, samples: int, passes: float = SENSITIVITY_PASSES,
