@@ -8,6 +8,7 @@ axis is symbolic, and a time-major output ``[T, B, C]`` with runs of 8 and 4 sam
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
 import sepify
@@ -149,3 +150,26 @@ def test_calibration_samples_that_make_the_model_non_finite_are_refused():
         calibrate(model, sepify.Policy(mode="budget", budget=0.6), "random", samples=8)
     res = calibrate(model, sepify.Policy(mode="budget", budget=0.6), "random", samples=8, input_values={"s": 0.5})
     assert res.report.macs_ratio <= 0.6
+
+
+def test_layer_options_above_the_error_cap_are_left_out():
+    from sepify.calibration.profiling import LayerProfile, SchemeCurve
+
+    prof = LayerProfile("l", 100, {"dw-pw": SchemeCurve("dw-pw", [1, 2, 4], [20, 40, 80], [0.8, 0.4, 0.1],
+                                                        [0.9, 0.5, 0.2])}, sensitivity=2.0)
+    assert [o.payload for o in prof.options()] == [("dw-pw", 1), ("dw-pw", 2), ("dw-pw", 4)]
+    assert [o.payload for o in prof.options(max_error=0.5)] == [("dw-pw", 2), ("dw-pw", 4)]
+    assert prof.options(max_error=0.5)[0].loss == pytest.approx(2.0 * 0.4 ** 2)
+
+
+def test_a_budget_out_of_reach_of_small_layer_errors_uses_larger_ones_and_says_so(monkeypatch):
+    from sepify.calibration import calibrate as cal_module
+    from test_calibrate import anisotropic, net
+
+    data = {"x": anisotropic(8, 1)}
+    res = calibrate(net(), sepify.Policy(mode="budget", budget=0.5), data)
+    assert not any("output error above" in n for n in res.report.notes)
+    monkeypatch.setattr(cal_module, "MAX_OUTPUT_ERROR", 1e-9)  # nothing passes: every option is "large"
+    res = calibrate(net(), sepify.Policy(mode="budget", budget=0.5), data)
+    assert res.report.macs_ratio <= 0.5 + 1e-9 or len(res.report.layers) == 3
+    assert any("output error above" in n for n in res.report.notes)

@@ -59,6 +59,12 @@ from .profiling import LayerProfile, measure_sensitivities, reference_pass
 from .solve import LayerResult, Pick, calibrate_layers, weight_units
 
 MAX_DRIFT_TRIES = 3
+# Candidates whose layer output error exceeds this are used only when a target cannot be reached
+# without them: the drift model (1 − cos ≈ s·e², with s measured on a probe at e ≈ 0.3) is quadratic
+# in a small perturbation and mispredicts a layer that loses half its output (YOLOv8n at
+# --target-speedup 1.4: three box-branch convs at e = 0.72–0.87 made the held-out 1 − cos 8.8e-3;
+# without them 1.4e-3, at the same speed).
+MAX_OUTPUT_ERROR = 0.5
 BUDGET_TOLERANCE = 0.02  # a budget is met from below within this fraction of the conv MACs, or a note says why
 
 
@@ -259,20 +265,25 @@ class Calibrator:
             if lat is not None and n not in self._lat:
                 continue  # no latency for it: not a candidate of a latency plan
             units.setdefault(unit_of.get(n, n), []).append(p)
-        layers = {}
-        for u, profs in units.items():
-            if lat is not None:
-                per = [{o.payload: o for o in p.options(lambda sch, r, t=self._lat[p.name][1]: t.get((sch, r)))}
-                       for p in profs]
-                cost0 = sum(self._lat[p.name][0] for p in profs)
-            else:
-                per = [{o.payload: o for o in p.options()} for p in profs]
-                if self.latency is not None:  # only_faster: the candidates measured faster, on MACs
-                    per = [{k: o for k, o in q.items() if k in self._lat.get(p.name, (0, {}))[1]}
-                           for q, p in zip(per, profs)]
-                cost0 = sum(p.macs for p in profs)
-            common = [k for k in per[0] if all(k in q for q in per[1:])]
-            layers[u] = (cost0, [Option(sum(q[k].cost for q in per), sum(q[k].loss for q in per), k) for k in common])
+        def options_of(max_error):
+            layers = {}
+            for u, profs in units.items():
+                if lat is not None:
+                    per = [{o.payload: o for o in p.options(lambda sch, r, t=self._lat[p.name][1]: t.get((sch, r)),
+                                                            max_error=max_error)} for p in profs]
+                    cost0 = sum(self._lat[p.name][0] for p in profs)
+                else:
+                    per = [{o.payload: o for o in p.options(max_error=max_error)} for p in profs]
+                    if self.latency is not None:  # only_faster: the candidates measured faster, on MACs
+                        per = [{k: o for k, o in q.items() if k in self._lat.get(p.name, (0, {}))[1]}
+                               for q, p in zip(per, profs)]
+                    cost0 = sum(p.macs for p in profs)
+                common = [k for k in per[0] if all(k in q for q in per[1:])]
+                layers[u] = (cost0, [Option(sum(q[k].cost for q in per), sum(q[k].loss for q in per), k)
+                                     for k in common])
+            return layers
+
+        layers = options_of(MAX_OUTPUT_ERROR)
         inside = sum(c0 for c0, _ in layers.values())
         model_us = None
         if lat is None:
@@ -290,6 +301,13 @@ class Calibrator:
                 target = budget * total if budget is not None else None
                 fixed = total - inside
         result = greedy(layers, target=target, max_loss=max_drift, convex=True, fixed=fixed)
+        if result.exhausted and target is not None:
+            # Out of options the drift model predicts well: allow larger layer errors, and say so.
+            layers = options_of(None)
+            result = greedy(layers, target=target, max_loss=max_drift, convex=True, fixed=fixed)
+            if not result.exhausted:
+                self.notes.append(f"the target needs layers with an output error above {MAX_OUTPUT_ERROR:g}, where "
+                                  f"the drift estimate s·e² is unreliable: check the drift on held-out data")
         if result.exhausted:
             if speedup is not None:
                 raise unreachable_speedup(speedup, model_us / max(model_us - scale * (model_us - result.cost), 1e-9))

@@ -83,13 +83,16 @@ class LayerProfile:
         t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
         return math.exp(math.log(e_lo) + t * (math.log(e_hi) - math.log(e_lo)))
 
-    def options(self, cost_of=None) -> list[Option]:
+    def options(self, cost_of=None, max_error: float | None = None) -> list[Option]:
         """(cost, predicted drift = s·e², (scheme, rank)) of every candidate, for the allocator; cost:
-        the MACs, or ``cost_of(scheme, rank)`` (None leaves the candidate out)."""
+        the MACs, or ``cost_of(scheme, rank)`` (None leaves the candidate out); ``max_error``: only
+        candidates whose output error ``e`` is at most this."""
         s = self.sensitivity or 0.0
         out = []
         for c in self.curves.values():
             for r, m, e in zip(c.ranks, c.macs, c.error):
+                if max_error is not None and e > max_error:
+                    continue
                 cost = m if cost_of is None else cost_of(c.scheme, r)
                 if cost is not None:
                     out.append(Option(cost, s * e * e, (c.scheme, r)))
