@@ -124,20 +124,25 @@ def test_default_audit_says_how_far_it_looked_and_certify_finds_the_rest():
     assert sepify.plan(_cross_channel_model(w)).nodes[0].rank == 40  # a lossless plan always decides fully
 
 
-@pytest.mark.parametrize("channels", [160, 200])
-def test_tucker2_default_audit_certifies_wide_layers_and_estimates_the_leading_errors(channels):
+@pytest.mark.parametrize("channels, inputs", [(160, 96), (200, 96), (200, 3), (200, 1)])
+def test_tucker2_default_audit_certifies_wide_layers_and_estimates_the_leading_errors(channels, inputs):
     from sepify.core.schemes import get as get_scheme
     from sepify.pipeline.audit import AUDIT_LIMIT
     from test_calibrate import geometry
 
     rng = np.random.default_rng(channels)
-    w = rng.standard_normal((channels, 96, 3, 3))
-    geo = geometry(w, (1, 96, 8, 8), pads=(1, 1, 1, 1))
+    w = rng.standard_normal((channels, inputs, 3, 3))
+    geo = geometry(w, (1, inputs, 8, 8), pads=(1, 1, 1, 1))
     sch = get_scheme("tucker2")
     full = sch.spectrum(w, geo, "", 1e-3, sch.break_even(geo))
     quick = sch.spectrum(w, geo, "", 1e-3, sch.break_even(geo), depth=AUDIT_DEPTH, limit=AUDIT_LIMIT)
-    assert full.complete and not quick.complete and quick.exact_above == AUDIT_DEPTH
+    assert full.complete and not quick.complete and quick.exact_above == min(AUDIT_DEPTH, sch.break_even(geo))
+    assert len(quick.errors) == 5  # ranks 0-4, whatever the narrow side
     np.testing.assert_allclose(quick.errors, full.errors[:len(quick.errors)], atol=1e-3)
+    # what the audit reads off it
+    from sepify.pipeline.audit import analyze_weight
+
+    analyze_weight(w.astype(np.float32), geo, np.dtype(np.float32))
 
 
 def test_tucker2_default_audit_decomposes_a_wide_layer_that_may_be_low_rank():

@@ -118,10 +118,14 @@ class Tucker2(Scheme):
         total = energy(w64.reshape(1, 1, -1))
         if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
             return Spectrum(self.curve(w, geo, variant))
-        k = min(LEADING_TERMS, ng, cg)
-        u_out, u_in = (_leading_basis(m, k) for m in (out_matrices(w64, g), in_matrices(w64, g)))
+        top = min(LEADING_TERMS, self.max_rank(geo))
+        u_out = _leading_basis(out_matrices(w64, g), min(top, ng))
+        u_in = _leading_basis(in_matrices(w64, g), min(top, cg))
         kept = np.square(_core(w64, g, u_out, u_in)).sum(axis=(0, 3)).cumsum(axis=0).cumsum(axis=1)
-        errors = [1.0] + [float(np.sqrt(max(0.0, 1.0 - kept[r - 1, r - 1] / total))) for r in range(1, k + 1)]
+        errors = [1.0]
+        for r in range(1, top + 1):  # both ranks capped by their side's channels, as in curve()
+            r_in, r_out = self._ranks(geo, r)
+            errors.append(float(np.sqrt(max(0.0, 1.0 - kept[r_out - 1, r_in - 1] / total))))
         return Spectrum(np.asarray(errors), complete=False, exact_above=examined, certified_error=bound)
 
     def truncate(self, stages, geo: ConvGeometry, r_max: int, r: int, variant: str = "") -> list[Stage]:
