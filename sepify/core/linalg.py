@@ -95,14 +95,22 @@ def leading_singular_values(mats: np.ndarray, k: int, seed: int = 0) -> np.ndarr
     m = np.asarray(mats, dtype=np.float32)
     if m.shape[1] > m.shape[2]:
         m = m.transpose(0, 2, 1)
-    p = min(k + 20, m.shape[1])
+    q = range_basis(m, k, seed)
+    small = (q.transpose(0, 2, 1) @ m).astype(np.float64)
+    return np.linalg.svd(small, compute_uv=False)[:, :k]
+
+
+def range_basis(m: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """An orthonormal basis ``Q`` [B, rows, k + 20 at most] of the leading column space of float32
+    ``m`` [B, rows, cols] (randomized range finder with 3 power iterations): ``Q Qᵀ m ≈ m`` on the
+    top-``k`` singular directions."""
+    p = min(k + 20, m.shape[1], m.shape[2])
     y = m @ np.random.default_rng(seed).standard_normal((m.shape[0], m.shape[2], p), dtype=np.float32)
     for _ in range(3):
         q, _ = np.linalg.qr(y)
         y = m @ (m.transpose(0, 2, 1) @ q)
     q, _ = np.linalg.qr(y)
-    small = (q.transpose(0, 2, 1) @ m).astype(np.float64)
-    return np.linalg.svd(small, compute_uv=False)[:, :k]
+    return q
 
 
 def gamma(n: int) -> float:

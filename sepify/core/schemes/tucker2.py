@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy
+from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -33,17 +33,12 @@ def _bases(w64: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     return left_basis(out_matrices(w64, group)), left_basis(in_matrices(w64, group))
 
 
-def _leading_basis(mats: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """The ``k`` leading left singular vectors ``[g, rows, k]`` of ``mats`` by randomized subspace
-    iteration in float32 (as :func:`sepify.core.linalg.leading_singular_values`): estimates for a
-    report, never an exactness decision."""
+def _leading_basis(mats: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` leading left singular vectors ``[g, rows, k]`` of ``mats`` from a float32 randomized
+    range basis (:func:`sepify.core.linalg.range_basis`): estimates for a report, never an
+    exactness decision."""
     m = np.asarray(mats, dtype=np.float32)
-    p = min(k + 20, m.shape[1], m.shape[2])
-    y = m @ np.random.default_rng(seed).standard_normal((m.shape[0], m.shape[2], p), dtype=np.float32)
-    for _ in range(3):
-        q, _ = np.linalg.qr(y)
-        y = m @ (m.transpose(0, 2, 1) @ q)
-    q, _ = np.linalg.qr(y)
+    q = range_basis(m, k)
     u, _, _ = np.linalg.svd(q.transpose(0, 2, 1) @ m, full_matrices=False)
     return (q @ u[:, :, :k]).astype(np.float64)
 
