@@ -9,6 +9,7 @@ character error rate against the original's reading (edit distance / length), an
 own accuracy against the rendered ground truth.  Decoding is greedy CTC with the character list
 stored in the model's metadata (``character``).
 
+Needs Pillow (``pip install -e ".[images]"`` brings it) and the real model (fetched on first use).
 Usage::
 
     python benchmarks/bench_ocr.py                    # --budget 0.67
