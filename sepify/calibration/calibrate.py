@@ -168,6 +168,7 @@ class Calibrator:
         else:
             self.layers = layers_from_plan(self.base, [n.qualified_name for n in self.base.rewrites])
         self.by_name = {l.name: l for l in self.layers}
+        self.unit_of = weight_units(self.layers)  # one decision per weight (hashes every weight: once)
         self.latency = None  # LatencyCosts under latency cost or only_faster
         self._lat: dict[str, tuple[float, dict[tuple[str, int], float]]] = {}
         self.prediction: Prediction | None = None
@@ -236,7 +237,7 @@ class Calibrator:
                                            schemes=schemes if self.allocation == "sensitivity" else None,
                                            targets=self.targets, progress=bar,
                                            rank_grid=self._rank_grid if self.latency is not None else None,
-                                           unit_of=weight_units(self.layers))
+                                           unit_of=self.unit_of)
             self.timings["reference_pass"] = time.perf_counter() - t
             if self.allocation == "sensitivity":
                 t = time.perf_counter()
@@ -259,7 +260,7 @@ class Calibrator:
         lat = self.latency if self.policy.cost == "latency" else None
         # One decision per weight: convs sharing one are one layer of the walk (costs and drifts added,
         # over the choices every member has).
-        unit_of = weight_units(self.layers)
+        unit_of = self.unit_of
         units: dict[str, list[LayerProfile]] = {}
         for n, p in self.profiles.items():
             if lat is not None and n not in self._lat:

@@ -109,13 +109,13 @@ class Tucker2(Scheme):
             return Spectrum(self.curve(w, geo, variant))
         w64 = np.asarray(w, dtype=np.float64)
         examined = min(depth, useful_rank, self.max_rank(geo) - 1)
-        mats = [m for m in (out_matrices(w64, g), in_matrices(w64, g)) if examined + 1 <= min(m.shape[1:])]
+        outs, ins = out_matrices(w64, g), in_matrices(w64, g)
+        mats = [m for m in (outs, ins) if examined + 1 <= min(m.shape[1:])]
         total = energy(w64.reshape(1, 1, -1))
         if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
             return Spectrum(self.curve(w, geo, variant))
         top = min(LEADING_TERMS, self.max_rank(geo))
-        u_out = _leading_basis(out_matrices(w64, g), min(top, ng))
-        u_in = _leading_basis(in_matrices(w64, g), min(top, cg))
+        u_out, u_in = _leading_basis(outs, min(top, ng)), _leading_basis(ins, min(top, cg))
         kept = np.square(_core(w64, g, u_out, u_in)).sum(axis=(0, 3)).cumsum(axis=0).cumsum(axis=1)
         errors = [1.0]
         for r in range(1, top + 1):  # both ranks capped by their side's channels, as in curve()
