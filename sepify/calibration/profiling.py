@@ -24,8 +24,9 @@ from ..errors import UsageError
 from .capture import BatchOffsets, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
 from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
-from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
-                    positions, rank_curve, rank_inner, rank_mask, solve_ridge_cv, unpack_last)
+from .dual import curve, new_system, solve_cv, system_bytes
+from .lstsq import (add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last, positions,
+                    rank_inner, rank_mask, unpack_last)
 
 GRAM_BUDGET = 768 << 20  # bytes of normal equations held at once in the reference pass
 SENSITIVITY_TARGET = 0.3  # relative output error of the perturbation used to measure sensitivity
@@ -140,10 +141,10 @@ def _systems(layer: Layer, schemes: Sequence[str], rank_grid=None):
     return out
 
 
-def _eq_bytes(stages: Sequence[Stage]) -> int:
+def _shape(stages: Sequence[Stage]) -> tuple[int, int, int]:
+    """(groups, unknowns per group without the bias, outputs per group) of a chain's last stage."""
     last = stages[-1]
-    d = last.in_per_group * prod(last.kernel) + 1
-    return 2 * last.group * d * (d + last.out_channels // last.group) * 8
+    return last.group, last.in_per_group * prod(last.kernel), last.out_channels // last.group
 
 
 def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: CalibrationSet, *, rows: int, seed: int,
@@ -166,10 +167,12 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         members.setdefault(key, []).append(layer)
     chunks: list[list[tuple[Layer, dict, list[Layer]]]] = []
     budget = 0
+    expected: dict[str, int] = {}  # rows each system will see (every member's sampled positions)
     for key, group in members.items():
         lead = by_name[key]
         systems = _systems(lead, schemes, rank_grid) if schemes else {}
-        size = sum(_eq_bytes(v[1]) for v in systems.values())
+        expected[key] = len(group) * calib.samples * lead.rows_per_sample(rows, calib.samples)
+        size = sum(system_bytes(*_shape(v[1]), expected[key], len(v[2])) for v in systems.values())
         if not chunks or budget + size > GRAM_BUDGET:
             chunks.append([])
             budget = 0
@@ -180,8 +183,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         names = list(dict.fromkeys(n for _, systems, group in chunk for layer in group
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names, prefix=True)
-        eqs = {lead.name: {s: NormalEquations(v[1][-1].group, v[1][-1].in_per_group * prod(v[1][-1].kernel),
-                                              v[1][-1].out_channels // v[1][-1].group, dtype=np.float32)
+        eqs = {lead.name: {s: new_system(*_shape(v[1]), expected[lead.name], len(v[2]), dtype=np.float32)
                            for s, v in systems.items()} for lead, systems, _ in chunk}
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
@@ -211,7 +213,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
             for s, (r_max, stages, ranks, macs) in systems.items():
                 eq = eqs[lead.name][s]
                 x0 = pack_last(stages, lead.bias)
-                errs, errs_w = rank_curve(eq, x0, rank_inner(stages, r_max), ranks)
+                errs, errs_w = curve(eq, x0, rank_inner(stages, r_max), ranks)
                 curves[s] = SchemeCurve(s, list(ranks), [macs[r] for r in ranks], errs, errs_w)
                 for r, e in zip(ranks, errs):
                     score = abs(math.log(max(e, 1e-12) / probe_target))
@@ -222,7 +224,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                 _, s, r = best
                 r_max, stages, _, _ = systems[s]
                 mask = rank_mask(stages, r_max, r)
-                x, lam, e = solve_ridge_cv(eqs[lead.name][s], pack_last(stages, lead.bias), mask)
+                x, lam, e = solve_cv(eqs[lead.name][s], pack_last(stages, lead.bias), mask)
                 new, bias = unpack_last(stages, x)
                 small = get_scheme(s).truncate(new, lead.geo, r_max, r)
                 probe = Probe(s, r, e, compose(small, lead.geo), bias)

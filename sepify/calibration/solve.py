@@ -23,8 +23,8 @@ from ..model.graph import GraphView
 from .capture import BatchOffsets, Targets, WorkingModel, iterate_runs
 from .data import CalibrationSet
 from .layers import Layer
-from .lstsq import (NormalEquations, add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last,
-                    solve_ridge_cv, sq_error, unpack_last)
+from .dual import new_system, solve_cv, svd_error
+from .lstsq import add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last, unpack_last
 
 # A layer's choice: (scheme, rank, variant) — variant "" is the scheme's cheaper one.
 Pick = tuple[str, int, str]
@@ -153,8 +153,10 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
         for l in wave:  # one system per unit: every conv sharing a weight adds its rows to it
             if unit_of[l.name] not in eqs:
                 last = stage_of[l.name][-1]
-                eqs[unit_of[l.name]] = NormalEquations(last.group, last.in_per_group * prod(last.kernel),
-                                                       last.out_channels // last.group)
+                members = sum(1 for m in wave if unit_of[m.name] == unit_of[l.name])
+                expected = members * calib.samples * l.rows_per_sample(rows, calib.samples)
+                eqs[unit_of[l.name]] = new_system(last.group, last.in_per_group * prod(last.kernel),
+                                                  last.out_channels // last.group, expected)
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
             for l in wave:
@@ -177,9 +179,8 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             if unit not in fits:
                 eq = eqs.pop(unit)
                 x0 = pack_last(stages, l.bias)
-                x, lam, err = solve_ridge_cv(eq, x0)
-                total = float(eq.yy.sum())
-                err_svd = math.sqrt(sq_error(x0, eq.A.sum(0), eq.B.sum(0), eq.yy.sum(0)) / total) if total > 0 else 0.0
+                x, lam, err = solve_cv(eq, x0)
+                err_svd = svd_error(eq, x0)
                 fits[unit] = (x, lam, err, err_svd)
             x, lam, err, err_svd = fits[unit]
             new, bias = unpack_last(stages, x)

@@ -199,18 +199,45 @@ def spectrum(mats: np.ndarray, useful_rank: int, bound: float, *, depth: int | N
     return Spectrum(errors, complete=False, exact_above=examined, certified_error=bound)
 
 
+# Short sides from this size factor through the Gram matrix's eigenvectors (several times faster
+# than LAPACK's SVD: a 1536×1536 spatial matrix 0.4 s instead of 1 s); below it the SVD is cheap.
+GRAM_FACTOR_MIN = 128
+
+
 def truncated_factors(mats: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """``M_b ≈ L_b R_b`` with ``L = U√Σ`` ``[B, m, r]`` and ``R = √Σ Vᵀ`` ``[B, r, n]`` (float64).
 
+    From :data:`GRAM_FACTOR_MIN` on the short side, the leading singular vectors of that side come
+    from the eigenvectors of its Gram matrix and the other factor from projecting ``M`` on them
+    (``R = Σ^{-1/2} U_rᵀ M`` is ``√Σ V_rᵀ``): the same truncation, accurate for every direction
+    with ``σᵢ/σ₁`` above ~1e-7 (the Gram squares the spectrum), which is all a truncation keeps.
     Ranks beyond ``min(m, n)`` are padded with zero factors so the lowered graph keeps a
     uniform channel multiplier.
     """
     m = np.asarray(mats, dtype=np.float64)
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
-    k = min(r, s.shape[1])
-    root = np.sqrt(s[:, :k])
-    left = u[:, :, :k] * root[:, None, :]
-    right = vt[:, :k, :] * root[:, :, None]
+    short = min(m.shape[1], m.shape[2])
+    k = min(r, short)
+    if short >= GRAM_FACTOR_MIN:
+        wide = m.shape[1] <= m.shape[2]
+        mt = m.transpose(0, 2, 1)
+        gram = m @ mt if wide else mt @ m
+        w, vecs = np.linalg.eigh(gram)
+        s = np.sqrt(np.clip(w[:, ::-1][:, :k], 0.0, None))
+        vecs = vecs[:, :, ::-1][:, :, :k]
+        root = np.sqrt(s)
+        keep = s > s[:, :1] * 1e-12  # numerically zero directions get zero factors
+        inv = np.where(keep, 1.0 / np.where(keep, root, 1.0), 0.0)
+        if wide:
+            left = vecs * np.where(keep, root, 0.0)[:, None, :]
+            right = (vecs.transpose(0, 2, 1) @ m) * inv[:, :, None]
+        else:
+            right = vecs.transpose(0, 2, 1) * np.where(keep, root, 0.0)[:, :, None]
+            left = (m @ vecs) * inv[:, None, :]
+    else:
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        root = np.sqrt(s[:, :k])
+        left = u[:, :, :k] * root[:, None, :]
+        right = vt[:, :k, :] * root[:, :, None]
     if k < r:
         left = np.concatenate([left, np.zeros(left.shape[:2] + (r - k,))], axis=2)
         right = np.concatenate([right, np.zeros((right.shape[0], r - k, right.shape[2]))], axis=1)
