@@ -21,6 +21,14 @@ from ..model.shapes import (ProbeError, fill_from_profile, fill_with_onnxruntime
 SUPPORTED_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a``: two reductions (a NaN propagates through both, an infinity is an
+    extreme), instead of a boolean array the size of the weight."""
+    if a.size == 0:
+        return True
+    return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
+
+
 def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | None, via_dq: bool) -> Reason | None:
     """Why a node cannot be rewritten at all (None when some scheme may apply)."""
     op = spec.ref.op_type
@@ -34,7 +42,7 @@ def node_level_reason(spec: ConvSpec, weight_source: str, weight: np.ndarray | N
         return Reason.QUANTIZED_WEIGHT
     if spec.weight_dtype not in SUPPORTED_DTYPES:
         return Reason.UNSUPPORTED_DTYPE
-    if weight is not None and not np.all(np.isfinite(weight)):
+    if weight is not None and not all_finite(weight):
         return Reason.NONFINITE_WEIGHT
     if spec.geometry() is None:
         return Reason.SHAPE_UNKNOWN

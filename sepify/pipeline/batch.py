@@ -13,7 +13,6 @@ models in flight are retried one per fresh process, so the culprit is found and 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -119,6 +118,8 @@ def audit_models(paths: Sequence[str | Path], *, jobs: int = 1, on_done: Callabl
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    import multiprocessing  # only when auditing in processes (--jobs)
+
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 

@@ -150,10 +150,13 @@ def render_audit_text(items, sort: str = "macs", top: int | None = None, width: 
 
 
 def _report_dict(r: AuditReport, sort: str, top: int | None) -> dict:
-    d = r.to_dict()
-    if sort != "graph" or top:
-        d["nodes"] = [n.to_dict() for n in sort_nodes(r.nodes, sort, top)]
-    return d
+    if sort == "graph" and not top:
+        return r.to_dict()
+    nodes, r.nodes = r.nodes, sort_nodes(r.nodes, sort, top)  # every node serialized once
+    try:
+        return r.to_dict()
+    finally:
+        r.nodes = nodes
 
 
 def render_audit_json(items, sort: str = "graph", top: int | None = None) -> str:

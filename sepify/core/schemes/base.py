@@ -109,11 +109,17 @@ class Scheme(ABC):
         """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64)."""
         return relative_errors(singular_values(self.matrices(w, geo, self.resolve(geo, variant))))
 
+    def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = ""):
+        """:meth:`matrices` as a :class:`~sepify.core.linalg.MatrixView` where they are a transposed
+        copy of the weight (a certificate then reads a few rows and columns, not a copy); by default
+        the matrices themselves."""
+        return self.matrices(w, geo, variant)
+
     def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int,
                  **kw) -> Spectrum:
         """Errors by rank, certified instead of decomposed for large matrices (:func:`sepify.core.linalg.spectrum`;
         ``depth`` and ``limit`` pass through)."""
-        return spectrum(self.matrices(w, geo, self.resolve(geo, variant)), useful_rank, bound, **kw)
+        return spectrum(self.matrix_view(w, geo, self.resolve(geo, variant)), useful_rank, bound, **kw)
 
     def truncate(self, stages: Sequence[Stage], geo: ConvGeometry, r_max: int, r: int,
                  variant: str = "") -> list[Stage]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import truncated_factors
+from ..linalg import Spectrum, gram_singular_values, relative_errors, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -51,6 +51,17 @@ class DwPw(Scheme):
 
     def matrices(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
         return dw_pw_matrices(w, geo.group)
+
+    def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int,
+                 **kw) -> Spectrum:
+        """Every matrix's short side is its kernel (``K ≤ Ng``): the per-channel ``K × K`` Grams are
+        contracted from the weight as it is stored, without the transposed ``[C, Ng, K]`` copy."""
+        n, cg = w.shape[:2]
+        if prod(geo.kernel) > geo.cout_per_group:
+            return super().spectrum(w, geo, variant, bound, useful_rank, **kw)
+        g4 = np.asarray(w, dtype=np.float64).reshape(geo.group, n // geo.group, cg, -1)  # q, n, c, k
+        gram = np.einsum("qnck,qncl->qckl", g4, g4, optimize=True).reshape(geo.group * cg, g4.shape[3], -1)
+        return Spectrum(relative_errors(gram_singular_values(gram)))
 
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         dw_st, pw_st = self.stages(geo, r)

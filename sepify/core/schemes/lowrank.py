@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import truncated_factors
+from ..linalg import MatrixView, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -32,6 +32,12 @@ def out_matrices(w: np.ndarray, group: int) -> np.ndarray:
     """``[g, Ng, Cg·K]``: rows are output channels."""
     n, cg = w.shape[:2]
     return w.reshape(group, n // group, -1)
+
+
+def in_view(w: np.ndarray, group: int) -> MatrixView:
+    """:func:`in_matrices` without the copy."""
+    n, cg = w.shape[:2]
+    return MatrixView(w.reshape(group, n // group, cg, -1), 0, (2,), (1, 3))  # q; c; (n, k)
 
 
 def in_matrices(w: np.ndarray, group: int) -> np.ndarray:
@@ -87,6 +93,9 @@ class InLowRank(Scheme):
 
     def matrices(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
         return in_matrices(w, geo.group)
+
+    def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> MatrixView:
+        return in_view(w, geo.group)
 
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         first, second = self.stages(geo, r)

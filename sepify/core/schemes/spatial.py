@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..geometry import ConvGeometry
-from ..linalg import truncated_factors
+from ..linalg import MatrixView, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage, stages_macs
 from .base import Scheme
@@ -97,6 +97,13 @@ class Spatial(Scheme):
             return kernel_matrices(w)
         oriented = w if self.resolve(geo, variant) == VERTICAL else w.transpose(0, 1, 3, 2)
         return cross_channel_matrices(oriented, geo.group)
+
+    def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = ""):
+        if geo.cin_per_group == 1:
+            return kernel_matrices(w)
+        oriented = w if self.resolve(geo, variant) == VERTICAL else w.transpose(0, 1, 3, 2)
+        n, cg, kh, kw = oriented.shape
+        return MatrixView(oriented.reshape(geo.group, n // geo.group, cg, kh, kw), 0, (2, 3), (1, 4))  # q; (c,i); (n,j)
 
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         first, second = self.stages(geo, r, variant)

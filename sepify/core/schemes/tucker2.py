@@ -21,7 +21,7 @@ from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
-from .lowrank import in_matrices, out_matrices
+from .lowrank import in_matrices, in_view, out_matrices
 
 
 def _bases(w64: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,24 +98,27 @@ class Tucker2(Scheme):
         return np.asarray(errors)
 
     def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int, *,
-                 depth: int | None = None, limit: int | None = None) -> Spectrum:
+                 depth: int | None = None, limit: int | None = None, estimate: bool = True) -> Spectrum:
         """The full HOSVD curve; with ``depth`` (the default audit), a layer with more than ``limit``
         channels on a side is only certified: a rank-``r`` Tucker-2 is no better than the best rank-``r``
         projection of either channel mode, so when Courant–Fischer (:func:`certify_tail`) proves that
         no rank up to ``depth`` of the output mode (or the input mode) is within ``bound``, neither is
-        Tucker-2, and the leading errors are estimated from float32 leading bases."""
+        Tucker-2, and the leading errors are estimated from float32 leading bases (``estimate=False``:
+        not even those)."""
         g, ng, cg = geo.group, geo.cout_per_group, geo.cin_per_group
         if depth is None or limit is None or max(ng, cg) <= limit or useful_rank < 1:
             return Spectrum(self.curve(w, geo, variant))
         w64 = np.asarray(w, dtype=np.float64)
         examined = min(depth, useful_rank, self.max_rank(geo) - 1)
-        outs, ins = out_matrices(w64, g), in_matrices(w64, g)
+        outs, ins = out_matrices(w64, g), in_view(w64, g)
         mats = [m for m in (outs, ins) if examined + 1 <= min(m.shape[1:])]
         total = energy(w64.reshape(1, 1, -1))
         if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
             return Spectrum(self.curve(w, geo, variant))
+        if not estimate:
+            return Spectrum(np.ones(1), complete=False, exact_above=examined, certified_error=bound)
         top = min(LEADING_TERMS, self.max_rank(geo))
-        u_out, u_in = _leading_basis(outs, min(top, ng)), _leading_basis(ins, min(top, cg))
+        u_out, u_in = _leading_basis(outs, min(top, ng)), _leading_basis(ins.full(), min(top, cg))
         kept = np.square(_core(w64, g, u_out, u_in)).sum(axis=(0, 3)).cumsum(axis=0).cumsum(axis=1)
         errors = [1.0]
         for r in range(1, top + 1):  # both ranks capped by their side's channels, as in curve()
