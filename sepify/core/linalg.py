@@ -153,6 +153,7 @@ class MatrixView:
     """
 
     def __init__(self, view: np.ndarray, batch: int, rows: tuple[int, ...], cols: tuple[int, ...]):
+        self.source = view  # the weight's own layout (contiguous when the weight is): for energy()
         self.view = view.transpose((batch, *rows, *cols))
         nr = len(rows)
         self.row_dims = self.view.shape[1:1 + nr]
@@ -164,7 +165,9 @@ class MatrixView:
     def T(self) -> "MatrixView":
         nr = len(self.row_dims)
         axes = tuple(range(1, self.view.ndim))
-        return MatrixView(self.view, 0, axes[nr:], axes[:nr])
+        out = MatrixView(self.view, 0, axes[nr:], axes[:nr])
+        out.source = self.source
+        return out
 
     def full(self) -> np.ndarray:
         return np.ascontiguousarray(self.view).reshape(self.shape)
@@ -181,8 +184,16 @@ def as_array(mats) -> np.ndarray:
 
 
 def energy(mats) -> float:
-    """``Σ mᵢⱼ²`` over the batch, accumulated in float64 (no float64 copy of the matrices)."""
-    v = mats.view if isinstance(mats, MatrixView) else np.asarray(mats)
+    """``Σ mᵢⱼ²`` over the batch, accumulated in float64 (a view's: over the weight it reads, in the
+    weight's own order — a sum over a strided view costs several times more)."""
+    v = mats.source if isinstance(mats, MatrixView) else np.asarray(mats)
+    if v.flags.c_contiguous:
+        flat = v.reshape(-1)
+        if flat.dtype != np.float64 and flat.size <= 1 << 24:  # a float64 copy up to 128 MB: twice as fast
+            flat = flat.astype(np.float64)
+        if flat.dtype == np.float64:
+            return float(flat @ flat)
+        return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     letters = "abcdefghij"[:v.ndim]
     return float(np.einsum(f"{letters},{letters}->", v, v, dtype=np.float64))
 

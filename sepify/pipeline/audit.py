@@ -416,8 +416,10 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
     keys = {}  # convs sharing a weight (a siamese net's towers) share its analysis
     for index, weight, geo in jobs:
         keys.setdefault((nodes[index].weight_name, id(weight), geo), (weight, geo))
-    done: dict[tuple, Separability] = dict(zip(keys, _map(lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify),
-                                                         list(keys.values()))))
+    # Largest weights first, so the threads finish together (longest-processing-time order).
+    order = sorted(keys, key=lambda k: -keys[k][0].size)
+    done: dict[tuple, Separability] = dict(zip(order, _map(lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify),
+                                                          [keys[k] for k in order])))
     for index, weight, geo in jobs:
         node = nodes[index]
         node.separability = sep = done[(node.weight_name, id(weight), geo)]

@@ -18,6 +18,8 @@ of its groups, and the rank-``r`` chain is the rank-``r_max`` chain with the ran
 
 from __future__ import annotations
 
+import functools
+
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
@@ -27,6 +29,13 @@ from ..geometry import ConvGeometry
 from ..linalg import Spectrum, relative_errors, singular_values, spectrum
 from ..reasons import Reason
 from ..stages import Stage, stages_macs
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _macs(scheme: "Scheme", geo: ConvGeometry, r: int, variant: str) -> int:
+    """A chain's MACs depend on the geometry alone: cached (a network repeats its shapes, and Tucker-2's
+    break-even search and curve ask for the same ranks again)."""
+    return stages_macs(geo, scheme.stages(geo, r, variant))
 
 
 class Scheme(ABC):
@@ -60,7 +69,7 @@ class Scheme(ABC):
         """``(B, m, n)`` of :meth:`matrices` (without reading the weight)."""
 
     def macs(self, geo: ConvGeometry, r: int, variant: str = "") -> int:
-        return stages_macs(geo, self.stages(geo, r, self.resolve(geo, variant)))
+        return _macs(self, geo, r, self.resolve(geo, variant))
 
     #: MACs grow linearly with the rank (``r`` times :meth:`macs_per_rank`); a scheme whose stages
     #: multiply two ranks (Tucker-2's core) says False and :meth:`macs_curve` computes each rank.
