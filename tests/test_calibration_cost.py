@@ -111,3 +111,25 @@ def test_head_cuts_stacked_runs_to_the_samples_asked_for(want, sizes):
     # one sample per run: whole runs
     one = SampleSet([{"x": x[i:i + 1]} for i in range(5)], "t", 5)
     assert one.head(3).per_run == [1, 1, 1]
+
+
+def test_sensitivities_from_one_session_with_fed_weights_equal_a_session_per_layer(monkeypatch):
+    """The probe weights fed to one session (slots declared as inputs too) measure the same
+    drifts as a session built per layer — and they do perturb the model."""
+    from sepify.calibration.calibrate import Calibrator
+    from sepify.errors import ModelLoadError
+
+    cal = Calibrator(net(), Policy(mode="budget", budget=0.6), {"x": anisotropic(8, 2)})
+    cal.profile()
+    fed = {n: p.sensitivity for n, p in cal.profiles.items()}
+    assert any(v > 0 for v in fed.values())
+
+    def refuse(self, threads=None):
+        raise ModelLoadError("no")
+
+    monkeypatch.setattr(capture.WorkingModel, "override_session", refuse)
+    cal.profile()
+    rebuilt = {n: p.sensitivity for n, p in cal.profiles.items()}
+    assert fed.keys() == rebuilt.keys()
+    for n in fed:
+        assert fed[n] == pytest.approx(rebuilt[n], rel=1e-4, abs=1e-9)

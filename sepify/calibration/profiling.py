@@ -20,7 +20,7 @@ from ..core.geometry import prod
 from ..core.schemes import get as get_scheme
 from ..core.stages import Stage, compose
 from ..core.drift import DriftMeter
-from ..errors import UsageError
+from ..errors import SepifyError, UsageError
 from .capture import BatchOffsets, Targets, WorkingModel, float_outputs, iterate_runs, run_outputs
 from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
@@ -283,16 +283,24 @@ def measure_sensitivities(work: WorkingModel, layers: Sequence[Layer], profiles:
         max_samples = sensitivity_samples(probed, calib.samples)
     feeds = calib.head(max_samples)
     outs = float_outputs(work.model)
-    meter = DriftMeter(run_outputs(work.session(), feeds.feeds, outs, feeds), metric, feeds.per_run)
+    try:  # one session, the probe's weights fed per run
+        session = work.override_session()
+    except SepifyError:
+        session = None  # a model onnxruntime will not take with weights as inputs: a session per layer
+    meter = DriftMeter(run_outputs(session or work.session(), feeds.feeds, outs, feeds), metric, feeds.per_run)
     task = progress.add_task("layer sensitivities", total=len(layers)) if progress else None
     for layer in layers:
         prof = profiles.get(layer.name)
         if prof is not None and prof.probe is not None:
-            work.set(layer.name, prof.probe.weight, prof.probe.bias)
-            try:
-                d = meter.drift(run_outputs(work.session(), feeds.feeds, outs, feeds))
-            finally:
-                work.reset(layer.name)
+            if session is not None:
+                extra = work.overrides(layer.name, prof.probe.weight, prof.probe.bias)
+                d = meter.drift(run_outputs(session, [{**f, **extra} for f in feeds.feeds], outs, feeds))
+            else:
+                work.set(layer.name, prof.probe.weight, prof.probe.bias)
+                try:
+                    d = meter.drift(run_outputs(work.session(), feeds.feeds, outs, feeds))
+                finally:
+                    work.reset(layer.name)
             prof.probe_drift = d
             prof.sensitivity = d / max(prof.probe.error ** 2, 1e-12)
         elif prof is not None:
