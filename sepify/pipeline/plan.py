@@ -341,6 +341,35 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
     return _NodeState(spec, weight, geo, tol, curves), None
 
 
+def _states(an: ModelAnalysis, specs, exact_only: bool, cache: dict) -> list[tuple[_NodeState | None, str | None]]:
+    """:func:`_state` of every spec, on one thread per core (sepify's BLAS is single-threaded and
+    numpy releases the GIL in its linear algebra), largest weights first; convs reading a weight
+    another spec reads wait for its curves (the cache) instead of computing them again."""
+    from .audit import analysis_threads
+
+    first: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        first.setdefault(spec.w_name, i)
+    leads = sorted(set(first.values()), key=lambda i: -_weight_size(specs[i]))
+    out: dict[int, tuple] = {}
+    workers = min(analysis_threads(), len(leads))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for i, got in zip(leads, pool.map(lambda i: _state(an, specs[i], exact_only, cache), leads)):
+                out[i] = got
+    for i, spec in enumerate(specs):
+        if i not in out:
+            out[i] = _state(an, spec, exact_only, cache)
+    return [out[i] for i in range(len(specs))]
+
+
+def _weight_size(spec) -> int:
+    geo = spec.geometry()
+    return 0 if geo is None else geo.c_out * geo.cin_per_group * int(np.prod(geo.kernel))
+
+
 def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     """Every (scheme, variant, rank) that saves MACs, with its weight error — under latency cost
     (``st.latency`` set) the measured ranks that run faster than the conv, with their latency."""
@@ -465,11 +494,11 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}
     curves: dict = cache if cache is not None else {}
-    for spec in an.specs:
+    found = _states(an, an.specs, policy.mode == "lossless", curves)
+    for spec, (st, reason) in zip(an.specs, found):
         ref = spec.ref
         np_ = NodePlan(ref.name, ref.qualified_name, ref.op_type, None, "keep")
         nodes.append(np_)
-        st, reason = _state(an, spec, exact_only=policy.mode == "lossless", cache=curves)
         if st is not None:
             np_.macs = st.geo.macs
             np_.exact_tolerance = st.tol_exact
