@@ -6,9 +6,7 @@ isotropic.  Calibration runs the model on sample inputs and chooses factors that
 each rewritten convolution's *output* on those inputs:
 
 * **Factors** (:mod:`sepify.calibration.lstsq`, :mod:`sepify.calibration.solve`): the first stages
-  of each chain stay as the SVD gives them — for the channel low-rank splits (``out-lowrank``,
-  ``pw-lowrank``) as the principal components of the layer's outputs give them
-  (:mod:`sepify.calibration.subspace`) — and the last stage and the bias are solved by ridge least
+  of each chain stay as the SVD gives them and the last stage and the bias are solved by ridge least
   squares against the original conv's outputs, with inputs from the model whose earlier layers are
   already rewritten (asymmetric reconstruction), in waves.  Layers with fewer sampled rows than
   unknowns solve in the dual form (:mod:`sepify.calibration.dual`).
@@ -390,8 +388,7 @@ class Calibrator:
         with progress_bar(self.progress) as bar:
             t = time.perf_counter()
             out = calibrate_layers(self.work, self.layers, choices, self.calib, self.targets, rows=self.rows,
-                                   seed=self.seed, progress=bar,
-                                   subspaces={n: p.subspaces for n, p in self.profiles.items() if p.subspaces})
+                                   seed=self.seed, progress=bar)
             self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - t
         return out
 

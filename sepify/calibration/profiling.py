@@ -70,8 +70,6 @@ class LayerProfile:
     probe: Probe | None = None
     sensitivity: float | None = None  # model drift per unit squared relative output error
     probe_drift: float | None = None
-    # Data-aware first stages (calibration.subspace) by scheme: the final solve starts from them.
-    subspaces: dict[str, "subspace.OutputSubspace"] = field(default_factory=dict, repr=False)
 
     def interpolated_error(self, scheme: str, r: int) -> float:
         """The layer's output error at rank ``r`` of ``scheme``: measured on the grid, log-log
@@ -186,7 +184,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         names = list(dict.fromkeys(n for _, systems, group in chunk for layer in group
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names, prefix=True)
-        # Output-subspace schemes (subspace.SCHEMES) need no design: the conv's output moments serve them.
+        # Two-stage channel splits (subspace.SCHEMES) need no design: the conv's output moments serve them.
         aware = {lead.name: [s for s in systems if subspace.applies(s, lead.geo)] for lead, systems, _ in chunk}
         moments = {lead.name: subspace.output_moments(lead.geo) for lead, _, _ in chunk if aware[lead.name]}
         eqs = {lead.name: {s: new_system(*_shape(v[1]), expected[lead.name], len(v[2]), dtype=np.float32)
@@ -220,22 +218,12 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                         add_rows(eqs[lead.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
         for lead, systems, group in chunk:
             curves: dict[str, SchemeCurve] = {}
-            subspaces: dict[str, subspace.OutputSubspace] = {}
-            start = {s: (v[1], lead.bias) for s, v in systems.items()}  # first stages and bias the refit starts from
             best = None
             for s, (r_max, stages, ranks, macs) in systems.items():
-                inner = rank_inner(stages, r_max)
-                if s in aware[lead.name]:
-                    sub = subspaces[s] = subspace.output_subspace(s, moments[lead.name], lead.weight, lead.bias,
-                                                                  lead.geo)
-                    start[s] = sub.stages(r_max)
-                    eq = eqs[lead.name][s] = subspace.project(
-                        moments[lead.name], subspace.from_outputs(start[s][0], lead.geo, lead.bias))
-                    errs, _ = curve(eq, pack_last(*start[s]), inner, ranks)
-                    svd = subspace.project(moments[lead.name], subspace.from_outputs(stages, lead.geo, lead.bias))
-                    _, errs_w = curve(svd, pack_last(stages, lead.bias), inner, ranks)  # the weight-only factors'
-                else:
-                    errs, errs_w = curve(eqs[lead.name][s], pack_last(stages, lead.bias), inner, ranks)
+                if s in aware[lead.name]:  # its normal equations, projected from the output moments
+                    eqs[lead.name][s] = subspace.project(moments[lead.name],
+                                                         subspace.from_outputs(stages, lead.geo, lead.bias))
+                errs, errs_w = curve(eqs[lead.name][s], pack_last(stages, lead.bias), rank_inner(stages, r_max), ranks)
                 curves[s] = SchemeCurve(s, list(ranks), [macs[r] for r in ranks], errs, errs_w)
                 for r, e in zip(ranks, errs):
                     score = abs(math.log(max(e, 1e-12) / probe_target))
@@ -244,15 +232,14 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
             probe = None
             if best is not None:
                 _, s, r = best
-                r_max = systems[s][0]
-                stages, bias0 = start[s]
+                r_max, stages, _, _ = systems[s]
                 mask = rank_mask(stages, r_max, r)
-                x, lam, e = solve_cv(eqs[lead.name][s], pack_last(stages, bias0), mask)
+                x, lam, e = solve_cv(eqs[lead.name][s], pack_last(stages, lead.bias), mask)
                 new, bias = unpack_last(stages, x)
                 small = get_scheme(s).truncate(new, lead.geo, r_max, r)
                 probe = Probe(s, r, e, compose(small, lead.geo), bias)
             for layer in group:
-                profiles[layer.name] = LayerProfile(layer.name, layer.geo.macs, dict(curves), probe, subspaces=subspaces)
+                profiles[layer.name] = LayerProfile(layer.name, layer.geo.macs, dict(curves), probe)
             eqs.pop(lead.name)
             moments.pop(lead.name, None)
             if progress:

@@ -24,7 +24,6 @@ from .capture import BatchOffsets, Targets, WorkingModel, iterate_runs
 from .data import CalibrationSet
 from .layers import Layer
 from .dual import new_system, solve_cv, svd_error
-from .subspace import OutputSubspace
 from .lstsq import add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last, unpack_last
 
 # A layer's choice: (scheme, rank, variant) — variant "" is the scheme's cheaper one.
@@ -122,15 +121,10 @@ def _weight_error(w: np.ndarray, dense: np.ndarray) -> float:
 
 def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mapping[str, Pick],
                      calib: CalibrationSet, targets: Targets, *, rows: int, seed: int, progress=None,
-                     subspaces: Mapping[str, Mapping[str, OutputSubspace]] | None = None,
                      ) -> tuple[dict[str, LayerResult], dict[str, tuple[list[Stage], np.ndarray]]]:
     """Solve the last stage and bias of every chosen layer on activations of the partly rewritten
     model (``work`` is updated layer by layer).  Returns per-layer results and the calibrated
-    (stages, bias) — float64, exact layers as their SVD factors.
-
-    ``subspaces`` (layer → scheme → :class:`~sepify.calibration.subspace.OutputSubspace`, from the
-    profiles): those layers start from the data-aware first stages instead of the SVD's (the
-    weight-only factors' error is measured on the same rows, from a second design)."""
+    (stages, bias) — float64, exact layers as their SVD factors."""
     chosen = [l for l in layers if l.name in choices]
     results: dict[str, LayerResult] = {}
     solved: dict[str, tuple[list[Stage], np.ndarray]] = {}
@@ -147,19 +141,15 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             solved[layer.name] = (stages, layer.bias)
             work.set(layer.name, dense, layer.bias)
         else:
-            sub = (subspaces or {}).get(layer.name, {}).get(scheme)
-            todo.append((layer, stages, sub.stages(r) if sub is not None else None))
+            todo.append((layer, stages))
     unit_of = weight_units(chosen)
-    groups = waves(work.model, [l for l, _, _ in todo], unit_of)
-    svd_of = {l.name: s for l, s, _ in todo}  # the weight-only factors
-    start_of = {l.name: (start if start is not None else (s, l.bias)) for l, s, start in todo}
-    stage_of = {l.name: start_of[l.name][0] for l, _, _ in todo}
-    aware = {l.name for l, _, start in todo if start is not None}  # data-aware first stages
+    groups = waves(work.model, [l for l, _ in todo], unit_of)
+    stage_of = {l.name: s for l, s in todo}
     task = progress.add_task("calibrating layers", total=len(todo)) if progress else None
     for wave_index, wave in enumerate(groups):
         names = list(dict.fromkeys(l.x_name for l in wave))
         session = work.session(names, prefix=True)
-        eqs, svd_eqs = {}, {}
+        eqs = {}
         for l in wave:  # one system per unit: every conv sharing a weight adds its rows to it
             if unit_of[l.name] not in eqs:
                 last = stage_of[l.name][-1]
@@ -167,9 +157,6 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
                 expected = members * calib.samples * l.rows_per_sample(rows, calib.samples)
                 eqs[unit_of[l.name]] = new_system(last.group, last.in_per_group * prod(last.kernel),
                                                   last.out_channels // last.group, expected)
-                if l.name in aware:  # the weight-only factors' error, on the same rows
-                    svd_eqs[unit_of[l.name]] = new_system(last.group, last.in_per_group * prod(last.kernel),
-                                                          last.out_channels // last.group, expected)
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
             for l in wave:
@@ -182,11 +169,8 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
                 y = np.concatenate([t for _, t in got])
                 smp = np.concatenate([np.full(len(p), start + j) for j, (p, _) in zip(order, got)])
                 patches = gather_patches(values[l.x_name], l.geo, smp - start, pos)
-                folds = folds_of(smp, calib.samples)
-                add_rows(eqs[unit_of[l.name]], last_stage_design(patches, stages), grouped_targets(y, stages[-1]), folds)
-                if l.name in aware:
-                    svd = svd_of[l.name]
-                    add_rows(svd_eqs[unit_of[l.name]], last_stage_design(patches, svd), grouped_targets(y, svd[-1]), folds)
+                z = last_stage_design(patches, stages)
+                add_rows(eqs[unit_of[l.name]], z, grouped_targets(y, stages[-1]), folds_of(smp, calib.samples))
         del session
         fits: dict[str, tuple] = {}
         for l in wave:
@@ -194,12 +178,9 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             stages = stage_of[l.name]
             if unit not in fits:
                 eq = eqs.pop(unit)
-                x0 = pack_last(*start_of[l.name])
-                if l.name in aware:
-                    err_svd = svd_error(svd_eqs.pop(unit), pack_last(svd_of[l.name], l.bias))
-                else:
-                    err_svd = svd_error(eq, x0)
+                x0 = pack_last(stages, l.bias)
                 x, lam, err = solve_cv(eq, x0)
+                err_svd = svd_error(eq, x0)
                 fits[unit] = (x, lam, err, err_svd)
             x, lam, err, err_svd = fits[unit]
             new, bias = unpack_last(stages, x)
@@ -209,7 +190,7 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
             scheme, r, variant = choices[l.name]
             results[l.name] = LayerResult(
                 l.name, scheme, r, l.geo.macs, stages_macs(l.geo, stages),
-                _weight_error(l.weight, dense), _weight_error(l.weight, compose(svd_of[l.name], l.geo)), err, err_svd,
+                _weight_error(l.weight, dense), _weight_error(l.weight, compose(stages, l.geo)), err, err_svd,
                 lam, wave_index, variant=variant)
             if progress:
                 progress.advance(task)
