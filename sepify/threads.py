@@ -51,4 +51,25 @@ def single_blas(fn):
     return wrapper
 
 
-__all__ = ["ENV", "blas_threads", "limited_blas", "single_blas"]
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parallel_map(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` on one thread per core, in order.  For sepify's own numerics: its
+    BLAS is single-threaded (above) and numpy releases the GIL in its linear algebra, so independent
+    weights are analysed side by side (scipy's LAPACK wrappers keep the GIL: numpy's are used)."""
+    workers = min(cores(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+__all__ = ["ENV", "blas_threads", "cores", "limited_blas", "parallel_map", "single_blas"]

@@ -77,7 +77,6 @@ class WorkingModel:
                 return calibration_session(part, threads=threads)
         return calibration_session(self.model, extra_outputs, threads=threads)
 
-
     def override_session(self, threads: int | None = None):
         """One session on the model as it now is in which every slot's weight and bias can be replaced
         per run: they are declared graph inputs too, so a feed overrides the initializer (onnxruntime's

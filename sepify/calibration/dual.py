@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .lstsq import CURVE_RIDGE, RIDGE_GRID, NormalEquations, rank_curve, solve_ridge_cv, sq_error
+from .lstsq import (CURVE_RIDGE, RIDGE_GRID, NormalEquations, expand_columns, rank_curve, ridge_weights, solve_ridge_cv,
+                    sq_error)
 
 # The dual form is used when its estimated work is below this fraction of the primal's (the primal
 # accumulates its Gram in float32 and runs fast BLAS kernels; the dual does more, smaller steps).
@@ -89,10 +90,8 @@ class DesignRows:
 
 
 def _ridge_diag(z: np.ndarray, lam: float) -> np.ndarray:
-    """``λ·(diag(ZᵀZ) + floor)`` per group, as :func:`~sepify.calibration.lstsq._ridge_terms`."""
-    diag = np.einsum("grk,grk->gk", z, z)
-    floor = 1e-9 * np.maximum(diag.mean(axis=1, keepdims=True), 1e-30)
-    return lam * (diag + floor)
+    """``λ·(diag(ZᵀZ) + floor)`` per group, the primal form's ridge (from the rows' column norms)."""
+    return ridge_weights(np.einsum("grk,grk->gk", z, z), lam)
 
 
 def _solve_spd(k: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -210,7 +209,7 @@ def solve_ridge_cv_dual(rows: DesignRows, x0: np.ndarray, mask: np.ndarray | Non
         x = x0c.copy()
     if score is None:
         score = float(((z @ x - y) ** 2).sum())
-    return _expand(x, cols, x0), lam, math.sqrt(score / total) if total > 0 else 0.0
+    return expand_columns(x, cols, x0), lam, math.sqrt(score / total) if total > 0 else 0.0
 
 
 def weight_only_error(rows: DesignRows, x0: np.ndarray) -> float:
@@ -220,12 +219,6 @@ def weight_only_error(rows: DesignRows, x0: np.ndarray) -> float:
         return 0.0
     e = sum(float(((z @ x0 - y) ** 2).sum()) for f in (0, 1) if rows.rows[f] for z, y in [rows.fold(f)])
     return math.sqrt(e / total)
-
-
-def _expand(x: np.ndarray, cols: np.ndarray, like: np.ndarray) -> np.ndarray:
-    full = np.zeros_like(like)
-    full[:, cols, :] = x
-    return full
 
 
 # -- either form ------------------------------------------------------------------------------------

@@ -155,7 +155,12 @@ class NormalEquations:
 
 def _ridge_terms(a: np.ndarray, lam: float) -> np.ndarray:
     """``λ·(diag(A) + floor)`` per column: the ridge weights toward the weight-only solution."""
-    diag = np.diagonal(a, axis1=1, axis2=2)
+    return ridge_weights(np.diagonal(a, axis1=1, axis2=2), lam)
+
+
+def ridge_weights(diag: np.ndarray, lam: float) -> np.ndarray:
+    """``λ·(diag + floor)`` per group from the Gram's diagonal ``[g, d]`` (the floor keeps an all-zero
+    column regularized)."""
     floor = 1e-9 * np.maximum(diag.mean(axis=1, keepdims=True), 1e-30)
     return lam * (diag + floor)
 
@@ -238,7 +243,7 @@ def solve_ridge_cv(eq: NormalEquations, x0: np.ndarray, mask: np.ndarray | None 
         lam = CURVE_RIDGE
         x = ridge_solve(a.sum(0), b.sum(0), x0c, lam)
         err = sq_error(x, a.sum(0), b.sum(0), eq.yy.sum(0))
-        return _expand(x, cols, x0), lam, math.sqrt(err / total_yy) if total_yy > 0 else 0.0
+        return expand_columns(x, cols, x0), lam, math.sqrt(err / total_yy) if total_yy > 0 else 0.0
     scores = []
     for lam in candidates:
         e = 0.0
@@ -249,7 +254,7 @@ def solve_ridge_cv(eq: NormalEquations, x0: np.ndarray, mask: np.ndarray | None 
     best = int(np.argmin(scores))
     lam = candidates[best]
     x = ridge_solve(a[0] + a[1], b[0] + b[1], x0c, lam)
-    return _expand(x, cols, x0), lam, math.sqrt(scores[best] / total_yy) if total_yy > 0 else 0.0
+    return expand_columns(x, cols, x0), lam, math.sqrt(scores[best] / total_yy) if total_yy > 0 else 0.0
 
 
 def rank_curve(eq: NormalEquations, x0: np.ndarray, inner: np.ndarray, ranks: Sequence[int],
@@ -300,7 +305,8 @@ def rank_curve(eq: NormalEquations, x0: np.ndarray, inner: np.ndarray, ranks: Se
     return [math.sqrt(e / checked) if checked > 0 else 0.0 for e in errs], base
 
 
-def _expand(x: np.ndarray, cols: np.ndarray, like: np.ndarray) -> np.ndarray:
+def expand_columns(x: np.ndarray, cols: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The unknowns ``x`` of columns ``cols`` in an array shaped ``like``, zero elsewhere."""
     full = np.zeros_like(like)
     full[:, cols, :] = x
     return full
@@ -366,4 +372,4 @@ def add_rows(eq: NormalEquations, z: np.ndarray, y: np.ndarray, folds: np.ndarra
 
 __all__ = ["CURVE_RIDGE", "NormalEquations", "RIDGE_GRID", "add_rows", "apply_stage", "folds_of", "gather_patches",
            "grouped_targets", "last_stage_design", "pack_last", "positions", "rank_curve", "rank_inner", "rank_mask",
-           "ridge_solve", "solve_ridge_cv", "sq_error", "unpack_last"]
+           "ridge_solve", "ridge_weights", "expand_columns", "solve_ridge_cv", "sq_error", "unpack_last"]

@@ -185,10 +185,10 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names, prefix=True)
         # Two-stage channel splits (subspace.SCHEMES) need no design: the conv's output moments serve them.
-        aware = {lead.name: [s for s in systems if subspace.applies(s, lead.geo)] for lead, systems, _ in chunk}
-        moments = {lead.name: subspace.output_moments(lead.geo) for lead, _, _ in chunk if aware[lead.name]}
+        by_moments = {lead.name: [s for s in systems if s in subspace.SCHEMES] for lead, systems, _ in chunk}
+        moments = {lead.name: subspace.output_moments(lead.geo) for lead, _, _ in chunk if by_moments[lead.name]}
         eqs = {lead.name: {s: new_system(*_shape(v[1]), expected[lead.name], len(v[2]), dtype=np.float32)
-                           for s, v in systems.items() if s not in aware[lead.name]} for lead, systems, _ in chunk}
+                           for s, v in systems.items() if s not in by_moments[lead.name]} for lead, systems, _ in chunk}
         offsets = BatchOffsets()
         for values in iterate_runs(session, calib, names):
             for lead, systems, group in chunk:
@@ -208,11 +208,11 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                         continue
                     patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
                     folds = folds_of(smp, calib.samples)
-                    if lead.name in moments:
-                        yg = grouped_targets(y, Stage(lead.geo.c_out, 1, lead.geo.group, (1,), (0,)), np.float32)
+                    if lead.name in moments:  # the split's last stage has the conv's groups
+                        yg = grouped_targets(y, systems[by_moments[lead.name][0]][1][-1], np.float32)
                         add_rows(moments[lead.name], yg, yg, folds)
                     for s, (r_max, stages, _, _) in systems.items():
-                        if s in aware[lead.name]:
+                        if s in by_moments[lead.name]:
                             continue
                         z = last_stage_design(patches, stages, np.float32)
                         add_rows(eqs[lead.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
@@ -220,7 +220,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
             curves: dict[str, SchemeCurve] = {}
             best = None
             for s, (r_max, stages, ranks, macs) in systems.items():
-                if s in aware[lead.name]:  # its normal equations, projected from the output moments
+                if s in by_moments[lead.name]:  # its normal equations, projected from the output moments
                     eqs[lead.name][s] = subspace.project(moments[lead.name],
                                                          subspace.from_outputs(stages, lead.geo, lead.bias))
                 errs, errs_w = curve(eqs[lead.name][s], pack_last(stages, lead.bias), rank_inner(stages, r_max), ranks)

@@ -26,11 +26,7 @@ from ..core.geometry import ConvGeometry
 from ..core.stages import Stage
 from .lstsq import NormalEquations
 
-SCHEMES = ("out-lowrank", "pw-lowrank")
-
-
-def applies(scheme: str, geo: ConvGeometry) -> bool:
-    return scheme in SCHEMES
+SCHEMES = ("out-lowrank", "pw-lowrank")  # the schemes profiled from output moments
 
 
 def output_moments(geo: ConvGeometry) -> NormalEquations:
@@ -71,4 +67,4 @@ def project(moments: NormalEquations, t: np.ndarray) -> NormalEquations:
     return out
 
 
-__all__ = ["SCHEMES", "applies", "from_outputs", "output_moments", "project"]
+__all__ = ["SCHEMES", "from_outputs", "output_moments", "project"]

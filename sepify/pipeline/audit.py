@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import numpy as np
 import onnx
 
-from ..threads import single_blas
+from ..threads import parallel_map, single_blas
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
 from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
@@ -288,25 +287,6 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
     return best
 
 
-def _map(fn, items: list) -> list:
-    """``[fn(x) for x in items]`` on :func:`analysis_threads` threads (in order)."""
-    workers = min(analysis_threads(), len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
-
-
-def analysis_threads() -> int:
-    """Threads the audit analyses weights on: one per core the process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype, certify: bool = False) -> Separability:
     tol = exact_tolerance(dtype)
     # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
@@ -411,15 +391,13 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
                 separability=None,
             )
         )
-    # One thread per core: sepify's BLAS runs single-threaded (sepify.threads), and numpy releases the
-    # GIL in its linear algebra, so layers are analysed side by side.
     keys = {}  # convs sharing a weight (a siamese net's towers) share its analysis
     for index, weight, geo in jobs:
         keys.setdefault((nodes[index].weight_name, id(weight), geo), (weight, geo))
     # Largest weights first, so the threads finish together (longest-processing-time order).
     order = sorted(keys, key=lambda k: -keys[k][0].size)
-    done: dict[tuple, Separability] = dict(zip(order, _map(lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify),
-                                                          [keys[k] for k in order])))
+    done: dict[tuple, Separability] = dict(zip(order, parallel_map(
+        lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify), [keys[k] for k in order])))
     for index, weight, geo in jobs:
         node = nodes[index]
         node.separability = sep = done[(node.weight_name, id(weight), geo)]

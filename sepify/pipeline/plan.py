@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..threads import single_blas
+from ..threads import parallel_map, single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry
@@ -345,20 +345,11 @@ def _states(an: ModelAnalysis, specs, exact_only: bool, cache: dict) -> list[tup
     """:func:`_state` of every spec, on one thread per core (sepify's BLAS is single-threaded and
     numpy releases the GIL in its linear algebra), largest weights first; convs reading a weight
     another spec reads wait for its curves (the cache) instead of computing them again."""
-    from .audit import analysis_threads
-
     first: dict[str, int] = {}
     for i, spec in enumerate(specs):
         first.setdefault(spec.w_name, i)
     leads = sorted(set(first.values()), key=lambda i: -_weight_size(specs[i]))
-    out: dict[int, tuple] = {}
-    workers = min(analysis_threads(), len(leads))
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            for i, got in zip(leads, pool.map(lambda i: _state(an, specs[i], exact_only, cache), leads)):
-                out[i] = got
+    out = dict(zip(leads, parallel_map(lambda i: _state(an, specs[i], exact_only, cache), leads)))
     for i, spec in enumerate(specs):
         if i not in out:
             out[i] = _state(an, spec, exact_only, cache)
