@@ -51,8 +51,16 @@ def single_blas(fn):
     return wrapper
 
 
+THREADS_ENV = "SEPIFY_ANALYSIS_THREADS"
+
+
 def cores() -> int:
-    """The cores this process may run on."""
+    """Threads for sepify's per-weight analyses: ``SEPIFY_ANALYSIS_THREADS``, else the cores this
+    process may run on (``audit --jobs N`` sets 1 in its worker processes: the processes share the
+    cores already)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -72,4 +80,4 @@ def parallel_map(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-__all__ = ["ENV", "blas_threads", "cores", "limited_blas", "parallel_map", "single_blas"]
+__all__ = ["ENV", "THREADS_ENV", "blas_threads", "cores", "limited_blas", "parallel_map", "single_blas"]

@@ -117,10 +117,20 @@ def audit_models(paths: Sequence[str | Path], *, jobs: int = 1, on_done: Callabl
     return AuditBatch([done[i] for i in range(len(names))])
 
 
+def _single_threaded() -> None:
+    """Worker start-up: the processes already share the cores, so each analyses on one thread."""
+    import os
+
+    from ..threads import THREADS_ENV
+
+    os.environ[THREADS_ENV] = "1"
+
+
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
     import multiprocessing  # only when auditing in processes (--jobs)
 
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_single_threaded)
 
 
 def _parallel(names: list[str], jobs: int, kwargs: dict[str, Any], finish) -> None:
