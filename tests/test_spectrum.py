@@ -206,3 +206,15 @@ def test_audit_json_is_the_dataclasses_as_they_are():
         assert got["separability"]["schemes"][name] == d
     want.pop("separability"), got.pop("separability")
     assert got == want
+
+
+def test_the_audit_table_says_how_far_a_certified_scheme_was_examined():
+    """A scheme the default audit only certified shows its certificate, not a blank."""
+    from sepify.render.text import render_audit
+
+    rng = np.random.default_rng(3)
+    report = sepify.audit(_cross_channel_model(rng.standard_normal((192, 192, 3, 3))))
+    spatial = report.nodes[0].separability.schemes["spatial"]
+    assert spatial.errors == {} and spatial.exact_rank_above == AUDIT_DEPTH
+    text = render_audit([report], "table", "macs", None, width=400)
+    assert f"spatial not exact to r{AUDIT_DEPTH}" in text

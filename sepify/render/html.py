@@ -275,6 +275,8 @@ def _audit_section(audit) -> str:
             for name, a in sep.schemes.items():
                 if a.eligible and a.errors:
                     parts.append(f"{name} " + " / ".join(f"{a.errors[r]:.2f}" for r in sorted(a.errors)[:4]))
+                elif a.eligible and not a.spectrum_complete and a.exact_rank_above:
+                    parts.append(f"{name} not exact to rank {a.exact_rank_above}")
             errs = "; ".join(parts)
         rows.append([n.qualified_name, n.op_type, _dims(n.kernel_shape), n.group if n.group != 1 else "",
                      _dims(n.input_shape), _dims(n.output_shape), human(n.macs),

@@ -66,6 +66,8 @@ def _best_text(n: NodeAudit) -> str:
     for name, a in sep.schemes.items():
         if a.eligible and a.errors:
             parts.append(f"{name} r1 err {a.errors.get(1, float('nan')):.2f}")
+        elif a.eligible and not a.spectrum_complete and a.exact_rank_above:
+            parts.append(f"{name} not exact to r{a.exact_rank_above}")  # certified only (--certify: more)
     return "; ".join(parts) or (n.reason or "")
 
 
