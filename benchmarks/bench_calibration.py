@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -85,6 +84,8 @@ def split_drift(model_a: str, model_b: str, images: np.ndarray) -> dict[str, flo
 
 
 def main(argv=None) -> int:
+    from environment import finish
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=0.67)
     ap.add_argument("--out", default="/tmp/sepify-bench-calibration", help="work folder (models, data, reports)")
@@ -156,9 +157,7 @@ def main(argv=None) -> int:
             print(f"| {p['budget']:.2f} | {p['macs_ratio']:.3f} | {p['drift']:.2e} | {p['drift_cosine']:.2e} | "
                   f"{p['macs_ratio_weight_only']:.3f} | {p['drift_weight_only']:.2e} | "
                   f"{p['drift_cosine_weight_only']:.2e} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; work folder {out}")
+    finish(results, args.json, f"work folder {out}")
     return 0
 
 

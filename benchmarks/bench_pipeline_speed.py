@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from environment import describe
+    from environment import describe, finish
 
     results: dict = {"environment": describe()}
     if args.only in (None, "calibration"):
@@ -157,9 +156,7 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for r in rows:
             print(f"| {r['model']} | {r['audit_s']:.2f} s | {r['budget_rewrite_s']:.2f} s | **{r['ratio']:.2f}×** |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    finish(results, args.json)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="/tmp/sepify-bench-int8")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
-    from environment import describe
+    from environment import describe, finish
 
     out = Path(args.out)
     results = {"environment": describe(), "models": []}
@@ -195,9 +194,7 @@ def main(argv=None) -> int:
             vs = (f"{r['vs_int8_1t']:.2f}× / {r['vs_int8_2t']:.2f}×" if "vs_int8_1t" in r else "")
             print(f"| {res['model']} | {variant} | {r['drift']:.1e} | {r['task']:.3f} | {r['build_s']:.0f} s | "
                   f"{r['speedup_1t']:.2f}× ({r['ms_1t']:.1f} ms) | {r['speedup_2t']:.2f}× ({r['ms_2t']:.1f} ms) | {vs} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    finish(results, args.json)
     return 0
 
 

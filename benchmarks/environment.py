@@ -1,4 +1,5 @@
-"""What the benchmark scripts print about the machine they ran on (shared by bench_audit and bench_rewrite)."""
+"""What the benchmark scripts print about the machine they ran on, and how they end (shared by every
+bench_*.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_average() -> str:
     return "load avg %.2f/%.2f/%.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load avg ?"
+
+
+def finish(results: dict, json_path: str | None = None, note: str = "") -> None:
+    """A benchmark's last words: every figure to ``json_path`` (if given), then the cores and the load
+    the run ended on (a loaded machine inflates every latency)."""
+    import json
+
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    print(f"\nmachine: {os.cpu_count()} cores, {load_average()}" + (f"; {note}" if note else ""))
 
 
 def describe(packages=("sepify", "onnx", "onnxruntime", "numpy")) -> str:
