@@ -96,9 +96,24 @@ def _coarsen(t: np.ndarray, groups: int) -> np.ndarray:
     return out
 
 
+def _kernel_matmul(a: np.ndarray, b: np.ndarray, nk: int) -> np.ndarray:
+    """``out[…, o, i, k…] = Σ_m a[…, o, m, k…] · b[…, m, i, k…]``, the ``nk`` kernel axes broadcast
+    (a pointwise stage's are 1): one batched matmul over the leading and kernel axes, where einsum
+    with broadcast ellipses falls back to a slow loop."""
+    lead = a.ndim - nk
+    kernel = np.broadcast_shapes(a.shape[lead:], b.shape[lead:])
+    a = np.broadcast_to(a, a.shape[:lead] + kernel)
+    b = np.broadcast_to(b, b.shape[:lead] + kernel)
+    ks = list(range(lead, lead + nk))
+    front = list(range(lead - 2, lead - 2 + nk))
+    out = np.matmul(np.moveaxis(a, ks, front), np.moveaxis(b, ks, front))  # […, k…, o, i]
+    return np.moveaxis(out, front, ks)
+
+
 def _then(t: np.ndarray, stage: Stage) -> np.ndarray:
     """The block-diagonal composite ``t`` (input → mid) followed by ``stage`` (mid → out)."""
     s = _blocks(stage)
+    nk = s.ndim - 3
     g_t, g_s = t.shape[0], s.shape[0]
     common = gcd(g_t, g_s)
     if common != g_t and common != g_s:
@@ -108,12 +123,12 @@ def _then(t: np.ndarray, stage: Stage) -> np.ndarray:
         f = g_t // g_s
         t5 = t.reshape(g_s, f, t.shape[1], t.shape[2], *t.shape[3:])  # q, a, m, i, k…
         s5 = s.reshape(g_s, s.shape[1], f, t.shape[1], *s.shape[3:])  # q, o, a, m, k…
-        out = np.einsum("qoam...,qami...->qoai...", s5, t5)
-        return out.reshape(g_s, s.shape[1], f * t.shape[2], *out.shape[4:])
+        out = _kernel_matmul(s5.swapaxes(1, 2), t5, nk)  # q, a, o, i, k…
+        return out.swapaxes(1, 2).reshape(g_s, s.shape[1], f * t.shape[2], *out.shape[4:])
     f = g_s // g_t  # each block of t feeds f stage groups
     t5 = t.reshape(g_t, f, s.shape[2], t.shape[2], *t.shape[3:])  # a, b, m, i, k…
     s5 = s.reshape(g_t, f, s.shape[1], s.shape[2], *s.shape[3:])  # a, b, o, m, k…
-    out = np.einsum("abom...,abmi...->aboi...", s5, t5)
+    out = _kernel_matmul(s5, t5, nk)
     return out.reshape(g_t, f * s.shape[1], t.shape[2], *out.shape[4:])
 
 

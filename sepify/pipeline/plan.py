@@ -287,6 +287,8 @@ class _NodeState:
     curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]]
     # latency cost: (the conv's µs, {(scheme, variant, rank): µs} of the measured candidates)
     latency: tuple[float, dict[tuple[str, str, int], float]] | None = None
+    # shared by the states of one weight: see _state
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, scheme: str) -> bool:
         return any(s == scheme for s, _ in self.curves)
@@ -314,6 +316,8 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
     if saves is not None:  # no scheme cuts MACs at any rank: nothing to decompose
         return None, saves
     tol = exact_tolerance(weight.dtype)
+    # Decompositions several schemes read (the mode Grams) and chained MACs, once per weight.
+    memo = cache.setdefault(("memo", spec.w_name, id(weight)), {}) if cache is not None else {}
     curves: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
     reasons = []
     for name in scheme_names():
@@ -332,13 +336,13 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
                     # large matrices certified otherwise skip their full decomposition.
                     errors = sch.spectrum(weight, geo, variant, tol, useful).errors
                 else:
-                    errors = sch.curve(weight, geo, variant)
+                    errors = sch.curve(weight, geo, variant, memo)
                 if cache is not None:
                     cache[key] = errors
             curves[(name, "" if k == 0 else variant)] = (errors, sch.macs_curve(geo, len(errors) - 1, variant))
     if not curves:
         return None, primary(reasons)
-    return _NodeState(spec, weight, geo, tol, curves), None
+    return _NodeState(spec, weight, geo, tol, curves, memo=memo), None
 
 
 def _states(an: ModelAnalysis, specs, exact_only: bool, cache: dict) -> list[tuple[_NodeState | None, str | None]]:
@@ -387,9 +391,17 @@ def _cost(c: Candidate) -> float:
     return c.macs if c.latency_us is None else c.latency_us
 
 
+def _chained_macs(st: _NodeState, c: Candidate) -> int | None:
+    """:func:`chained_macs` of a candidate (one factorization), once per weight, geometry and choice."""
+    key = ("chained", st.geo, c.scheme, c.rank, c.variant, st.tol_exact)
+    if key not in st.memo:
+        st.memo[key] = chained_macs(st.weight, st.geo, c.scheme, c.rank, st.tol_exact, c.variant)
+    return st.memo[key]
+
+
 def _with_chain(st: _NodeState, cand: Candidate) -> Candidate:
     """Try to split the full-kernel stage of a dw-pw / pw-dw candidate exactly (costs one factorization)."""
-    macs = chained_macs(st.weight, st.geo, cand.scheme, cand.rank, st.tol_exact, cand.variant)
+    macs = _chained_macs(st, cand)
     if macs is None:
         return cand
     return replace(cand, macs=macs, chained=True)
@@ -401,7 +413,7 @@ def _chain_probe(states: dict[int, _NodeState], group: list[int], options: dict[
         total = 0
         for c, i in zip(options[key], group):
             st = states[i]
-            m = chained_macs(st.weight, st.geo, c.scheme, c.rank, st.tol_exact, c.variant)
+            m = _chained_macs(st, c)
             if m is None:
                 return None
             total += m
@@ -666,6 +678,10 @@ def _allocate(policy: Policy, an: ModelAnalysis, nodes: list[NodePlan], states: 
             reach = model_us / max(model_us - scale * (model_us - result.cost), 1e-9)
             raise unreachable_speedup(policy.target_speedup, reach)
         raise unreachable_budget(policy.budget, result.cost / total if total else 1.0)
+    if policy.chain and lat is None:  # the exact-split checks of the picks (one factorization each), per core
+        parallel_map(lambda p: _chained_macs(*p), [(states[i], options[g[0]][result.chosen[g[0]].payload][j])
+                                                    for g in groups if result.chosen.get(g[0]) is not None
+                                                    for j, i in enumerate(g)])
     for g in groups:
         picked = result.chosen.get(g[0])
         for j, i in enumerate(g):

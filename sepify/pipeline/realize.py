@@ -55,14 +55,15 @@ def factor_node(weight: np.ndarray, geo: ConvGeometry, np_: NodePlan, tol_exact:
 
 def realization(spec: ConvSpec, np_: NodePlan, stages: list[Stage], weight: np.ndarray, *, lowering: str | None,
                 source: str, bias: np.ndarray | None = None, absorbs: tuple[str, str] | None = None,
-                reference: np.ndarray | None = None, planned_error: float | None = None) -> Realization:
+                reference: np.ndarray | None = None, planned_error: float | None = None,
+                error: float | None = None) -> Realization:
     """A Realization of ``stages`` (already in the stored dtype) for the conv of ``spec``.
 
     ``absorbs``: (qualified name, output tensor) of a BatchNormalization the chain replaces too;
     ``reference``: the weight the error is measured against (default ``weight``; the BN-folded
-    weight when one is absorbed)."""
+    weight when one is absorbed); ``error``: the stages' relative error against it when already known."""
     geo = spec.geometry()
-    err = relative_error(weight if reference is None else reference, stages, geo)
+    err = relative_error(weight if reference is None else reference, stages, geo) if error is None else error
     out = spec.ref.node.output[0]
     return Realization(
         node=spec.ref.qualified_name, input=spec.x_name, output=absorbs[1] if absorbs else out,
@@ -73,13 +74,25 @@ def realization(spec: ConvSpec, np_: NodePlan, stages: list[Stage], weight: np.n
         source=source, bias=bias, absorbs=absorbs[0] if absorbs else None)
 
 
-def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | None = None) -> Realization:
-    """The weight-only Realization of a planned node (SVD factors of the model's weight)."""
+def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | None = None,
+            memo: dict | None = None) -> Realization:
+    """The weight-only Realization of a planned node (SVD factors of the model's weight).
+
+    ``memo``: stages and error by (weight, geometry, choice), shared by the nodes of one rewrite —
+    convs reading one trained weight with one plan (a siamese net's towers) are factored once."""
     check_edit(np_, spec, an)
     weight = an.view.constant(spec.w_name, spec.ref).value
-    # Balanced before the cast: int8 quantization of the written model then loses little (stages.balance).
-    stages = cast_stages(balance(factor_node(weight, spec.geometry(), np_, np_.exact_tolerance or 0.0)), weight.dtype)
-    rz = realization(spec, np_, stages, weight, lowering=lowering, source="svd")
+    geo = spec.geometry()
+    key = (spec.w_name, id(weight), geo, np_.scheme, np_.variant, np_.rank, np_.chained, np_.exact_tolerance)
+    hit = memo.get(key) if memo is not None else None
+    if hit is None:
+        # Balanced before the cast: int8 quantization of the written model then loses little (stages.balance).
+        stages = cast_stages(balance(factor_node(weight, geo, np_, np_.exact_tolerance or 0.0)), weight.dtype)
+        hit = (stages, relative_error(weight, stages, geo))
+        if memo is not None:
+            memo[key] = hit
+    stages, error = hit
+    rz = realization(spec, np_, stages, weight, lowering=lowering, source="svd", error=error)
     if np_.exact_tolerance is not None and rz.weight_error <= np_.exact_tolerance:
         rz = replace(rz, source="exact")
     return rz

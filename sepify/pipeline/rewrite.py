@@ -159,8 +159,9 @@ def rewrite_plan(the_plan: Plan, lowering: str | None = None):
     kept = [{"name": n.qualified_name, "reason": n.reason or Reason.KEPT_BY_PLAN, **({"latency": n.latency} if n.latency else {})}
             for n in the_plan.nodes if n.action != "rewrite"]
     realized: list[tuple[Realization, Any]] = []
+    memo: dict = {}
     for np_ in the_plan.rewrites:
-        rz = realize(an, specs[np_.qualified_name], np_, lowering)
+        rz = realize(an, specs[np_.qualified_name], np_, lowering, memo)
         if the_plan.policy.mode == "lossless" and rz.source != "exact":
             kept.append({"name": np_.qualified_name, "reason": Reason.EXACTNESS_LOST_IN_ROUNDING})
             continue

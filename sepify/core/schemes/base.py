@@ -114,8 +114,9 @@ class Scheme(ABC):
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         """Stages with float64 weights whose composition approximates ``w`` at rank ``r``."""
 
-    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
-        """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64)."""
+    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "", memo: dict | None = None) -> np.ndarray:
+        """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64).  ``memo``: a dict
+        for this one weight (and group count) in which schemes reading the same decomposition share it."""
         return relative_errors(singular_values(self.matrices(w, geo, self.resolve(geo, variant))))
 
     def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = ""):

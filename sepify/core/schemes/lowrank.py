@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import MatrixView, truncated_factors
+from ..linalg import MatrixView, relative_errors, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -47,6 +47,33 @@ def in_matrices(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(g4.transpose(0, 2, 1, 3)).reshape(group, cg, -1)
 
 
+def gram_eigh(w64: np.ndarray, group: int, mode: str, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, ``[g, s]``) and eigenvectors (``[g, s, s]``, columns in that order) of
+    the Gram ``M Mᵀ`` of :func:`out_matrices` (``mode="out"``) or :func:`in_matrices` (``"in"``):
+    ``σ²`` and the left singular vectors of the mode unfolding.  ``memo`` (a dict for one weight)
+    keeps them for the other schemes reading the same unfolding — Tucker-2 needs both modes'
+    vectors, out-lowrank and in-lowrank the same eigenvalues."""
+    key = ("gram_eigh", mode, group)
+    if memo is not None and key in memo:
+        return memo[key]
+    m = out_matrices(w64, group) if mode == "out" else in_matrices(w64, group)
+    ev, vec = np.linalg.eigh(np.matmul(m, m.transpose(0, 2, 1)))
+    out = (ev[:, ::-1], vec[:, :, ::-1])
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def _mode_curve(scheme: Scheme, w: np.ndarray, geo: ConvGeometry, mode: str, memo: dict | None) -> np.ndarray:
+    """The scheme's curve from the memoized mode Gram when its rows are the short side (the base
+    curve factors that same Gram); otherwise the base curve."""
+    g, rows, cols = scheme.matrix_shape(geo)
+    if memo is None or rows > cols:
+        return Scheme.curve(scheme, w, geo)
+    ev, _ = gram_eigh(np.asarray(w, dtype=np.float64), geo.group, mode, memo)
+    return relative_errors(np.sqrt(np.clip(ev, 0.0, None)))
+
+
 class OutLowRank(Scheme):
     name = "out-lowrank"
     chainable = True  # its k×k stage may split into kh×1 and 1×kw exactly
@@ -65,6 +92,9 @@ class OutLowRank(Scheme):
 
     def matrices(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
         return out_matrices(w, geo.group)
+
+    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "", memo: dict | None = None) -> np.ndarray:
+        return _mode_curve(self, w, geo, "out", memo)
 
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         first, second = self.stages(geo, r)
@@ -97,6 +127,9 @@ class InLowRank(Scheme):
     def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> MatrixView:
         return in_view(w, geo.group)
 
+    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "", memo: dict | None = None) -> np.ndarray:
+        return _mode_curve(self, w, geo, "in", memo)
+
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         first, second = self.stages(geo, r)
         left, right = truncated_factors(in_matrices(np.asarray(w, dtype=np.float64), geo.group), r)
@@ -116,4 +149,4 @@ class PwLowRank(OutLowRank):
         return None if prod(geo.kernel) == 1 else Reason.NOT_POINTWISE
 
 
-__all__ = ["InLowRank", "OutLowRank", "PwLowRank", "in_matrices", "out_matrices"]
+__all__ = ["InLowRank", "OutLowRank", "PwLowRank", "gram_eigh", "in_matrices", "out_matrices"]

@@ -21,16 +21,12 @@ from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
-from .lowrank import in_matrices, in_view, out_matrices
+from .lowrank import gram_eigh, in_view, out_matrices
 
 
-def _bases(w64: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+def _bases(w64: np.ndarray, group: int, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Orthonormal ``U_out`` [g, Ng, Ng] and ``U_in`` [g, Cg, Cg], columns by falling singular value."""
-    def left_basis(m):
-        ev, vec = np.linalg.eigh(np.matmul(m, m.transpose(0, 2, 1)))
-        return vec[:, :, ::-1]
-
-    return left_basis(out_matrices(w64, group)), left_basis(in_matrices(w64, group))
+    return gram_eigh(w64, group, "out", memo)[1], gram_eigh(w64, group, "in", memo)[1]
 
 
 def _leading_basis(mats: np.ndarray, k: int) -> np.ndarray:
@@ -82,13 +78,13 @@ class Tucker2(Scheme):
     def matrices(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
         return out_matrices(w, geo.group)
 
-    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "") -> np.ndarray:
+    def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "", memo: dict | None = None) -> np.ndarray:
         w64 = np.asarray(w, dtype=np.float64)
         total = float(np.sum(w64 * w64))
         top = self.max_rank(geo)
         if total == 0.0:
             return np.zeros(top + 1)
-        u_out, u_in = _bases(w64, geo.group)
+        u_out, u_in = _bases(w64, geo.group, memo)
         energy = np.square(_core(w64, geo.group, u_out, u_in)).sum(axis=(0, 3))  # [Ng, Cg]
         kept = energy.cumsum(axis=0).cumsum(axis=1)
         errors = [1.0]
