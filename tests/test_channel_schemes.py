@@ -152,6 +152,24 @@ def test_factors_compose_and_truncate_exactly(scheme, kernel, group):
     assert sch.macs_curve(geo, 7) == [sch.macs(geo, r) for r in range(1, 8)]
 
 
+@pytest.mark.parametrize("c_in,c_out,kernel,group", [(24, 32, (3, 3), 1), (24, 32, (3, 3), 2), (3, 64, (3, 3), 1),
+                                                    (64, 8, (1, 1), 1), (16, 16, (5,), 4)])
+def test_curves_sharing_a_weights_mode_grams_equal_their_own(c_in, c_out, kernel, group):
+    """The planner's per-weight memo: tucker2, out-lowrank, in-lowrank and pw-lowrank curves read
+    the mode Grams' eigendecompositions once, in any order, and equal the curves computed alone
+    (including a first conv whose output side is the long one, 3·9 < 64, where the memo is not used)."""
+    geo = ConvGeometry(batch=1, c_in=c_in, c_out=c_out, group=group, kernel=kernel, in_spatial=(9,) * len(kernel),
+                       out_spatial=(9,) * len(kernel), pads=(0,) * 2 * len(kernel))
+    w = np.random.default_rng(5).standard_normal((c_out, c_in // group, *kernel))
+    names = [n for n in ("out-lowrank", "in-lowrank", "tucker2", "pw-lowrank") if get_scheme(n).reason(geo) is None]
+    for order in (names, names[::-1]):
+        memo: dict = {}
+        for n in order:
+            np.testing.assert_allclose(get_scheme(n).curve(w, geo, "", memo), get_scheme(n).curve(w, geo),
+                                       rtol=1e-9, atol=1e-12, err_msg=n)
+        assert memo or len(order) == 1 or kernel == (1, 1)
+
+
 def test_tucker2_macs_are_not_linear_in_the_rank_and_break_even_is_exact():
     geo = ConvGeometry(batch=1, c_in=64, c_out=64, group=1, kernel=(3, 3), in_spatial=(16, 16), out_spatial=(16, 16),
                        pads=(1, 1, 1, 1))
