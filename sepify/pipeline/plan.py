@@ -370,13 +370,14 @@ def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     (``st.latency`` set) the measured ranks that run faster than the conv, with their latency."""
     out = []
     lat = st.latency
+    limit = st.geo.macs
     for s in schemes:
         for (name, variant), (curve, macs_at) in st.curves.items():
             if name != s:
                 continue
             for r in range(1, len(curve)):
                 macs = macs_at[r - 1]
-                if macs >= st.geo.macs:
+                if macs >= limit:
                     break
                 if lat is None:
                     out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
