@@ -65,7 +65,10 @@ def photo_sets(name: str, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(calib), np.ascontiguousarray(held)
 
 
-def quantize(src: Path, dst: Path, name: str, calib: np.ndarray) -> float:
+def quantize(src: Path, dst: Path, name: str, calib: np.ndarray, preprocess: bool = False) -> float:
+    """onnxruntime's ``quantize_static`` (QDQ, per-channel) of ``src`` on ``calib``; ``preprocess``:
+    first its ``quant_pre_process`` (graph optimizations such as folding BatchNormalization, which
+    the quantizer's own warning recommends; symbolic shape inference skipped: it needs sympy)."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -87,6 +90,12 @@ def quantize(src: Path, dst: Path, name: str, calib: np.ndarray) -> float:
         model = onnx.version_converter.convert_version(model, 13)
         src = dst.with_name(dst.stem + "_opset13.onnx")
         onnx.save(model, str(src))
+    if preprocess:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = dst.with_name(dst.stem + "_pre.onnx")
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        src = pre
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     return time.perf_counter() - t
 
