@@ -37,10 +37,7 @@ class DwPw(Scheme):
         return Reason.POINTWISE_KERNEL if prod(geo.kernel) == 1 else None
 
     def matrix_shape(self, geo: ConvGeometry, variant: str = "") -> tuple[int, int, int]:
-        k = 1
-        for v in geo.kernel:
-            k *= v
-        return geo.c_in, geo.cout_per_group, k
+        return geo.c_in, geo.cout_per_group, prod(geo.kernel)
 
     def stages(self, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:
         d = geo.rank
