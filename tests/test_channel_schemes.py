@@ -187,3 +187,25 @@ def test_a_pointwise_conv_within_a_budget_is_split():
     plan = sepify.plan(model, Policy(mode="budget", budget=0.6))
     (node,) = plan.nodes
     assert node.action == "rewrite" and node.scheme == "pw-lowrank" and node.macs_after <= 0.6 * node.macs
+
+
+def test_tucker2_curve_of_a_wide_layer_forms_its_core_in_float32_only_clear_of_exactness(monkeypatch):
+    """From 512 channels on a side the core's products run in float32 (the bases stay float64):
+    the curve agrees with the float64 one up to the break-even rank, and a weight of exact low
+    multilinear rank falls back to float64 (its zero tail is an exactness decision)."""
+    import sepify.core.schemes.tucker2 as t2
+
+    geo = ConvGeometry(batch=1, c_in=16, c_out=512, group=1, kernel=(3, 3), in_spatial=(8, 8), out_spatial=(8, 8),
+                       pads=(1, 1, 1, 1))
+    sch = get_scheme("tucker2")
+    rng = np.random.default_rng(12)
+    noisy = rng.standard_normal((512, 16, 3, 3)).astype(np.float32)
+    low = np.einsum("na,abk,cb->nck", rng.standard_normal((512, 4)), rng.standard_normal((4, 4, 9)),
+                    rng.standard_normal((16, 4))).reshape(512, 16, 3, 3).astype(np.float32)
+    fast = [sch.curve(w, geo) for w in (noisy, low)]
+    monkeypatch.setattr(t2, "FAST_GRAM_MIN", 10 ** 9)
+    ref = [sch.curve(w, geo) for w in (noisy, low)]
+    be = sch.break_even(geo)
+    np.testing.assert_allclose(fast[0][:be + 1], ref[0][:be + 1], rtol=1e-5)
+    np.testing.assert_array_equal(fast[1], ref[1])
+    assert ref[1][4] < 1e-6

@@ -218,3 +218,21 @@ def test_the_audit_table_says_how_far_a_certified_scheme_was_examined():
     assert spatial.errors == {} and spatial.exact_rank_above == AUDIT_DEPTH
     text = render_audit([report], "table", "macs", None, width=400)
     assert f"spatial not exact to r{AUDIT_DEPTH}" in text
+
+
+def test_lossy_curve_uses_float32_grams_only_clear_of_exactness():
+    """A lossy plan's curve of a large matrix may form its Gram in float32: it agrees with the
+    float64 curve to 1e-5 of its value where the errors are large, and a near-exact matrix (an
+    exact rank-40 one: float32 rounding would blur its zero tail) falls back to float64."""
+    from sepify.core.linalg import FAST_GRAM_MIN, lossy_curve
+
+    rng = np.random.default_rng(11)
+    n = FAST_GRAM_MIN + 64
+    noisy = rng.standard_normal((1, n, n + 32)).astype(np.float32)
+    ref = F.relative_errors(F.singular_values(noisy))
+    fast = lossy_curve(noisy, n // 2)
+    np.testing.assert_allclose(fast[: n // 2], ref[: n // 2], rtol=1e-5)
+    low = (rng.standard_normal((1, n, 40)) @ rng.standard_normal((1, 40, n + 32))).astype(np.float32)
+    exact = lossy_curve(low, n // 2)
+    np.testing.assert_array_equal(exact, F.relative_errors(F.singular_values(low)))
+    assert exact[40] < 1e-6

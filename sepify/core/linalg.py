@@ -6,7 +6,8 @@ A scheme (:mod:`sepify.core.schemes`) rearranges a convolution weight into a bat
 .. math::  e(r) = \sqrt{\sum_b \sum_{i>r} \sigma_{b,i}^2} \,/\, \lVert W \rVert_F
 
 Exactness is decided in float64 (:func:`singular_values`, :func:`certify_tail`); estimates that only
-feed reported errors may use float32 (:func:`leading_singular_values`).
+feed reported errors may use float32 (:func:`leading_singular_values`), and so may the Gram products
+of a lossy plan's curves where they cannot come near an exact rank (:func:`lossy_curve`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ def gram_singular_values(gram: np.ndarray) -> np.ndarray:
     """Singular values, descending, from the float64 Gram matrices ``[B, s, s]`` of the short side."""
     ev = np.linalg.eigvalsh(gram)[:, ::-1]
     return np.sqrt(np.clip(ev, 0.0, None))
+
+
+# A lossy plan's curve of matrices whose short side has at least FAST_GRAM_MIN rows forms its Gram
+# in float32 (half the time of float64's; the eigen-decomposition stays float64).  Measured on the
+# 3×3 convs of four trained models (VGG-16, a siamese VGG, ResNet-50, YOLOv8n), the curves moved by
+# at most 1e-6 of their value below half the spectrum.  Where the float32 curve comes within
+# FAST_GRAM_FLOOR it is recomputed in float64: near an exact rank the rounding could show.
+FAST_GRAM_MIN = 512
+FAST_GRAM_FLOOR = 0.05
+
+
+def lossy_curve(mats: np.ndarray, useful_rank: int | None = None) -> np.ndarray:
+    """``relative_errors(singular_values(mats))`` for a lossy plan: from :data:`FAST_GRAM_MIN` on,
+    the Gram product in float32 unless the errors up to ``useful_rank`` (default: all) come within
+    :data:`FAST_GRAM_FLOOR`."""
+    m = np.asarray(mats)
+    if min(m.shape[1:]) >= FAST_GRAM_MIN:
+        m32 = m.astype(np.float32, copy=False)
+        gram = (np.matmul(m32.transpose(0, 2, 1), m32) if m.shape[1] > m.shape[2]
+                else np.matmul(m32, m32.transpose(0, 2, 1)))
+        errors = relative_errors(gram_singular_values(gram.astype(np.float64)))
+        top = len(errors) - 1 if useful_rank is None else min(useful_rank, len(errors) - 1)
+        if errors[:top + 1].min() >= FAST_GRAM_FLOOR:
+            return errors
+    return relative_errors(singular_values(m))
 
 
 def tail_energy(sv: np.ndarray) -> np.ndarray:

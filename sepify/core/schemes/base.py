@@ -26,7 +26,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from ..geometry import ConvGeometry
-from ..linalg import Spectrum, relative_errors, singular_values, spectrum
+from ..linalg import Spectrum, lossy_curve, spectrum
 from ..reasons import Reason
 from ..stages import Stage, stages_macs
 
@@ -116,8 +116,11 @@ class Scheme(ABC):
 
     def curve(self, w: np.ndarray, geo: ConvGeometry, variant: str = "", memo: dict | None = None) -> np.ndarray:
         """Relative weight error at rank 0, 1, …, max rank (full spectrum, float64).  ``memo``: a dict
-        for this one weight (and group count) in which schemes reading the same decomposition share it."""
-        return relative_errors(singular_values(self.matrices(w, geo, self.resolve(geo, variant))))
+        for this one weight (and group count) in which schemes reading the same decomposition share it.
+        Large matrices form their Gram in float32 where the errors up to the break-even rank stay
+        clear of exactness (:func:`sepify.core.linalg.lossy_curve`)."""
+        variant = self.resolve(geo, variant)
+        return lossy_curve(self.matrices(w, geo, variant), self.break_even(geo, variant))
 
     def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = ""):
         """:meth:`matrices` as a :class:`~sepify.core.linalg.MatrixView` where they are a transposed

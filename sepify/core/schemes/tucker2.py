@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
+from ..linalg import FAST_GRAM_FLOOR, FAST_GRAM_MIN, LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -85,13 +85,24 @@ class Tucker2(Scheme):
         if total == 0.0:
             return np.zeros(top + 1)
         u_out, u_in = _bases(w64, geo.group, memo)
-        energy = np.square(_core(w64, geo.group, u_out, u_in)).sum(axis=(0, 3))  # [Ng, Cg]
-        kept = energy.cumsum(axis=0).cumsum(axis=1)
-        errors = [1.0]
-        for r in range(1, top + 1):
-            r_in, r_out = self._ranks(geo, r)
-            errors.append(float(np.sqrt(max(0.0, 1.0 - kept[r_out - 1, r_in - 1] / total))))
-        return np.asarray(errors)
+
+        def errors_of(dtype):
+            core = _core(w64.astype(dtype, copy=False), geo.group, u_out.astype(dtype, copy=False),
+                         u_in.astype(dtype, copy=False))
+            energy = np.square(core, dtype=np.float64).sum(axis=(0, 3))  # [Ng, Cg]
+            kept = energy.cumsum(axis=0).cumsum(axis=1)
+            errors = [1.0]
+            for r in range(1, top + 1):
+                r_in, r_out = self._ranks(geo, r)
+                errors.append(float(np.sqrt(max(0.0, 1.0 - kept[r_out - 1, r_in - 1] / total))))
+            return np.asarray(errors)
+
+        if max(geo.cin_per_group, geo.cout_per_group) >= FAST_GRAM_MIN:
+            # The core's products in float32, as lossy_curve's Grams (the bases stay float64).
+            errors = errors_of(np.float32)
+            if errors[:self.break_even(geo) + 1].min() >= FAST_GRAM_FLOOR:
+                return errors
+        return errors_of(np.float64)
 
     def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int, *,
                  depth: int | None = None, limit: int | None = None, estimate: bool = True) -> Spectrum:
