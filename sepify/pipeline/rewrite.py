@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from ..threads import single_blas
+from ..threads import parallel_map, single_blas
 from ..core.lowering import LOWERINGS
 from ..core.realization import Realization
 from ..core.reasons import Reason
@@ -160,8 +160,9 @@ def rewrite_plan(the_plan: Plan, lowering: str | None = None):
             for n in the_plan.nodes if n.action != "rewrite"]
     realized: list[tuple[Realization, Any]] = []
     memo: dict = {}
-    for np_ in the_plan.rewrites:
-        rz = realize(an, specs[np_.qualified_name], np_, lowering, memo)
+    # Factoring is numpy that releases the GIL: one thread per core.
+    rzs = parallel_map(lambda np_: realize(an, specs[np_.qualified_name], np_, lowering, memo), the_plan.rewrites)
+    for np_, rz in zip(the_plan.rewrites, rzs):
         if the_plan.policy.mode == "lossless" and rz.source != "exact":
             kept.append({"name": np_.qualified_name, "reason": Reason.EXACTNESS_LOST_IN_ROUNDING})
             continue
