@@ -209,3 +209,20 @@ def test_tucker2_curve_of_a_wide_layer_forms_its_core_in_float32_only_clear_of_e
     np.testing.assert_allclose(fast[0][:be + 1], ref[0][:be + 1], rtol=1e-5)
     np.testing.assert_array_equal(fast[1], ref[1])
     assert ref[1][4] < 1e-6
+
+
+@pytest.mark.parametrize("ka,kb", [((3, 3), (1, 1)), ((1, 1), (3, 3)), ((3, 1), (1, 3)), ((1, 1), (1, 1)),
+                                   ((5,), (1,)), ((1,), (5,)), ((1, 1, 3), (3, 1, 1))])
+def test_stage_products_equal_the_broadcast_kernel_product(ka, kb):
+    """compose's product of two stages: ``Σ_m a[…, o, m, k…]·b[…, m, i, k…]`` with the kernel axes
+    broadcast — a pointwise side rides along the other's rows or columns, kh×1 with 1×kw
+    broadcasts; all against einsum on the explicitly broadcast kernels."""
+    from sepify.core.stages import _kernel_matmul
+
+    rng = np.random.default_rng(13)
+    a, b = rng.standard_normal((2, 4, 5, 6, *ka)), rng.standard_normal((2, 4, 6, 7, *kb))
+    kernel = np.broadcast_shapes(ka, kb)
+    big_a = np.broadcast_to(a, a.shape[:4] + kernel).reshape(2, 4, 5, 6, -1)
+    big_b = np.broadcast_to(b, b.shape[:4] + kernel).reshape(2, 4, 6, 7, -1)
+    want = np.einsum("qaomk,qamik->qaoik", big_a, big_b).reshape(2, 4, 5, 7, *kernel)
+    np.testing.assert_allclose(_kernel_matmul(a, b, len(ka)), want, rtol=1e-12, atol=1e-12)

@@ -101,6 +101,15 @@ def _kernel_matmul(a: np.ndarray, b: np.ndarray, nk: int) -> np.ndarray:
     (a pointwise stage's are 1): one batched matmul over the leading and kernel axes, where einsum
     with broadcast ellipses falls back to a slow loop."""
     lead = a.ndim - nk
+    if all(k == 1 for k in b.shape[lead:]):  # b pointwise: a's kernel rides along its rows
+        rows = np.moveaxis(a, list(range(lead, lead + nk)), list(range(lead - 2, lead - 2 + nk)))  # […, k…, o, m]
+        out = np.matmul(rows.reshape(*a.shape[:lead - 2], -1, a.shape[lead - 1]), b.reshape(b.shape[:lead]))
+        out = out.reshape(*a.shape[:lead - 2], *a.shape[lead:], a.shape[lead - 2], b.shape[lead - 1])
+        return np.moveaxis(out, list(range(lead - 2, lead - 2 + nk)), list(range(lead, lead + nk)))
+    if all(k == 1 for k in a.shape[lead:]):  # a pointwise: b's kernel rides along its columns
+        cols = b.reshape(*b.shape[:lead - 1], -1)  # […, m, (i, k…)]
+        out = np.matmul(a.reshape(a.shape[:lead]), cols)
+        return out.reshape(*out.shape[:-1], b.shape[lead - 1], *b.shape[lead:])
     kernel = np.broadcast_shapes(a.shape[lead:], b.shape[lead:])
     a = np.broadcast_to(a, a.shape[:lead] + kernel)
     b = np.broadcast_to(b, b.shape[:lead] + kernel)
