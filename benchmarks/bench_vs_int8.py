@@ -135,7 +135,7 @@ def speedups(paths: list[Path], name: str, sample: np.ndarray, threads: int, run
         [float(np.median(tj)) * 1e3 for tj in t]
 
 
-def bench_model(key: str, out: Path, target: float, runs: int) -> dict:
+def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool = False) -> dict:
     from fetch_real_models import fetch_all
 
     spec = MODELS[key]
@@ -148,7 +148,7 @@ def bench_model(key: str, out: Path, target: float, runs: int) -> dict:
     original = Path(entry["path"])
     paths = {"original": original, "int8": work / "int8.onnx", "sepify": work / "sepify.onnx",
              "sepify+int8": work / "sepify_int8.onnx"}
-    build = {"original": 0.0, "int8": quantize(original, paths["int8"], name, calib)}
+    build = {"original": 0.0, "int8": quantize(original, paths["int8"], name, calib, preprocess)}
     shape_arg = f"{name}={'x'.join(map(str, shape))}"
     cmd = [sys.executable, "-m", "sepify", "rewrite", str(original), "-o", str(paths["sepify"]),
            "--input-shape", shape_arg, "--calibrate", str(work / "calib.npz"),
@@ -160,7 +160,7 @@ def bench_model(key: str, out: Path, target: float, runs: int) -> dict:
     if done.returncode not in (0, 1) or not paths["sepify"].is_file():
         sys.stderr.write(done.stderr)
         raise SystemExit(f"sepify failed ({done.returncode}) on {key}")
-    build["sepify+int8"] = build["sepify"] + quantize(paths["sepify"], paths["sepify+int8"], name, calib)
+    build["sepify+int8"] = build["sepify"] + quantize(paths["sepify"], paths["sepify+int8"], name, calib, preprocess)
     report = json.loads((work / "sepify.json").read_text())
     ref = outputs(original, name, held)
     rows = {}
@@ -172,7 +172,7 @@ def bench_model(key: str, out: Path, target: float, runs: int) -> dict:
             row[f"speedup_{threads}t"] = s
             row[f"ms_{threads}t"] = m
         rows["sepify+int8"][f"vs_int8_{threads}t"] = sp[4]
-    return {"model": key, "file": entry["id"], "input": shape, "target": target,
+    return {"model": key, "file": entry["id"], "input": shape, "target": target, "int8_preprocess": preprocess,
             "sepify_exit": done.returncode, "macs_ratio": report["totals"]["macs_ratio"],
             "rounds": report.get("speedup", {}).get("rounds") if isinstance(report.get("speedup"), dict) else None,
             "variants": rows}
@@ -185,13 +185,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=100, help="interleaved rounds per thread count")
     ap.add_argument("--out", default="/tmp/sepify-bench-int8")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--preprocess", action="store_true",
+                    help="run onnxruntime's quant_pre_process before quantize_static (both int8 variants)")
     args = ap.parse_args(argv)
     from environment import describe, finish
 
     out = Path(args.out)
     results = {"environment": describe(), "models": []}
     for key in args.models:
-        res = bench_model(key, out, args.target, args.runs)
+        res = bench_model(key, out, args.target, args.runs, args.preprocess)
         results["models"].append(res)
         print(json.dumps(res), file=sys.stderr, flush=True)
     print(f"\nsepify (--calibrate, --target-speedup {args.target} --threads 1) vs onnxruntime int8 (QDQ, per-channel); "
