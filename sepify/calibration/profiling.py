@@ -26,6 +26,7 @@ from .data import CalibrationSet
 from .layers import Layer, candidate_ranks
 from . import subspace
 from .dual import curve, new_system, solve_cv, system_bytes
+from ..threads import parallel_map
 from .lstsq import (add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last, positions,
                     rank_inner, rank_mask, unpack_last)
 
@@ -159,6 +160,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     ``unit_of`` maps convs that share a weight (and their geometry) to the first of them: one system
     collects the rows of all of them — the one the joint solve of such twins will see — and its
     curves and probe serve each (a siamese net's two towers cost one set of curves, not two)."""
+    rows_wanted = rows
     profiles: dict[str, LayerProfile] = {}
     by_name = {l.name: l for l in layers}
     members: dict[str, list[Layer]] = {}
@@ -190,8 +192,27 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         eqs = {lead.name: {s: new_system(*_shape(v[1]), expected[lead.name], len(v[2]), dtype=np.float32)
                            for s, v in systems.items() if s not in by_moments[lead.name]} for lead, systems, _ in chunk}
         offsets = BatchOffsets()
+
+        def add_run(item, values):
+            """One run's rows into a lead's systems (its twins' rows too, in order: the system is the
+            task's own, so leads run side by side)."""
+            lead, systems, rows = item
+            for layer, bidx, pos, smp, y in rows:
+                patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
+                folds = folds_of(smp, calib.samples)
+                if lead.name in moments:  # the split's last stage has the conv's groups
+                    yg = grouped_targets(y, systems[by_moments[lead.name][0]][1][-1], np.float32)
+                    add_rows(moments[lead.name], yg, yg, folds)
+                for s, (r_max, stages, _, _) in systems.items():
+                    if s in by_moments[lead.name]:
+                        continue
+                    z = last_stage_design(patches, stages, np.float32)
+                    add_rows(eqs[lead.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
+
         for values in iterate_runs(session, calib, names):
+            work_items = []
             for lead, systems, group in chunk:
+                rows = []
                 for layer in group:
                     y_all = values[layer.y_name]
                     for name in (layer.x_name, layer.y_name):
@@ -199,24 +220,19 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                             raise nonfinite_activations(name, calib)
                     b = int(y_all.shape[0])
                     start = offsets.take(layer.name, b)
-                    bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
+                    bidx, pos, smp = _run_rows(layer, start, b, rows_wanted, calib.samples, seed)
                     y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
                     for s_idx in range(start, start + b):
                         sel = smp == s_idx
                         targets.put(layer.name, s_idx, pos[sel], y[sel])
-                    if not systems:
-                        continue
-                    patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
-                    folds = folds_of(smp, calib.samples)
-                    if lead.name in moments:  # the split's last stage has the conv's groups
-                        yg = grouped_targets(y, systems[by_moments[lead.name][0]][1][-1], np.float32)
-                        add_rows(moments[lead.name], yg, yg, folds)
-                    for s, (r_max, stages, _, _) in systems.items():
-                        if s in by_moments[lead.name]:
-                            continue
-                        z = last_stage_design(patches, stages, np.float32)
-                        add_rows(eqs[lead.name][s], z, grouped_targets(y, stages[-1], np.float32), folds)
-        for lead, systems, group in chunk:
+                    rows.append((layer, bidx, pos, smp, y))
+                if systems:
+                    work_items.append((lead, systems, rows))
+            # Designs and normal equations are numpy that releases the GIL: one lead per core.
+            parallel_map(lambda item: add_run(item, values), work_items)
+
+        def profile(item):
+            lead, systems, group = item
             curves: dict[str, SchemeCurve] = {}
             best = None
             for s, (r_max, stages, ranks, macs) in systems.items():
@@ -238,6 +254,10 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                 new, bias = unpack_last(stages, x)
                 small = get_scheme(s).truncate(new, lead.geo, r_max, r)
                 probe = Probe(s, r, e, compose(small, lead.geo), bias)
+            return curves, probe
+
+        # Each lead's curves and probe from its own systems: one lead per core.
+        for (lead, systems, group), (curves, probe) in zip(chunk, parallel_map(profile, chunk)):
             for layer in group:
                 profiles[layer.name] = LayerProfile(layer.name, layer.geo.macs, dict(curves), probe)
             eqs.pop(lead.name)

@@ -24,6 +24,7 @@ from .capture import BatchOffsets, Targets, WorkingModel, iterate_runs
 from .data import CalibrationSet
 from .layers import Layer
 from .dual import new_system, solve_cv, svd_error
+from ..threads import parallel_map
 from .lstsq import add_rows, folds_of, gather_patches, grouped_targets, last_stage_design, pack_last, unpack_last
 
 # A layer's choice: (scheme, rank, variant) — variant "" is the scheme's cheaper one.
@@ -129,11 +130,15 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
     results: dict[str, LayerResult] = {}
     solved: dict[str, tuple[list[Stage], np.ndarray]] = {}
     todo = []
-    for layer in chosen:
+
+    def factored(layer):
         scheme, r, variant = choices[layer.name]
         stages = get_scheme(scheme).factor(layer.w64, layer.geo, r, variant)
         dense = compose(stages, layer.geo)
-        err_svd = _weight_error(layer.weight, dense)
+        return stages, dense, _weight_error(layer.weight, dense)
+
+    for layer, (stages, dense, err_svd) in zip(chosen, parallel_map(factored, chosen)):  # numpy: one per core
+        scheme, r, variant = choices[layer.name]
         macs = stages_macs(layer.geo, stages)
         if err_svd <= exact_tolerance(layer.weight.dtype):
             results[layer.name] = LayerResult(layer.name, scheme, r, layer.geo.macs, macs, err_svd, err_svd,
@@ -158,9 +163,19 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
                 eqs[unit_of[l.name]] = new_system(last.group, last.in_per_group * prod(last.kernel),
                                                   last.out_channels // last.group, expected)
         offsets = BatchOffsets()
-        for values in iterate_runs(session, calib, names):
-            for l in wave:
+
+        def add_run(unit_rows, values):
+            """One run's rows of a unit's convs into its system (in wave order: the system is the
+            task's own, so units run side by side)."""
+            for l, start, pos, y, smp in unit_rows:
                 stages = stage_of[l.name]
+                patches = gather_patches(values[l.x_name], l.geo, smp - start, pos)
+                z = last_stage_design(patches, stages)
+                add_rows(eqs[unit_of[l.name]], z, grouped_targets(y, stages[-1]), folds_of(smp, calib.samples))
+
+        for values in iterate_runs(session, calib, names):
+            by_unit: dict[str, list] = {}
+            for l in wave:
                 b = int(values[l.x_name].shape[0])
                 start = offsets.take(l.name, b)
                 order = sorted(range(b), key=lambda j: ((start + j) % 2, j))  # rows of one fold together
@@ -168,20 +183,25 @@ def calibrate_layers(work: WorkingModel, layers: Sequence[Layer], choices: Mappi
                 pos = np.concatenate([p for p, _ in got])
                 y = np.concatenate([t for _, t in got])
                 smp = np.concatenate([np.full(len(p), start + j) for j, (p, _) in zip(order, got)])
-                patches = gather_patches(values[l.x_name], l.geo, smp - start, pos)
-                z = last_stage_design(patches, stages)
-                add_rows(eqs[unit_of[l.name]], z, grouped_targets(y, stages[-1]), folds_of(smp, calib.samples))
+                by_unit.setdefault(unit_of[l.name], []).append((l, start, pos, y, smp))
+            # Designs and normal equations are numpy that releases the GIL: one unit per core.
+            parallel_map(lambda unit_rows: add_run(unit_rows, values), list(by_unit.values()))
         del session
-        fits: dict[str, tuple] = {}
+
+        def fit(l):
+            eq = eqs[unit_of[l.name]]
+            x0 = pack_last(stage_of[l.name], l.bias)
+            x, lam, err = solve_cv(eq, x0)
+            return x, lam, err, svd_error(eq, x0)
+
+        leads = {}
+        for l in wave:  # each unit's first conv (its stages and bias are the unit's)
+            leads.setdefault(unit_of[l.name], l)
+        fits = dict(zip(leads, parallel_map(fit, list(leads.values()))))  # one unit per core
+        eqs.clear()
         for l in wave:
             unit = unit_of[l.name]
             stages = stage_of[l.name]
-            if unit not in fits:
-                eq = eqs.pop(unit)
-                x0 = pack_last(stages, l.bias)
-                x, lam, err = solve_cv(eq, x0)
-                err_svd = svd_error(eq, x0)
-                fits[unit] = (x, lam, err, err_svd)
             x, lam, err, err_svd = fits[unit]
             new, bias = unpack_last(stages, x)
             dense = compose(new, l.geo)
