@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+
+import numpy as np
 
 from sepify.threads import THREADS_ENV, cores, parallel_map
 
@@ -23,3 +26,37 @@ def test_analysis_threads_follow_the_environment(monkeypatch):
     assert cores() == 3
     monkeypatch.setenv(THREADS_ENV, "none")  # not a count: the cores the process may use
     assert cores() >= 1
+
+
+def test_parallel_map_keeps_one_pool_runs_nested_calls_inline_and_keeps_order(monkeypatch):
+    from sepify import threads
+
+    monkeypatch.setenv(threads.THREADS_ENV, "2")
+    names = set()
+
+    def inner(x):
+        names.add(threading.current_thread().name)
+        return x * x
+
+    def outer(x):  # a parallel_map inside a worker runs in that worker (no deadlock on the pool)
+        return threads.parallel_map(inner, [x, x + 1])
+
+    assert threads.parallel_map(outer, list(range(6))) == [[x * x, (x + 1) ** 2] for x in range(6)]
+    first = threads._executor(2)
+    threads.parallel_map(inner, [1, 2, 3])
+    assert threads._executor(2) is first  # the same pool (its threads keep their scratch buffers)
+    assert all(n.startswith("sepify") for n in names)
+
+
+def test_scratch_is_reused_per_thread_and_slot_and_released():
+    from sepify import threads
+
+    a = threads.scratch("t", (4, 5), np.float32)
+    a[:] = 7
+    b = threads.scratch("t", (2, 3), np.float64)  # smaller: the same memory
+    assert np.shares_memory(a, b) and b.flags.c_contiguous and b.shape == (2, 3)
+    c = threads.scratch("t", (100, 100), np.float32)  # larger: grown
+    assert c.shape == (100, 100) and not np.shares_memory(a, c)
+    assert not np.shares_memory(c, threads.scratch("other", (10,), np.float32))
+    threads.release_scratch()
+    assert not np.shares_memory(c, threads.scratch("t", (100, 100), np.float32))

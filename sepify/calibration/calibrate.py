@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..threads import single_blas
+from ..threads import releasing_scratch, single_blas
 from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
 from ..core.drift import DriftMeter, drift_definition
@@ -500,6 +500,7 @@ def options_of(options: CalibrationOptions | None, kw: Mapping[str, Any]) -> Cal
 
 
 @single_blas
+@releasing_scratch
 def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random", input_shapes=None,
               *, options: CalibrationOptions | None = None, measure: bool = True, input_values=None,
               calibrator: Calibrator | None = None, scale: float | None = None, **kw) -> CalibrationResult:

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..threads import scratch
+
 from ..core.geometry import ConvGeometry, prod
 from ..core.stages import Stage
 
@@ -60,10 +62,11 @@ def gather_patches(x: np.ndarray, geo: ConvGeometry, batch_index: np.ndarray, fl
     return np.moveaxis(patches, -1, 1)
 
 
-def apply_stage(window: np.ndarray, stage: Stage) -> np.ndarray:
+def apply_stage(window: np.ndarray, stage: Stage, slot: str | None = None) -> np.ndarray:
     """One stage of a chain applied to windows ``[R, C_in, w…]``: the stage sums its kernel over
     its own axes (whose window length equals its kernel), the other axes are carried along.
-    Computed as one batched matrix product per group, in the window's dtype."""
+    Computed as one batched matrix product per group, in the window's dtype; ``slot``: the product
+    goes to that :func:`~sepify.threads.scratch` buffer (a view of it comes back)."""
     r, d = window.shape[0], window.ndim - 2
     g, ip = stage.group, stage.in_per_group
     op = stage.out_channels // g
@@ -75,7 +78,10 @@ def apply_stage(window: np.ndarray, stage: Stage) -> np.ndarray:
     order = [1, 0] + [3 + a for a in kept] + [2] + [3 + a for a in axes]
     t = t.transpose(order).reshape(g, r * prod(dims[a] for a in kept), ip * prod(dims[a] for a in axes))
     w = np.asarray(stage.weight).reshape(g, op, ip * prod(stage.kernel[a] for a in axes)).astype(window.dtype, copy=False)
-    out = np.matmul(t, w.transpose(0, 2, 1))  # [g, r·kept, op]
+    if slot is None:
+        out = np.matmul(t, w.transpose(0, 2, 1))  # [g, r·kept, op]
+    else:
+        out = np.matmul(t, w.transpose(0, 2, 1), out=scratch(slot, (g, t.shape[1], op), t.dtype))
     out = out.reshape(g, r, *[dims[a] for a in kept], op)
     out = np.moveaxis(out, -1, 1).transpose([2, 0, 1] + list(range(3, 3 + len(kept))))  # [r, g, op, kept…]
     shape = [r, g * op] + [1 if a in stage.axes else dims[a] for a in range(d)]
@@ -85,14 +91,16 @@ def apply_stage(window: np.ndarray, stage: Stage) -> np.ndarray:
 def last_stage_design(patches: np.ndarray, stages: Sequence[Stage], dtype=np.float64) -> np.ndarray:
     """The last stage's inputs at each row, per group: ``[g, R, ip·K]``."""
     z = np.asarray(patches, dtype=dtype)
-    for st in stages[:-1]:
-        z = apply_stage(z, st)
+    for i, st in enumerate(stages[:-1]):  # intermediate products in scratch buffers, two in turn
+        z = apply_stage(z, st, slot=f"design{i % 2}")
     last = stages[-1]
     r = z.shape[0]
     g, ip = last.group, last.in_per_group
-    # Window axes the last stage does not convolve have length 1 by now.
-    z = z.reshape(r, g, ip * prod(last.kernel))
-    return np.ascontiguousarray(z.transpose(1, 0, 2))
+    # Window axes the last stage does not convolve have length 1 by now: one copy into the layout.
+    split = z.reshape(r, g, ip, *z.shape[2:])
+    out = np.empty((g, r, ip, *z.shape[2:]), dtype=z.dtype)
+    np.copyto(out, split.transpose(1, 0, *range(2, split.ndim)))
+    return out.reshape(g, r, ip * prod(last.kernel))
 
 
 class NormalEquations:
@@ -102,7 +110,7 @@ class NormalEquations:
     Rows are buffered and folded in by blocks (few large products instead of many small ones).
     """
 
-    BLOCK_BYTES = 64 << 20  # buffered design rows per fold
+    BLOCK_BYTES = 8 << 20  # buffered design rows per fold
 
     def __init__(self, groups: int, d: int, outs: int, dtype=np.float64):
         self.A = np.zeros((2, groups, d + 1, d + 1))
@@ -131,8 +139,10 @@ class NormalEquations:
             return
         g, d = self.A.shape[1], self.A.shape[2] - 1
         n = self._buffered[fold]
-        za = np.empty((g, n, d + 1), dtype=self.dtype)
-        y = np.empty((g, n, self.B.shape[3]), dtype=self.dtype)
+        # Filled and consumed here: scratch buffers, not fresh blocks (their page faults cost more
+        # than the products).
+        za = scratch("flush_z", (g, n, d + 1), self.dtype)
+        y = scratch("flush_y", (g, n, self.B.shape[3]), self.dtype)
         at = 0
         for zb, yb in self._buf[fold]:
             k = zb.shape[1]
@@ -142,10 +152,10 @@ class NormalEquations:
         za[:, :, d] = 1.0
         self._buf[fold], self._buffered[fold] = [], 0
         zt = za.transpose(0, 2, 1)
-        self.A[fold] += zt @ za
-        self.B[fold] += zt @ y
-        y64 = y.astype(np.float64, copy=False)
-        self.yy[fold] += np.einsum("grk,grk->g", y64, y64)
+        outs = self.B.shape[3]
+        self.A[fold] += np.matmul(zt, za, out=scratch("flush_a", (g, d + 1, d + 1), self.dtype))
+        self.B[fold] += np.matmul(zt, y, out=scratch("flush_b", (g, d + 1, outs), self.dtype))
+        self.yy[fold] += np.einsum("grk,grk->g", y, y, dtype=np.float64)
 
     def flush(self) -> "NormalEquations":
         self._flush(0)
