@@ -160,7 +160,6 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     ``unit_of`` maps convs that share a weight (and their geometry) to the first of them: one system
     collects the rows of all of them — the one the joint solve of such twins will see — and its
     curves and probe serve each (a siamese net's two towers cost one set of curves, not two)."""
-    rows_wanted = rows
     profiles: dict[str, LayerProfile] = {}
     by_name = {l.name: l for l in layers}
     members: dict[str, list[Layer]] = {}
@@ -196,8 +195,8 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         def add_run(item, values):
             """One run's rows into a lead's systems (its twins' rows too, in order: the system is the
             task's own, so leads run side by side)."""
-            lead, systems, rows = item
-            for layer, bidx, pos, smp, y in rows:
+            lead, systems, taken = item
+            for layer, bidx, pos, smp, y in taken:
                 patches = gather_patches(values[layer.x_name], layer.geo, bidx, pos)
                 folds = folds_of(smp, calib.samples)
                 if lead.name in moments:  # the split's last stage has the conv's groups
@@ -212,7 +211,7 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         for values in iterate_runs(session, calib, names):
             work_items = []
             for lead, systems, group in chunk:
-                rows = []
+                taken = []  # (layer, batch index, position, sample, target) of this run's rows
                 for layer in group:
                     y_all = values[layer.y_name]
                     for name in (layer.x_name, layer.y_name):
@@ -220,14 +219,14 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                             raise nonfinite_activations(name, calib)
                     b = int(y_all.shape[0])
                     start = offsets.take(layer.name, b)
-                    bidx, pos, smp = _run_rows(layer, start, b, rows_wanted, calib.samples, seed)
+                    bidx, pos, smp = _run_rows(layer, start, b, rows, calib.samples, seed)
                     y = y_all.reshape(y_all.shape[0], y_all.shape[1], -1)[bidx, :, pos]  # [R, N]
                     for s_idx in range(start, start + b):
                         sel = smp == s_idx
                         targets.put(layer.name, s_idx, pos[sel], y[sel])
-                    rows.append((layer, bidx, pos, smp, y))
+                    taken.append((layer, bidx, pos, smp, y))
                 if systems:
-                    work_items.append((lead, systems, rows))
+                    work_items.append((lead, systems, taken))
             # Designs and normal equations are numpy that releases the GIL: one lead per core.
             parallel_map(lambda item: add_run(item, values), work_items)
 
