@@ -65,10 +65,13 @@ def photo_sets(name: str, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(calib), np.ascontiguousarray(held)
 
 
-def quantize(src: Path, dst: Path, name: str, calib: np.ndarray, preprocess: bool = False) -> float:
+def quantize(src: Path, dst: Path, name: str, calib: np.ndarray, preprocess: bool = False,
+             float_outputs: bool = False) -> float:
     """onnxruntime's ``quantize_static`` (QDQ, per-channel) of ``src`` on ``calib``; ``preprocess``:
     first its ``quant_pre_process`` (graph optimizations such as folding BatchNormalization, which
-    the quantizer's own warning recommends; symbolic shape inference skipped: it needs sympy)."""
+    the quantizer's own warning recommends; symbolic shape inference skipped: it needs sympy);
+    ``float_outputs``: the nodes that write the graph outputs stay float (``nodes_to_exclude``) — an
+    output mixing scales, such as YOLOv8n's boxes in pixels and scores in [0, 1], keeps its scores."""
     import onnx
     import onnx.version_converter
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -96,7 +99,13 @@ def quantize(src: Path, dst: Path, name: str, calib: np.ndarray, preprocess: boo
         pre = dst.with_name(dst.stem + "_pre.onnx")
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         src = pre
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    exclude = []
+    if float_outputs:
+        graph = onnx.load(str(src), load_external_data=False).graph
+        writers = {o: n.name for n in graph.node for o in n.output}
+        exclude = [writers[o.name] for o in graph.output if o.name in writers]
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    nodes_to_exclude=exclude)
     return time.perf_counter() - t
 
 
@@ -135,7 +144,8 @@ def speedups(paths: list[Path], name: str, sample: np.ndarray, threads: int, run
         [float(np.median(tj)) * 1e3 for tj in t]
 
 
-def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool = False) -> dict:
+def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool = False,
+                float_outputs: bool = False) -> dict:
     from fetch_real_models import fetch_all
 
     spec = MODELS[key]
@@ -148,7 +158,7 @@ def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool 
     original = Path(entry["path"])
     paths = {"original": original, "int8": work / "int8.onnx", "sepify": work / "sepify.onnx",
              "sepify+int8": work / "sepify_int8.onnx"}
-    build = {"original": 0.0, "int8": quantize(original, paths["int8"], name, calib, preprocess)}
+    build = {"original": 0.0, "int8": quantize(original, paths["int8"], name, calib, preprocess, float_outputs)}
     shape_arg = f"{name}={'x'.join(map(str, shape))}"
     cmd = [sys.executable, "-m", "sepify", "rewrite", str(original), "-o", str(paths["sepify"]),
            "--input-shape", shape_arg, "--calibrate", str(work / "calib.npz"),
@@ -160,7 +170,8 @@ def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool 
     if done.returncode not in (0, 1) or not paths["sepify"].is_file():
         sys.stderr.write(done.stderr)
         raise SystemExit(f"sepify failed ({done.returncode}) on {key}")
-    build["sepify+int8"] = build["sepify"] + quantize(paths["sepify"], paths["sepify+int8"], name, calib, preprocess)
+    build["sepify+int8"] = build["sepify"] + quantize(paths["sepify"], paths["sepify+int8"], name, calib, preprocess,
+                                                      float_outputs)
     report = json.loads((work / "sepify.json").read_text())
     ref = outputs(original, name, held)
     rows = {}
@@ -172,7 +183,7 @@ def bench_model(key: str, out: Path, target: float, runs: int, preprocess: bool 
             row[f"speedup_{threads}t"] = s
             row[f"ms_{threads}t"] = m
         rows["sepify+int8"][f"vs_int8_{threads}t"] = sp[4]
-    return {"model": key, "file": entry["id"], "input": shape, "target": target, "int8_preprocess": preprocess,
+    return {"model": key, "file": entry["id"], "input": shape, "target": target, "int8_preprocess": preprocess, "int8_float_outputs": float_outputs,
             "sepify_exit": done.returncode, "macs_ratio": report["totals"]["macs_ratio"],
             "rounds": report.get("speedup", {}).get("rounds") if isinstance(report.get("speedup"), dict) else None,
             "variants": rows}
@@ -187,13 +198,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--preprocess", action="store_true",
                     help="run onnxruntime's quant_pre_process before quantize_static (both int8 variants)")
+    ap.add_argument("--float-outputs", action="store_true",
+                    help="keep the nodes that write the graph outputs in float (both int8 variants)")
     args = ap.parse_args(argv)
     from environment import describe, finish
 
     out = Path(args.out)
     results = {"environment": describe(), "models": []}
     for key in args.models:
-        res = bench_model(key, out, args.target, args.runs, args.preprocess)
+        res = bench_model(key, out, args.target, args.runs, args.preprocess, args.float_outputs)
         results["models"].append(res)
         print(json.dumps(res), file=sys.stderr, flush=True)
     print(f"\nsepify (--calibrate, --target-speedup {args.target} --threads 1) vs onnxruntime int8 (QDQ, per-channel); "
