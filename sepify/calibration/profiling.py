@@ -180,7 +180,10 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
             budget = 0
         chunks[-1].append((lead, systems, group))
         budget += size
-    task = progress.add_task("reference activations", total=len(layers)) if progress else None
+    # One step per run of every chunk and one per layer profiled: the bar moves while a chunk's
+    # runs go by, not only when its curves are done.
+    runs = len(chunks) * len(calib.feeds)
+    task = progress.add_task("reference activations", total=runs + len(layers)) if progress else None
     for chunk in chunks:
         names = list(dict.fromkeys(n for _, systems, group in chunk for layer in group
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
@@ -229,6 +232,8 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                     work_items.append((lead, systems, taken))
             # Designs and normal equations are numpy that releases the GIL: one lead per core.
             parallel_map(lambda item: add_run(item, values), work_items)
+            if progress:
+                progress.advance(task)
 
         def profile(item):
             lead, systems, group = item
