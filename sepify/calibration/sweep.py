@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
-from ..threads import single_blas
+from ..threads import releasing_scratch, single_blas
 from ..core.drift import drift_definition
 from ..core.schemes import get as get_scheme
 from ..errors import ParameterError
@@ -90,6 +90,7 @@ def parse_budgets(text: str | None) -> list[float]:
 
 
 @single_blas
+@releasing_scratch
 def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGETS, input_shapes=None, *,
           policy=None, eval_data: Any = None, weight_only: bool = True, latency: bool = False,
           latency_runs: int = 30, calibrator: Calibrator | None = None, options: CalibrationOptions | None = None,
