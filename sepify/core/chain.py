@@ -34,12 +34,15 @@ def split_kernel_stage(stages: Sequence[Stage], geo: ConvGeometry, tol: float) -
     return chain
 
 
-def chained_macs(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, tol: float, variant: str = "") -> int | None:
-    """MACs of ``scheme`` at rank ``r`` with its full-kernel stage split exactly, or None if that does not pay."""
+def chained_macs(w: np.ndarray, geo: ConvGeometry, scheme: str, r: int, tol: float, variant: str = "",
+                 factor=None) -> int | None:
+    """MACs of ``scheme`` at rank ``r`` with its full-kernel stage split exactly, or None if that does
+    not pay.  ``factor()``: the scheme's stages at ``r`` when a caller keeps them (default: factored here)."""
     sch = get(scheme)
     if not sch.chainable:
         return None
-    chain = split_kernel_stage(sch.factor(w, geo, r, variant), geo, tol)
+    stages = factor() if factor is not None else sch.factor(w, geo, r, variant)
+    chain = split_kernel_stage(stages, geo, tol)
     return stages_macs(geo, chain) if chain is not None else None
 
 

@@ -3,14 +3,14 @@ conv specs, and why a node cannot be rewritten at all (:func:`check_weight`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 
 from ..core.reasons import Reason, primary
-from ..core.schemes import all_schemes
+from ..core.schemes import all_schemes, get as get_scheme
 from ..model.cost import ConvSpec, conv_spec, matmul_operands
 from ..model.graph import MATMUL_OPS, GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
@@ -94,6 +94,16 @@ class ModelAnalysis:
     specs: list[ConvSpec]
     table: Any
     warnings: list[str]
+    # SVD factors (float64 stages) by (weight name, geometry, scheme, rank, variant): the planner's
+    # exact-split check of a pick and its realization read the same factorization.
+    factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def factored(self, w_name: str, weight: np.ndarray, geo, scheme: str, rank: int, variant: str = "") -> list:
+        """``get_scheme(scheme).factor(weight, geo, rank, variant)``, once per analysis."""
+        key = (w_name, id(weight), geo, scheme, rank, variant)
+        if key not in self.factors:
+            self.factors[key] = get_scheme(scheme).factor(weight, geo, rank, variant)
+        return self.factors[key]
 
 
 def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None) -> ModelAnalysis:

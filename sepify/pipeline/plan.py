@@ -289,6 +289,7 @@ class _NodeState:
     latency: tuple[float, dict[tuple[str, str, int], float]] | None = None
     # shared by the states of one weight: see _state
     memo: dict = field(default_factory=dict, repr=False, compare=False)
+    analysis: ModelAnalysis | None = field(default=None, repr=False, compare=False)
 
     def has(self, scheme: str) -> bool:
         return any(s == scheme for s, _ in self.curves)
@@ -342,7 +343,7 @@ def _state(an: ModelAnalysis, spec: ConvSpec, exact_only: bool = False,
             curves[(name, "" if k == 0 else variant)] = (errors, sch.macs_curve(geo, len(errors) - 1, variant))
     if not curves:
         return None, primary(reasons)
-    return _NodeState(spec, weight, geo, tol, curves, memo=memo), None
+    return _NodeState(spec, weight, geo, tol, curves, memo=memo, analysis=an), None
 
 
 def _states(an: ModelAnalysis, specs, exact_only: bool, cache: dict) -> list[tuple[_NodeState | None, str | None]]:
@@ -396,7 +397,10 @@ def _chained_macs(st: _NodeState, c: Candidate) -> int | None:
     """:func:`chained_macs` of a candidate (one factorization), once per weight, geometry and choice."""
     key = ("chained", st.geo, c.scheme, c.rank, c.variant, st.tol_exact)
     if key not in st.memo:
-        st.memo[key] = chained_macs(st.weight, st.geo, c.scheme, c.rank, st.tol_exact, c.variant)
+        # The factors go to the analysis: realizing the pick reads them instead of factoring again.
+        factor = (None if st.analysis is None else
+                  lambda: st.analysis.factored(st.spec.w_name, st.weight, st.geo, c.scheme, c.rank, c.variant))
+        st.memo[key] = chained_macs(st.weight, st.geo, c.scheme, c.rank, st.tol_exact, c.variant, factor)
     return st.memo[key]
 
 

@@ -43,9 +43,11 @@ def check_edit(np_: NodePlan, spec: ConvSpec, an: ModelAnalysis) -> None:
         raise UsageError(f"{where}: {np_.scheme} has no variant {np_.variant!r}")
 
 
-def factor_node(weight: np.ndarray, geo: ConvGeometry, np_: NodePlan, tol_exact: float) -> list[Stage]:
-    """The stages (float64 weights) for a planned node, chained if the plan says so."""
-    stages = get_scheme(np_.scheme).factor(weight, geo, np_.rank, np_.variant)
+def factor_node(weight: np.ndarray, geo: ConvGeometry, np_: NodePlan, tol_exact: float,
+                factors: list[Stage] | None = None) -> list[Stage]:
+    """The stages (float64 weights) for a planned node, chained if the plan says so; ``factors``: the
+    scheme's stages when already computed (:meth:`ModelAnalysis.factored`)."""
+    stages = factors if factors is not None else get_scheme(np_.scheme).factor(weight, geo, np_.rank, np_.variant)
     if np_.chained:
         chain = split_kernel_stage(stages, geo, tol_exact)
         if chain is not None:
@@ -87,7 +89,8 @@ def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | No
     hit = memo.get(key) if memo is not None else None
     if hit is None:
         # Balanced before the cast: int8 quantization of the written model then loses little (stages.balance).
-        stages = cast_stages(balance(factor_node(weight, geo, np_, np_.exact_tolerance or 0.0)), weight.dtype)
+        raw = an.factored(spec.w_name, weight, geo, np_.scheme, np_.rank, np_.variant)
+        stages = cast_stages(balance(factor_node(weight, geo, np_, np_.exact_tolerance or 0.0, raw)), weight.dtype)
         hit = (stages, relative_error(weight, stages, geo))
         if memo is not None:
             memo[key] = hit

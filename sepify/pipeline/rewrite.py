@@ -167,6 +167,7 @@ def rewrite_plan(the_plan: Plan, lowering: str | None = None):
             kept.append({"name": np_.qualified_name, "reason": Reason.EXACTNESS_LOST_IN_ROUNDING})
             continue
         realized.append((rz, np_))
+    an.factors.clear()  # the plan's and the realizations' factors are written: hold no copies
     model, report = finish_rewrite(an.loaded, the_plan.policy.to_dict(), the_plan.conv_macs, realized, kept,
                                    the_plan.policy)
     if the_plan.prediction is not None:
