@@ -7,8 +7,11 @@ overhead is gone — so the written model is timed against the original, end to 
 rounds (as ``sepify bench`` times), at the policy's threads.  When the measured speedup ``A`` misses
 the target, or overshoots it by more than :data:`OVERSHOOT` (spending error it need not), the
 isolated savings are rescaled by what was measured, ``scale = (1 − 1/A) / (saved / T)``, and the plan
-is made again; at most :data:`MAX_ROUNDS` plans in all.  Every round is reported.  The model kept is
-the round that reached ``S`` with the least loss, else the fastest measured.
+is made again; at most :data:`MAX_ROUNDS` plans in all.  The check aims at ``S·MARGIN``
+(:data:`MARGIN`): a round that lands between ``S`` and that is corrected too, so the speedup holds
+when measured again.  Every round is reported.  The model kept is the round that reached
+``S·MARGIN`` with the least loss, else the one that reached ``S`` with the least loss, else the
+fastest measured.
 
 A table measured on another machine (``latency_table``) cannot be checked here: the plan is used
 as predicted and the report says so.
@@ -27,6 +30,10 @@ from .bench import time_models
 
 MAX_ROUNDS = 3
 OVERSHOOT = 1.08  # a measured speedup above S·OVERSHOOT is corrected too (less error for the same target)
+# The end-to-end check aims this much above the target: the same rewrite measured in separate runs
+# on an idle machine spread by about ±1.5% (YOLOv8n at 1.4×: 1.377–1.42× over four runs), so a
+# model that only just reached S in its own check measures below S half the time afterwards.
+MARGIN = 1.015
 CHECK_BUDGET_S = 4.0  # timed seconds of each end-to-end check
 SCALE_RANGE = (0.2, 5.0)
 
@@ -85,6 +92,7 @@ def reach(build: Callable[[float | None], tuple[onnx.ModelProto, Any, Any]], ori
     """Run ``build(scale) -> (model, report, prediction)`` (``scale`` None: the plan's prior) until its measured speedup reaches ``target``
     (see the module doc).  Returns ``(model, report, SpeedupCheck)`` of the round kept."""
     check = SpeedupCheck(target, threads, checked=checked)
+    aim = target * MARGIN
     built: list[tuple[onnx.ModelProto, Any]] = []
     seen: set = set()
     scale = None  # the first round: the plan's prior (sepify.pipeline.plan.prior_scale)
@@ -110,12 +118,14 @@ def reach(build: Callable[[float | None], tuple[onnx.ModelProto, Any, Any]], ori
             rnd.measured, rnd.p10, rnd.p90 = measure_speedup(original, model, feeds, threads)
         else:
             rnd.measured = rnd.p10 = rnd.p90 = 1.0
-        if target <= rnd.measured <= target * OVERSHOOT:
+        if aim <= rnd.measured <= target * OVERSHOOT:
             break
         saved = pred.saved_us / pred.model_us if pred.model_us else 0.0
         if saved <= 0 or rnd.measured <= 0:
             break
-        new = float(np.clip((1 - 1 / rnd.measured) / saved, *SCALE_RANGE))
+        # The plan saves (1 − 1/S)·T / scale of isolated time and the machine keeps (1 − 1/A) / saved
+        # of it: the scale that lands on the aim rather than on S itself.
+        new = float(np.clip((1 - 1 / rnd.measured) / saved * (1 - 1 / target) / (1 - 1 / aim), *SCALE_RANGE))
         if abs(new - pred.scale) < 1e-3:
             break
         scale = new
@@ -128,10 +138,11 @@ def _choose(check: SpeedupCheck, built: int) -> int:
     rounds = list(enumerate(check.rounds[:built]))  # a round that stopped the loop built nothing
     if not check.checked:
         return rounds[0][0]
-    met = [(r.loss, i) for i, r in rounds if r.measured is not None and r.measured >= check.target]
-    if met:
-        return min(met)[1]
+    for bar in (check.target * MARGIN, check.target):
+        met = [(r.loss, i) for i, r in rounds if r.measured is not None and r.measured >= bar]
+        if met:
+            return min(met)[1]
     return max(rounds, key=lambda ir: (ir[1].measured or 0.0, -ir[0]))[0]  # the fastest (the earliest of equals)
 
 
-__all__ = ["MAX_ROUNDS", "OVERSHOOT", "SpeedupCheck", "SpeedupRound", "measure_speedup", "reach"]
+__all__ = ["MARGIN", "MAX_ROUNDS", "OVERSHOOT", "SpeedupCheck", "SpeedupRound", "measure_speedup", "reach"]
