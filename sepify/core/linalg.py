@@ -32,15 +32,19 @@ def singular_values(mats: np.ndarray) -> np.ndarray:
 
     Uses the Gram matrix of the short side (``σ² = eig(M Mᵀ)``): its eigenvalues are accurate
     to ``ε₆₄·σ₁²``, i.e. relative errors down to ~1e-8 — well below float32's rounding, which is
-    all the exactness test needs — and it is several times faster than a full SVD.  The Gram is
-    formed from strided views (BLAS takes them as they are: no transposed copy of the weight).
+    all the exactness test needs — and it is several times faster than a full SVD
+    (:func:`short_gram`).
     """
-    m = np.asarray(mats, dtype=np.float64)
+    return gram_singular_values(short_gram(mats, np.float64))
+
+
+def short_gram(mats: np.ndarray, dtype) -> np.ndarray:
+    """The Gram matrices ``[B, s, s]`` of the short side of ``mats`` ``[B, m, n]``, products in
+    ``dtype``, from strided views (BLAS takes them as they are: no transposed copy)."""
+    m = np.asarray(mats, dtype=dtype)
     if m.shape[1] > m.shape[2]:
-        gram = np.matmul(m.transpose(0, 2, 1), m)
-    else:
-        gram = np.matmul(m, m.transpose(0, 2, 1))
-    return gram_singular_values(gram)
+        return np.matmul(m.transpose(0, 2, 1), m)
+    return np.matmul(m, m.transpose(0, 2, 1))
 
 
 def gram_singular_values(gram: np.ndarray) -> np.ndarray:
@@ -64,10 +68,7 @@ def lossy_curve(mats: np.ndarray, useful_rank: int | None = None) -> np.ndarray:
     :data:`FAST_GRAM_FLOOR`."""
     m = np.asarray(mats)
     if min(m.shape[1:]) >= FAST_GRAM_MIN:
-        m32 = m.astype(np.float32, copy=False)
-        gram = (np.matmul(m32.transpose(0, 2, 1), m32) if m.shape[1] > m.shape[2]
-                else np.matmul(m32, m32.transpose(0, 2, 1)))
-        errors = relative_errors(gram_singular_values(gram.astype(np.float64)))
+        errors = relative_errors(gram_singular_values(short_gram(m, np.float32).astype(np.float64)))
         top = len(errors) - 1 if useful_rank is None else min(useful_rank, len(errors) - 1)
         if errors[:top + 1].min() >= FAST_GRAM_FLOOR:
             return errors
