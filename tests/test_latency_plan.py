@@ -293,19 +293,25 @@ def test_reach_corrects_a_misprediction(monkeypatch):
     assert d["met"] and d["chosen"] == check.chosen and len(d["rounds"]) == len(check.rounds)
 
 
-def test_reach_corrects_a_round_that_only_just_reaches_the_target(monkeypatch):
-    """A first round measured between S and S·MARGIN is corrected (measured again it would miss S
-    about half the time); the corrected round, above the margin, is the one kept even with more loss."""
-    import sepify.pipeline.speedup as sp
-
-    rounds = iter([1.4 * (1 + (MARGIN - 1) / 2), 1.4 * MARGIN * 1.01])
+def _numbered_builds():
+    """Builds ``model0``, ``model1``, … (round k: loss k), and the scales they were planned with."""
+    seen: list = []
 
     def build(scale):
         k = len(seen)
         seen.append(scale)
         return f"model{k}", _Report(k + 1), _Pred(0.3, 1.0 if scale is None else scale, loss=k)
 
-    seen: list = []
+    return build, seen
+
+
+def test_reach_corrects_a_round_that_only_just_reaches_the_target(monkeypatch):
+    """A first round measured between S and S·MARGIN is corrected (measured again it would miss S
+    about half the time); the corrected round, above the margin, is the one kept even with more loss."""
+    import sepify.pipeline.speedup as sp
+
+    rounds = iter([1.4 * (1 + (MARGIN - 1) / 2), 1.4 * MARGIN * 1.01])
+    build, seen = _numbered_builds()
     monkeypatch.setattr(sp, "measure_speedup", lambda *a: (next(rounds), 1.0, 1.6))
     model, _, check = reach(build, None, {}, 1.4, 1)
     assert len(check.rounds) == 2 and seen[1] < 1.0  # the second plan saves more
@@ -316,13 +322,7 @@ def test_reach_keeps_the_fastest_when_the_target_is_missed(monkeypatch):
     import sepify.pipeline.speedup as sp
 
     rounds = iter([1.1, 1.2, 1.15])
-
-    def build(scale):
-        k = len(seen)
-        seen.append(k)
-        return f"model{k}", _Report(k + 1), _Pred(0.3, 1.0 if scale is None else scale, loss=k)
-
-    seen: list = []
+    build, _ = _numbered_builds()
     monkeypatch.setattr(sp, "measure_speedup", lambda *a: (next(rounds), 1.0, 1.3))
     model, _, check = reach(build, None, {}, 1.5, 1)
     assert check.met is False and check.measured == 1.2 and model == "model1"
