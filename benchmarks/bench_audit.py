@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import describe, load_average  # noqa: E402 (benchmarks/environment.py)
+from environment import describe, load_average, precompile  # noqa: E402 (benchmarks/environment.py)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESNET = Path("/tmp/sepify-bench/resnet50.onnx")
@@ -328,22 +328,6 @@ def render(models: list[dict], warm: dict, cold: dict, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def precompile() -> None:
-    """Bytecode for both tools before the cold runs.  A wheel install compiles a package's ``.pyc``
-    (pip does; onnx-tool's are there), an editable install of sepify does not, and with
-    ``PYTHONDONTWRITEBYTECODE`` set every cold run would recompile sepify's ~50 modules (≈0.1 s of a
-    ~0.9 s run) — a cost of how the checkout was installed, not of the tool."""
-    import compileall
-    import importlib.util
-
-    for pkg in ("sepify", "onnx_tool"):
-        spec = importlib.util.find_spec(pkg)
-        if spec is not None and spec.submodule_search_locations:
-            for where in spec.submodule_search_locations:
-                compileall.compile_dir(where, quiet=1)
-    print("[bench] bytecode compiled for sepify and onnx-tool (as a wheel install has it)", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="sepify audit vs onnx-tool profiler: wall time and conv MACs.")
     ap.add_argument("-n", "--repeats", type=int, default=5)
@@ -365,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models = collect_models(args)
     if not args.no_cold:
-        precompile()
+        precompile(("sepify", "onnx_tool"))
     warm: dict = {}
     cold: dict = {}
     for i, m in enumerate(models, 1):

@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from environment import describe, finish
+    from environment import describe, finish, precompile
 
+    precompile()  # every figure here is a whole process: run from bytecode, as an installed sepify does
     results: dict = {"environment": describe()}
     if args.only in (None, "calibration"):
         rows = results["calibration"] = calibration_rows(out)
