@@ -23,7 +23,7 @@ import sepify
 from sepify.errors import ModelLoadError, SepifyError, ShapeError, UsageError
 from sepify.model.load import load_model
 
-from conftest import init, make_conv_model, make_model, rand, vi
+from conftest import init, make_conv_model, make_model, ort_run, rand, vi
 
 
 def _model() -> onnx.ModelProto:
@@ -581,3 +581,82 @@ def test_light_copy_for_the_checker_keeps_each_tensor_rank():
            and len(t.dims) == 4]
     assert big and all(list(t.dims) == [1, 1, 1, 1] and len(t.raw_data) == 4 for t in big)
     onnx.checker.check_model(copy.SerializeToString())
+
+
+# ----------------------------------------------------------------------------------------------
+# Convs inside model-local functions (modules exported as functions): inlined, then seen
+# ----------------------------------------------------------------------------------------------
+def _function_model(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """``X → Outer(ConvBlock) → … → Act → Y``: each conv inside ``pkg.ConvBlock`` (Conv with pads,
+    then ``pkg.Act``), called through ``pkg.Outer`` once per weight; ``pkg.Act`` holds no conv."""
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("pkg", 1)]
+    act = helper.make_function("pkg", "Act", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], opsets)
+    block = helper.make_function("pkg", "ConvBlock", ["x", "w"], ["y"], [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Act", ["c"], ["y"], domain="pkg")], opsets)
+    outer = helper.make_function("pkg", "Outer", ["x", "w"], ["y"],
+                                 [helper.make_node("ConvBlock", ["x", "w"], ["y"], domain="pkg")], opsets)
+    nodes, prev = [], "X"
+    for i in range(len(weights)):
+        nodes.append(helper.make_node("Outer", [prev, f"W{i}"], [f"h{i}"], domain="pkg", name=f"call{i}"))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Act", [prev], ["Y"], domain="pkg", name="final_act"))
+    c = weights[-1].shape[0]
+    graph = helper.make_graph(nodes, "g", [vi("X", [1, weights[0].shape[1], 12, 12])], [vi("Y", [1, c, 12, 12])],
+                              [init(f"W{i}", w) for i, w in enumerate(weights)])
+    model = helper.make_model(graph, opset_imports=opsets, functions=[act, block, outer])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _separable(c_out: int, c_in: int, seed: int) -> np.ndarray:
+    """``W[n, c] = P[n, c]·D[c]``: one 3×3 filter per input channel, mixed pointwise — exactly a
+    depthwise conv then a 1×1 conv (dw-pw at rank 1)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((c_out, c_in, 1, 1)) * rng.standard_normal((1, c_in, 3, 3))).astype(np.float32)
+
+
+def test_convs_inside_local_functions_are_counted_after_inlining():
+    model = _function_model([rand([8, 4, 3, 3], 1), rand([6, 8, 3, 3], 2)])
+    report = sepify.audit(model)
+    assert [n.op_type for n in report.nodes] == ["Conv", "Conv"]
+    assert [n.kernel_shape for n in report.nodes] == [[3, 3], [3, 3]]
+    assert report.nodes[0].macs == 12 * 12 * 8 * 4 * 9 and report.nodes[1].macs == 12 * 12 * 6 * 8 * 9
+    assert any("inlined 2 model-local function(s)" in w and "pkg.ConvBlock" in w for w in report.warnings)
+    loaded = load_model(model)
+    # only the functions holding a conv (directly or by a call) are inlined; the caller's proto is untouched
+    assert [f.name for f in loaded.model.functions] == ["Act"]
+    assert [f.name for f in model.functions] == ["Act", "ConvBlock", "Outer"]
+    assert loaded.as_given is model
+
+
+def test_exact_rewrite_of_convs_inside_local_functions_matches_onnxruntime(tmp_path):
+    model = _function_model([_separable(8, 4, 3), _separable(6, 8, 4)])
+    path = tmp_path / "fn.onnx"
+    onnx.save(model, str(path))
+    out, report = sepify.rewrite(str(path))
+    assert len(report.rewritten) == 2 and all(r.scheme == "dw-pw" for r in report.rewritten)
+    assert [i.name for i in out.graph.input] == ["X"] and [o.name for o in out.graph.output] == ["Y"]
+    feeds = {"X": rand([1, 4, 12, 12], 5)}
+    want = ort_run(model, feeds=feeds)["Y"]
+    got = ort_run(out, feeds=feeds)["Y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_nothing_to_rewrite_returns_the_given_proto_with_its_functions():
+    model = _function_model([rand([8, 4, 3, 3], 1)])  # a dense random kernel: no exact split
+    out, report = sepify.rewrite(model)
+    assert out is model and not report.rewritten
+
+
+def test_an_inliner_refusal_is_a_note_not_a_failure(monkeypatch):
+    from onnx import inliner
+
+    def refuse(*a, **k):
+        raise RuntimeError("cannot inline\nsecond line")
+
+    monkeypatch.setattr(inliner, "inline_selected_functions", refuse)
+    report = sepify.audit(_function_model([rand([8, 4, 3, 3], 1)]))
+    assert report.nodes == []
+    assert any("were not examined" in w and "cannot inline second line" in w for w in report.warnings)

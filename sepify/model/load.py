@@ -42,6 +42,13 @@ class LoadedModel:
     has_external_data: bool = False
     external_files: tuple[Path, ...] = ()  # the external data files read (resolved), for save's overwrite guard
     mapped_external: bool = False  # external data left in its files (over MAP_EXTERNAL_OVER bytes), see load_model
+    notes: tuple[str, ...] = ()  # what loading changed in the model (functions inlined), for the reports
+    original: onnx.ModelProto | None = None  # a caller's ModelProto, when loading changed a copy of it
+
+    @property
+    def as_given(self) -> onnx.ModelProto:
+        """The model as it was given (what a rewrite with nothing to change returns)."""
+        return self.model if self.original is None else self.original
 
 
 def _error(label: str, message: str) -> ModelLoadError:
@@ -359,6 +366,68 @@ def _check_conv_nodes(model: onnx.ModelProto, label: str) -> None:
     walk(model.graph, {})
 
 
+def _nodes_deep(nodes) -> Iterator[onnx.NodeProto]:
+    """The nodes and every node of their subgraphs (If/Loop/Scan bodies), depth first."""
+    for node in nodes:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+                yield from _nodes_deep(sub.node)
+
+
+def _conv_functions(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """The model-local functions that hold a Conv-like node, themselves or through a function they
+    call (``(domain, name)``)."""
+    funcs = {(f.domain, f.name): f for f in model.functions}
+    holds: dict[tuple[str, str], bool] = {}
+
+    def has(key: tuple[str, str], path: frozenset) -> bool:
+        if key not in holds:
+            holds[key] = any(
+                (n.op_type in _CONV_INPUTS and n.domain in ("", "ai.onnx"))
+                or ((n.domain, n.op_type) in funcs and (n.domain, n.op_type) not in path
+                    and has((n.domain, n.op_type), path | {key}))
+                for n in _nodes_deep(funcs[key].node))
+        return holds[key]
+
+    return [k for k in funcs if has(k, frozenset())]
+
+
+def _inline_conv_functions(model: onnx.ModelProto, label: str, *, copy: bool) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """The model with every call of a model-local function that holds a conv inlined, and a note.
+
+    Exporters write modules as functions (``torch.onnx.export(export_modules_as_functions=…)``,
+    onnxscript): a conv inside one is invisible to a graph walk, so it would be neither counted nor
+    rewritten.  onnx's inliner expands those calls (other functions stay as they are); it runs on a
+    light copy (the weights are not serialized for it) and the inlined nodes replace the graph's —
+    in ``model`` itself, or with ``copy`` (a caller's ModelProto, never modified) in a copy.  When the
+    inliner refuses the model, it is kept as it is, with a note that those convs were not examined."""
+    ids = _conv_functions(model)
+    if not ids:
+        return model, ()
+    shown = ", ".join(f"{d}.{n}" if d else n for d, n in ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+    try:
+        from onnx import inliner
+
+        inlined = inliner.inline_selected_functions(light_copy(model), ids)
+    except Exception as exc:  # noqa: BLE001 - the inliner's C++ errors
+        return model, (f"convs inside model-local functions ({shown}) were not examined: onnx's inliner "
+                       f"refused the model ({_first_line(exc)})",)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    for field in ("node", "value_info"):
+        getattr(out.graph, field).__delitem__(slice(None))
+        getattr(out.graph, field).extend(getattr(inlined.graph, field))
+    del out.functions[:]
+    out.functions.extend(inlined.functions)
+    del out.opset_import[:]
+    out.opset_import.extend(inlined.opset_import)
+    return out, (f"inlined {len(ids)} model-local function(s) holding convs ({shown}): their convs are "
+                 "counted and rewritable, and a rewritten model has those calls inlined",)
+
+
 def _repeated(fd) -> bool:
     is_repeated = getattr(fd, "is_repeated", None)  # protobuf ≥ 5.27; ``label`` before (now gone)
     return bool(is_repeated) if is_repeated is not None else fd.label == fd.LABEL_REPEATED
@@ -544,8 +613,11 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
         _check_inline_sizes(model, label)
         if check:
             _run_checker(model, label)
+        given = model
+        model, notes = _inline_conv_functions(model, label, copy=True)
         _check_conv_nodes(model, label)
-        return LoadedModel(model=model, label=label, has_external_data=has_ext)
+        return LoadedModel(model=model, label=label, has_external_data=has_ext, notes=notes,
+                           original=given if model is not given else None)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = "<bytes>"
@@ -586,6 +658,7 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     del data
     if check:
         _run_checker(model, label)
+    model, notes = _inline_conv_functions(model, label, copy=False)  # parsed here: ours to change
     _check_conv_nodes(model, label)
     mapped = False
     if has_ext and load_external:
@@ -602,7 +675,7 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
                 raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
     return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext,
                        external_files=tuple(Path(f) for f in dict.fromkeys(r.path for r in refs)),
-                       mapped_external=mapped)
+                       mapped_external=mapped, notes=notes)
 
 
 def _point_at(ref: _ExternalRef) -> None:

@@ -114,7 +114,7 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
     table = infer_shapes(view, shapes, dtypes, resolve_input_values(view, input_values, shapes))
     convs = view.conv_nodes()
     specs = [conv_spec(view, ref, table) for ref in convs]
-    warnings: list[str] = []
+    warnings: list[str] = list(loaded.notes)
     missing = [n for s in specs if s.shape_source == "unknown" or s.weight_shape is None
                for n in (s.x_name, s.w_name, s.ref.node.output[0])]
     matmuls = [r for r in view.nodes if r.op_type in MATMUL_OPS]

@@ -206,7 +206,7 @@ def finish_rewrite(loaded, policy_record: dict[str, Any], conv_macs: int, realiz
     saved = sum(r.macs_before - r.macs_after for r in records)
     report = RewriteReport(loaded.label, policy, records, kept, conv_macs, conv_macs - saved, changed=bool(records))
     if not realized:
-        return loaded.model, report
+        return loaded.as_given, report
     rzs = [rz for rz, _ in realized]
     model, new_nodes = emit(loaded.model, rzs, history_entry(policy_record, rzs, **history))
     for rec in records:
