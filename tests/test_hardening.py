@@ -881,3 +881,57 @@ def test_audit_at_inputs_the_model_cannot_run_says_why(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "onnxruntime cannot run the model at input shapes x=1x3x4x8, shape=4" in err and "reshape" in err.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models onnxruntime runs that the ONNX checker alone would refuse, and inputs sepify cannot feed
+# ----------------------------------------------------------------------------------------------
+def _separable_conv(x_info, ir: int = 8, opset: int = 17, extra_nodes=(), extra_outputs=(), extra_inputs=()):
+    w = (rand([8, 4, 1, 1], 1) * rand([1, 4, 3, 3], 2)).astype(np.float32)  # dw-pw at rank 1, exactly
+    graph = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1]), *extra_nodes], "g",
+                              [x_info, *extra_inputs], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+                                                        *extra_outputs], [init("W", w)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    return model
+
+
+@pytest.mark.parametrize("ir, opset", [(8, 17), (3, 7)])
+def test_outputs_without_shape_and_unlisted_ir3_initializers_load(tmp_path, ir, opset):
+    """A graph output with an element type and no shape, and (IR 3) an initializer not listed as a
+    graph input: onnxruntime runs both, the checker alone refuses them — sepify checks the rest."""
+    model = _separable_conv(vi("X", [1, 4, 16, 16]), ir=ir, opset=opset)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert main(["rewrite", str(path), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 0
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    if ir < 4:  # the new weights are listed as inputs, as IR 3 wants
+        assert {t.name for t in out.graph.initializer} <= {i.name for i in out.graph.input}
+    feeds = {"X": rand([1, 4, 16, 16], 3)}
+    assert_matches(session(out).run(None, feeds)[0], session(model).run(None, feeds)[0])
+
+
+def test_a_sequence_input_rewrites_but_cannot_be_run(tmp_path, capfd):
+    """Runs of the model feed tensors only: --verify / --bench / --calibrate with a sequence input is
+    bad input (exit 2, one line) and leaves no output file; audit and rewrite work."""
+    seq = helper.make_tensor_sequence_value_info("S", TensorProto.FLOAT, None)
+    model = _separable_conv(vi("X", [1, 4, 16, 16]), extra_inputs=[seq],
+                            extra_nodes=[helper.make_node("SequenceLength", ["S"], ["L"])],
+                            extra_outputs=[helper.make_tensor_value_info("L", TensorProto.INT64, [])])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out.onnx"
+    assert main(["audit", str(path), "--format", "json"]) == 0
+    assert main(["rewrite", str(path), "-o", str(out)]) == 0 and out.is_file()
+    out.unlink()
+    for extra in (["--verify"], ["--bench"], ["--budget", "0.5", "--calibrate", "random"]):
+        capfd.readouterr()
+        code = main(["rewrite", str(path), "-o", str(out), *extra])
+        stdout, err = capfd.readouterr()
+        assert code == 2, (extra, err)
+        assert _one_error_line(err, stdout).endswith("audit and rewrite work without them"), err
+        assert "'S' is a sequence" in err and stdout == ""
+        assert not out.exists() and not list(tmp_path.glob("out.onnx*")), extra

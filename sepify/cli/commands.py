@@ -193,10 +193,35 @@ def cmd_rewrite(args) -> int:
 def finish_rewrite(args, loaded, model, report, cal, shapes, latency, checks=None) -> int:
     """Save the model (unless --dry-run), --verify / --bench it (in memory with --dry-run), write the
     JSON report and the HTML page, then print: one JSON document, or the tables."""
-    from ..model.save import save_model, write_text_atomic
+    from ..model.save import external_data_name, save_model
 
+    if args.verify or args.bench:
+        # Inputs the runs cannot be fed are bad input (exit 2): found before anything is written.
+        from ..model.graph import GraphView
+        from ..model.samples import require_tensor_inputs
+
+        require_tensor_inputs(GraphView(loaded.model))
+    written: list[Path] = []  # what this run wrote (removed again on a later exit 2)
     if not args.dry_run:
+        target = Path(args.output)
+        data = target.parent / external_data_name(target)
+        had_data = data.exists()
         save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
+        written = [target] + ([data] if data.exists() and not had_data else [])
+    try:
+        return _checked_rewrite(args, loaded, model, report, cal, shapes, latency, checks)
+    except SepifyError:
+        # Bad input found while verifying or benchmarking (exit 2): no output file is left behind —
+        # unless it replaced the input itself (--in-place), which stays the rewritten model.
+        if not getattr(args, "in_place", False):
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _checked_rewrite(args, loaded, model, report, cal, shapes, latency, checks) -> int:
+    from ..model.save import write_text_atomic
+
     rewritten = model if args.dry_run else args.output  # verify/bench what was written, or the rewrite in memory
     drift = bench = None
     if args.verify:

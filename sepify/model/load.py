@@ -563,6 +563,18 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
         else:
             stub.dims.extend(t.dims)
     if checkable:
+        # A graph input or output that declares its element type but no shape (unknown rank) is
+        # something onnxruntime runs and exporters write, but the checker wants a shape there;
+        # a placeholder shape in this copy lets it check the rest (the copy only feeds the checker).
+        for value in list(graph.input) + list(graph.output):
+            _placeholder_shapes(value.type)
+        # Before IR 4 every initializer had to be a graph input as well; old exporters did not always
+        # list them, and onnxruntime runs such models — the copy lists them for the checker.
+        if copy.ir_version < 4:
+            listed = {i.name for i in graph.input}
+            for t in src.initializer:
+                if t.name not in listed:
+                    graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         # External tensors elsewhere (subgraphs, Constant attributes): the checker would look for
         # their files relative to the working directory; load_model has already checked them.
         for t in iter_all_tensors(copy):
@@ -571,6 +583,17 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
                 t.data_location = TensorProto.DEFAULT
                 _one_zero_element(t, len(t.dims))
     return copy
+
+
+def _placeholder_shapes(tp: onnx.TypeProto) -> None:
+    """Give every tensor type inside ``tp`` that has no shape a one-dim symbolic one (for the checker)."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type" and not tp.tensor_type.HasField("shape"):
+        tp.tensor_type.shape.dim.add().dim_param = "unknown_rank"
+    elif kind in ("sequence_type", "optional_type"):
+        _placeholder_shapes(getattr(tp, kind).elem_type)
+    elif kind == "map_type":
+        _placeholder_shapes(tp.map_type.value_type)
 
 
 def _one_zero_element(tensor: TensorProto, rank: int) -> None:

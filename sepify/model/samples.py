@@ -131,6 +131,16 @@ def _split_samples(name: str, arrays: list[np.ndarray], declared: list[int | Non
     return out
 
 
+def require_tensor_inputs(view: GraphView, given=()) -> None:
+    """A UsageError naming the first main-graph input that is no tensor (a sequence, map or optional)
+    and is not in ``given``: sepify feeds the model tensors only (random or from sample files)."""
+    for i in view.main_inputs:
+        if not i.type.HasField("tensor_type") and i.name not in given:
+            kind = (i.type.WhichOneof("value") or "untyped").replace("_type", "")
+            raise UsageError(f"input {i.name!r} is a {kind}, not a tensor: runs of the model (verify, bench, "
+                             "calibration, latency) feed tensors only; audit and rewrite work without them")
+
+
 def load_samples(data, model: ModelSource | LoadedModel, input_shapes=None, *, samples: int | None = None,
                      seed: int = 0, value_range: tuple[float, float] | None = None,
                      batch: int = DEFAULT_BATCH, input_values=None) -> SampleSet:
@@ -149,6 +159,7 @@ def load_samples(data, model: ModelSource | LoadedModel, input_shapes=None, *, s
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     view = GraphView(loaded.model)
     inputs = view.main_inputs
+    require_tensor_inputs(view, given=data.keys() if isinstance(data, Mapping) else ())
     names = [i.name for i in inputs]
     declared = {i.name: declared_dims(i) for i in inputs}
     dtypes = {i.name: _np_dtype(i) for i in inputs}

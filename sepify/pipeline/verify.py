@@ -37,7 +37,7 @@ from ..errors import ParameterError, UsageError
 from ..serialize import SCHEMA_VERSION, dumps
 from ..model.graph import GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
-from ..model.samples import SampleSet, load_samples
+from ..model.samples import SampleSet, load_samples, require_tensor_inputs
 from ..model.session import ort_message, ort_session
 from ..model.shapes import (cast_input_values, check_values_agree, describe_input_values, normalize_input_shapes,
                             random_inputs, resolve_input_shapes, resolve_input_values)
@@ -259,6 +259,7 @@ def sample_runs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int =
     UsageError), so a value is never silently dropped."""
     view = GraphView(loaded.model)
     names = [i.name for i in view.main_inputs]
+    require_tensor_inputs(view, given=inputs.keys() if isinstance(inputs, Mapping) else ())
     if isinstance(inputs, Mapping):
         feeds = {k: np.asarray(v) for k, v in inputs.items()}
         check_values_agree(feeds, cast_input_values(view, input_values), "given")
