@@ -28,6 +28,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import sepify
 import sepify.model.load
 import sepify.model.save
 from sepify.cli import main
@@ -935,3 +936,31 @@ def test_a_sequence_input_rewrites_but_cannot_be_run(tmp_path, capfd):
         assert _one_error_line(err, stdout).endswith("audit and rewrite work without them"), err
         assert "'S' is a sequence" in err and stdout == ""
         assert not out.exists() and not list(tmp_path.glob("out.onnx*")), extra
+
+
+@pytest.mark.parametrize("names", [["conv", "conv", "conv"], ["", "", ""], ["Conv_1", "", "x"]])
+def test_repeated_or_missing_node_names_address_each_node_once(names, tmp_path):
+    """Node names are not unique in every model (the checker allows repeats; an unnamed node's
+    ``<op>_<index>`` may be another node's name): each node still gets a label of its own, and each
+    is rewritten exactly once."""
+    from sepify.model.graph import node_labels
+
+    ws = [(rand([8, c, 1, 1], 10 + i) * rand([1, c, 3, 3], 20 + i)).astype(np.float32) for i, c in enumerate((4, 8, 8))]
+    nodes = [helper.make_node("Conv", [src, f"W{i}"], [dst], pads=[1, 1, 1, 1], name=names[i])
+             for i, (src, dst) in enumerate((("X", "a"), ("a", "b"), ("b", "Y")))]
+    model = make_model(nodes, [vi("X", [1, 4, 16, 16])], [vi("Y", [1, 8, 16, 16]), vi("a", [1, 8, 16, 16])],
+                       [init(f"W{i}", w) for i, w in enumerate(ws)])
+    labels = node_labels(model.graph)
+    assert len(set(labels)) == 3 and all(n in labels for n in names if n and names.count(n) == 1)
+    report = sepify.audit(model)
+    assert sorted(n.name for n in report.nodes) == sorted(labels)
+    out, rep = sepify.rewrite(model)
+    assert sorted(r.qualified_name for r in rep.rewritten) == sorted(labels)
+    assert not any(n.op_type == "Conv" and n.name in names for n in out.graph.node if n.name)
+    runnable = onnx.ModelProto()
+    runnable.CopyFrom(model)
+    for n, label in zip(runnable.graph.node, labels):
+        n.name = label  # onnxruntime itself refuses repeated node names
+    feeds = {"X": rand([1, 4, 16, 16], 5)}
+    for got, want in zip(session(out).run(["Y", "a"], feeds), session(runnable).run(["Y", "a"], feeds)):
+        assert_matches(got, want)

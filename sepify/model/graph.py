@@ -59,10 +59,11 @@ class NodeRef:
     scope: str
     index: int
     parent: "NodeRef | None" = None
+    label: str = ""  # the node's name, made unique in its graph by GraphView (see node_labels)
 
     @property
     def name(self) -> str:
-        return self.node.name or f"{self.node.op_type}_{self.index}"
+        return self.label or self.node.name or f"{self.node.op_type}_{self.index}"
 
     @property
     def qualified_name(self) -> str:
@@ -93,6 +94,25 @@ def attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def node_labels(graph: onnx.GraphProto) -> list[str]:
+    """A name per node of ``graph``, unique within it: the node's own name; an unnamed node
+    ``<op_type>_<index>``; a name already taken (exporters and merged models repeat node names —
+    the ONNX checker allows it) gets ``_2``, ``_3``, … (never another node's name).  Reports, plans
+    and calibration address nodes by these."""
+    real = {n.name for n in graph.node if n.name}
+    taken: set[str] = set()
+    labels = []
+    for index, node in enumerate(graph.node):
+        base = node.name or f"{node.op_type}_{index}"
+        label, k = base, 1
+        while label in taken or (label != node.name and label in real):
+            k += 1
+            label = f"{base}_{k}"
+        taken.add(label)
+        labels.append(label)
+    return labels
 
 
 class GraphView:
@@ -126,8 +146,8 @@ class GraphView:
             sc.graph_inputs = {i.name for i in g.input if i.name not in sc.initializers}
             self._scope_of_graph[id(g)] = sc
             nested: list[tuple] = []
-            for index, node in enumerate(g.node):
-                ref = NodeRef(node=node, graph=g, scope=sc_name, index=index, parent=parent)
+            for index, (node, label) in enumerate(zip(g.node, node_labels(g))):
+                ref = NodeRef(node=node, graph=g, scope=sc_name, index=index, parent=parent, label=label)
                 self._ordered.append(ref)
                 self._node_scope[id(node)] = sc
                 for out in node.output:
