@@ -964,3 +964,25 @@ def test_repeated_or_missing_node_names_address_each_node_once(names, tmp_path):
     feeds = {"X": rand([1, 4, 16, 16], 5)}
     for got, want in zip(session(out).run(["Y", "a"], feeds), session(runnable).run(["Y", "a"], feeds)):
         assert_matches(got, want)
+
+
+def test_output_targets_devices_links_and_one_file_twice(tmp_path, capfd):
+    """A device is no place for a model (the atomic rename would put a file where /dev/null was); a
+    symlink is written through (the link stays a link); one file named for two outputs is refused."""
+    src = tmp_path / "m.onnx"
+    onnx.save(make_conv_model([1, 3, 8, 8], [4, 3, 3, 3], pads=[1, 1, 1, 1]), str(src))
+    for argv in (["-o", os.devnull], ["-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "o.onnx")],
+                 ["-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.json")]):
+        capfd.readouterr()
+        assert main(["rewrite", str(src), "--budget", "0.5", *argv]) == 2, argv
+        out, err = capfd.readouterr()
+        _one_error_line(err, out)
+        assert out == ""
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    real = tmp_path / "real.onnx"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real)
+    assert main(["rewrite", str(src), "--budget", "0.5", "-o", str(link)]) == 0
+    assert link.is_symlink() and onnx.load(str(real)).graph.node

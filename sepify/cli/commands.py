@@ -49,11 +49,14 @@ def _width(args):
 
 
 def _writable(*targets) -> None:
-    from ..model.save import check_writable
+    from ..model.save import check_writable, same_file
 
-    for t in targets:
-        if t:
-            check_writable(t)  # before any work: a bad target must not cost the work, or leave a half
+    given = [t for t in targets if t]
+    for i, t in enumerate(given):
+        check_writable(t)  # before any work: a bad target must not cost the work, or leave a half
+        for other in given[:i]:
+            if same_file(t, other):  # one file written twice: the second write would erase the first
+                raise UsageError(f"{t}: named for two outputs (a model, --report, --html, -o); give each its own file")
 
 
 # ----------------------------------------------------------------------------------------------

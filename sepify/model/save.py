@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +18,7 @@ from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
-    target = Path(target)
+    target = write_target(target)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"{target}: is a directory; give a file name")
@@ -56,10 +57,25 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def write_target(target: str | os.PathLike) -> Path:
+    """The file a write to ``target`` lands in.  A symlink is followed: the file it points at is
+    replaced and the link stays (an atomic rename onto the link itself would replace the link).  A
+    target that exists and is no regular file — a device such as ``/dev/stdout``, a FIFO, a socket —
+    is refused: a model is written to a file (the rename would put a file in the device's place)."""
+    path = Path(target)
+    try:
+        st = os.stat(path)  # follows links
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{target}: not a regular file (a device, FIFO or socket); give a file path")
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_writable(target: str | os.PathLike) -> None:
     """Refuse, before any work, a target that cannot be written: a directory, a missing folder,
-    a folder without write permission."""
-    target = Path(target)
+    a folder without write permission, a device."""
+    target = write_target(target)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"{target}: is a directory; give a file name")
