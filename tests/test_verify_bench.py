@@ -3,12 +3,16 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import sepify
 from sepify.pipeline.bench import benchmark
 from sepify.cli import main
 from sepify.pipeline.verify import compare_tensors, verify
+
+from conftest import make_model, vi
 
 SAMPLES = "sample_models"
 
@@ -168,3 +172,25 @@ def test_verify_says_when_the_outputs_do_not_respond_to_the_inputs(tmp_path, cap
     assert main(["verify", str(src), str(out)]) == 0
     assert "warning: output(s) ids do not change when the inputs do" in capsys.readouterr().out
     assert sepify.verify(src, src).insensitive == ["ids"]
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+@pytest.mark.parametrize("other", ["another input name", "another rank", "another element type"])
+def test_comparing_unrelated_models_is_bad_input(command, other, tmp_path, capfd):
+    """verify and bench run both models on the first one's feeds: a second model that needs another
+    input, or refuses those feeds, is a one-line exit 2 — not a crash."""
+    a = make_model([helper.make_node("Relu", ["X"], ["Y"])], [vi("X", [1, 4, 8, 8])], [vi("Y", [1, 4, 8, 8])])
+    name, shape, dtype = {"another input name": ("Z", [2, 5], TensorProto.FLOAT),
+                          "another rank": ("X", [1, 3, 5], TensorProto.FLOAT),
+                          "another element type": ("X", [1, 4, 8, 8], TensorProto.INT64)}[other]
+    b = make_model([helper.make_node("Identity", [name], ["Y"])], [vi(name, shape, dtype)], [vi("Y", shape, dtype)])
+    pa, pb = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(a, str(pa))
+    onnx.save(b, str(pb))
+    extra = ["--runs", "3"] if command == "bench" else []
+    capfd.readouterr()
+    assert main([command, str(pa), str(pb), *extra]) == 2
+    out, err = capfd.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert out == "" and len(lines) == 1 and lines[0].startswith("sepify: error: ") and "Traceback" not in err
+    assert str(pb) in lines[0]

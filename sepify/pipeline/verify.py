@@ -272,6 +272,16 @@ def sample_runs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int =
     return SampleSet([random_inputs(shapes, dtypes, seed, values)], source, 1)
 
 
+def check_same_inputs(la: LoadedModel, lb: LoadedModel) -> None:
+    """Both models are run on the first one's feeds: a UsageError when the second needs an input the
+    first does not have (two unrelated models, not a model and its rewrite)."""
+    have = [i.name for i in GraphView(la.model).main_inputs]
+    need = [i.name for i in GraphView(lb.model).main_inputs if i.name not in have]
+    if need:
+        raise UsageError(f"{lb.label}: needs input(s) {', '.join(map(repr, need))} that {la.label} does not have "
+                         f"(its inputs: {', '.join(map(repr, have)) or 'none'}); compare a model with its rewrite")
+
+
 def model_inputs(loaded: LoadedModel, inputs=None, input_shapes=None, seed: int = 0,
                  input_values=None) -> tuple[dict[str, np.ndarray], str]:
     """One feed and how it was made (:func:`sample_runs`' first run; a sample file gives its first
@@ -392,6 +402,7 @@ def verify(
     missing = [n for n in names_a if n not in names_b]
     if missing:
         raise UsageError(f"{lb.label}: lacks output(s) {', '.join(missing)} of {la.label}")
+    check_same_inputs(la, lb)
     sa = make_session(la.model, providers=providers)
     sb = make_session(lb.model, providers=providers)
     channel = gates.max_drift is not None and gates.drift_metric == "channel"
