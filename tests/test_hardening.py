@@ -986,3 +986,23 @@ def test_output_targets_devices_links_and_one_file_twice(tmp_path, capfd):
     link.symlink_to(real)
     assert main(["rewrite", str(src), "--budget", "0.5", "-o", str(link)]) == 0
     assert link.is_symlink() and onnx.load(str(real)).graph.node
+
+
+def test_out_of_memory_is_a_one_line_exit_2_and_leaves_no_file(tmp_path, capfd, monkeypatch):
+    """Input dims the machine cannot hold (--input-shape 1x3x100000x100000 and --verify) end in
+    numpy's MemoryError: a documented exit 2 with one line, not an internal error, and the model
+    written before the check is removed."""
+    import sepify.pipeline.verify as verify_mod
+
+    def too_big(*a, **k):
+        raise MemoryError("Unable to allocate 298. GiB for an array with shape (1, 4, 100000, 100000)")
+
+    src = tmp_path / "m.onnx"
+    onnx.save(make_conv_model([1, 3, 8, 8], [4, 3, 3, 3], pads=[1, 1, 1, 1]), str(src))
+    monkeypatch.setattr(verify_mod, "sample_runs", too_big)
+    capfd.readouterr()
+    out_path = tmp_path / "out.onnx"
+    assert main(["rewrite", str(src), "--budget", "0.5", "-o", str(out_path), "--verify"]) == 2
+    out, err = capfd.readouterr()
+    assert _one_error_line(err, out).startswith("sepify: error: out of memory (Unable to allocate 298. GiB")
+    assert out == "" and not out_path.exists()

@@ -213,7 +213,7 @@ def finish_rewrite(args, loaded, model, report, cal, shapes, latency, checks=Non
         written = [target] + ([data] if data.exists() and not had_data else [])
     try:
         return _checked_rewrite(args, loaded, model, report, cal, shapes, latency, checks)
-    except SepifyError:
+    except (SepifyError, MemoryError):
         # Bad input found while verifying or benchmarking (exit 2): no output file is left behind —
         # unless it replaced the input itself (--in-place), which stays the rewritten model.
         if not getattr(args, "in_place", False):

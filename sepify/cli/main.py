@@ -173,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"sepify: error: {error_message(exc)}", file=sys.stderr)
         return exc.exit_code
+    except MemoryError as exc:  # a size the machine cannot hold (e.g. --input-shape 1x3x100000x100000): not a bug
+        if debug:
+            traceback.print_exc()
+        said = " ".join(str(exc).split()) or "MemoryError"
+        print(f"sepify: error: out of memory ({said}); give smaller input dims (--input-shape) or fewer samples "
+              "(--calib-samples, --calib-rows)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("sepify: interrupted", file=sys.stderr)
         return 130
