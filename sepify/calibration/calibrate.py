@@ -524,6 +524,8 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     policy = policy or (calibrator.policy if calibrator is not None else Policy())
     opts = calibrator.options if calibrator is not None else options_of(options, kw)
     max_drift, allocation = opts.max_drift, opts.allocation
+    if policy.linear:
+        raise ParameterError("linear", True, "linear layers are factored weight-only: calibration fits convs")
     if max_drift is not None and policy.mode in ("tol", "rank"):
         raise ParameterError("max_drift", max_drift, f"chooses ranks itself; a {policy.mode} policy cannot go with it")
     if max_drift is not None and policy.mode == "speedup":

@@ -92,7 +92,8 @@ POLICY_DESTS = ("lossless", "tol", "rank", "budget")
 class PolicyArgs(ArgGroup):
     flags = {"lossless": "--lossless", "tol": "--tol", "rank": "--rank", "budget": "--budget",
              "scheme": "--scheme", "include": "--include", "exclude": "--exclude", "min_macs": "--min-macs",
-             "target_speedup": "--target-speedup", "cost": "--cost", "latency_table": "--latency-table"}
+             "target_speedup": "--target-speedup", "cost": "--cost", "latency_table": "--latency-table",
+             "linear": "--linear"}
 
     def __init__(self, threads: bool = False):
         self.threads = threads  # add --threads here (commands without the latency group's)
@@ -123,6 +124,9 @@ class PolicyArgs(ArgGroup):
         pol.add_argument("--latency-table", metavar="FILE.json",
                          help="plan with a latency table measured elsewhere (sepify latency-table on the target) "
                               "instead of this machine's cache")
+        pol.add_argument("--linear", action="store_true",
+                         help="also factor MatMul / Gemm layers with a constant 2-D weight (pw-lowrank: two "
+                              "thinner products); --budget then counts their MACs too (MAC cost, weight-only)")
         if self.threads:
             pol.add_argument("--threads", type=int, default=None, metavar="T",
                              help="onnxruntime intra-op threads the latencies are measured at (latency cost)")
@@ -137,6 +141,9 @@ class PolicyArgs(ArgGroup):
         latency = args.cost == "latency" or args.target_speedup is not None
         if not latency:
             refuse(args, ["latency_table"], "is what latency cost plans with: add --cost latency or --target-speedup")
+        if args.linear and latency:
+            raise UsageError("--linear: linear layers are planned on MACs only; leave out --cost latency / "
+                             "--target-speedup")
         if args.target_speedup is not None:
             given_policies = given(args, *POLICY_DESTS)
             if given_policies:
@@ -147,7 +154,8 @@ class PolicyArgs(ArgGroup):
         return Policy.from_args(lossless=args.lossless, tol=args.tol, rank=args.rank, budget=args.budget,
                                 scheme=args.scheme, include=args.include, exclude=args.exclude,
                                 min_macs=args.min_macs, chain=not args.no_chain, cost=args.cost,
-                                threads=threads if latency else None, latency_table=args.latency_table)
+                                threads=threads if latency else None, latency_table=args.latency_table,
+                                linear=args.linear)
 
 
 @dataclass(frozen=True)

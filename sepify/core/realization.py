@@ -46,6 +46,7 @@ class Realization:
     source: str  # one of SOURCES
     bias: np.ndarray | None = None
     absorbs: str | None = None  # qualified name of the absorbed BatchNormalization
+    linear: str = ""  # "MatMul" / "Gemm": a linear layer, its two 1×1 stages written as two of its own op
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -14,7 +14,7 @@ memory traffic; arithmetic intensity = FLOPs / bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -69,6 +69,10 @@ class ConvSpec:
     shape_source: str
     dtype: int | None
     weight_dtype: int | None
+    # A linear layer (``"MatMul"`` / ``"Gemm"``) seen as the 1×1 conv it computes (:func:`linear_spec`),
+    # with its constant weight in conv layout ``[N, K, 1]``; "" for a conv.
+    linear: str = ""
+    conv_weight: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def transposed(self) -> bool:
@@ -190,6 +194,55 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
         weight_shape=w_shape, kernel=kernel, strides=strides, dilations=dilations, pads=pads,
         auto_pad=auto_pad, group=group, output_padding=output_padding, shape_source=source,
         dtype=table.dtypes.get(x_name), weight_dtype=w_const,
+    )
+
+
+LINEAR_OPS = ("MatMul", "Gemm")
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def linear_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec | None:
+    r"""A MatMul or Gemm whose second operand is a constant 2-D float weight, as the 1×1 conv it
+    computes (None for any other node, or while the data operand's shape is unknown).
+
+    ``MatMul(A[…, K], B[K, N])`` and ``Gemm(A, B)`` (``transA``/``transB``, ``alpha``, ``beta``, ``C`` as
+    given) multiply the ``M`` rows of ``A`` (every leading dim, or the rows of ``A'``) by a ``K × N``
+    matrix: the geometry of a 1-D 1×1 conv with ``K`` input channels, ``N`` output channels and ``M``
+    positions, whose weight is ``Bᵀ`` (``[N, K, 1]``).  ``pw-lowrank`` splits it like any 1×1 conv, and
+    the rewrite writes the two factors back as two MatMuls (two Gemms, ``C`` on the second)."""
+    node = ref.node
+    if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    a_name, w_name = node.input[0], node.input[1]
+    if not a_name or not w_name or view.constant(a_name, ref) is not None:
+        return None  # a product of constants runs once: nothing to factor
+    const = view.constant(w_name, ref)
+    if const is None or const.value.ndim != 2 or const.via_dequantize:
+        return None
+    w_dtype = onnx.helper.np_dtype_to_tensor_dtype(const.value.dtype) if const.value.dtype.kind == "f" else None
+    if w_dtype not in _FLOAT_TYPES:
+        return None
+    a_shape = table.get(a_name)
+    if a_shape is None or len(a_shape) < 2 or not all(isinstance(d, int) and d > 0 for d in a_shape):
+        return None
+    w = const.value
+    if node.op_type == "Gemm":
+        if len(a_shape) != 2:
+            return None
+        trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+        m, k = (a_shape[1], a_shape[0]) if trans_a else (a_shape[0], a_shape[1])
+        conv_w = w if trans_b else w.T  # [N, K]
+    else:
+        m, k = prod(a_shape[:-1]), a_shape[-1]
+        conv_w = w.T
+    if conv_w.shape[1] != k:
+        return None  # a weight that does not fit the data: onnxruntime would refuse it too
+    n = conv_w.shape[0]
+    return ConvSpec(
+        ref=ref, x_name=a_name, w_name=w_name, b_name=None, input_shape=[1, k, m], output_shape=[1, n, m],
+        weight_shape=[n, k, 1], kernel=[1], strides=[1], dilations=[1], pads=[0, 0], auto_pad="NOTSET", group=1,
+        output_padding=None, shape_source=table.source.get(a_name, "inferred"), dtype=table.dtypes.get(a_name),
+        weight_dtype=w_dtype, linear=node.op_type, conv_weight=np.ascontiguousarray(conv_w)[:, :, None],
     )
 
 

@@ -11,7 +11,7 @@ import onnx
 
 from ..core.reasons import Reason, primary
 from ..core.schemes import all_schemes, get as get_scheme
-from ..model.cost import ConvSpec, conv_spec, matmul_operands
+from ..model.cost import LINEAR_OPS, ConvSpec, conv_spec, linear_spec, matmul_operands
 from ..model.graph import MATMUL_OPS, GraphView
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..errors import ShapeError
@@ -80,8 +80,15 @@ def check_weight(view: GraphView, spec: ConvSpec) -> WeightCheck:
         reason = node_level_reason(spec, source, None, False)
         if reason is not None:
             return WeightCheck(source, None, reason)
+    if spec.linear:  # a linear layer's weight, already in conv layout (cost.linear_spec)
+        return WeightCheck(source, spec.conv_weight, node_level_reason(spec, source, spec.conv_weight, False))
     const = view.constant(spec.w_name, spec.ref)
     return WeightCheck(source, const.value, node_level_reason(spec, source, const.value, const.via_dequantize))
+
+
+def spec_weight(view: GraphView, spec: ConvSpec) -> np.ndarray:
+    """The constant weight of a conv, or of a linear layer in conv layout."""
+    return spec.conv_weight if spec.linear else view.constant(spec.w_name, spec.ref).value
 
 
 @dataclass
@@ -97,6 +104,15 @@ class ModelAnalysis:
     # SVD factors (float64 stages) by (weight name, geometry, scheme, rank, variant): the planner's
     # exact-split check of a pick and its realization read the same factorization.
     factors: dict = field(default_factory=dict, repr=False, compare=False)
+    linear: list[ConvSpec] | None = field(default=None, repr=False, compare=False)  # see linear_specs
+
+    def linear_specs(self) -> list[ConvSpec]:
+        """The MatMul / Gemm nodes with a constant 2-D weight, as 1×1 convs (:func:`linear_spec`); made
+        on first use (plans that factor linear layers ask for them, audits do not)."""
+        if self.linear is None:
+            self.linear = [s for ref in self.view.nodes if ref.op_type in LINEAR_OPS
+                           for s in [linear_spec(self.view, ref, self.table)] if s is not None]
+        return self.linear
 
     def factored(self, w_name: str, weight: np.ndarray, geo, scheme: str, rank: int, variant: str = "") -> list:
         """``get_scheme(scheme).factor(weight, geo, rank, variant)``, once per analysis."""
@@ -159,4 +175,4 @@ def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_val
 
 
 __all__ = ["ModelAnalysis", "SUPPORTED_DTYPES", "WeightCheck", "analyze_model", "check_weight", "geometry_reason",
-           "node_level_reason"]
+           "node_level_reason", "spec_weight"]

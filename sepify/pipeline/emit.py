@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+
+import numpy as np
 from typing import Any, Sequence
 
 import onnx
@@ -77,6 +79,14 @@ def emit(source: onnx.ModelProto, realizations: Sequence[Realization], entry: di
         replaced = [by_output[t] for t in rz.replaces]
         conv = replaced[0]
         x, y = conv.inputs[0], replaced[-1].outputs[0]
+        if rz.linear:
+            nodes = _linear_chain(rz, conv, x, y, names)
+            for node in replaced:
+                node.outputs.clear()
+                node.inputs.clear()
+            owner[id(conv)].nodes.extend(nodes)
+            new_names[rz.node] = [n.name for n in nodes]
+            continue
         own_bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
         auto_pad = rz.auto_pad if rz.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
         base = conv.name or y.name
@@ -174,6 +184,29 @@ def emit(source: onnx.ModelProto, realizations: Sequence[Realization], entry: di
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps({"history": [*history, entry]}, sort_keys=True,
                                                               default=json_default))
     return out, new_names
+
+
+def _linear_chain(rz: Realization, node, x, y, names: NameGenerator) -> list:
+    """A linear layer's two stages as two nodes of its own op: ``MatMul(A, U)`` then ``MatMul(T, V)``;
+    ``Gemm(A, U, transA)`` then ``Gemm(T, V, C, alpha, beta)``, where the 1×1 stages hold ``Uᵀ``
+    (``[R, K, 1]``) and ``Vᵀ`` (``[N, R, 1]``) — so ``alpha·A'·U·V + beta·C = alpha·A'·B' + beta·C``."""
+    import onnx_graphsurgeon as gs
+
+    first, second = rz.stages
+    base = node.name or y.name
+    u = gs.Constant(names.fresh(f"{rz.weight_name}/sep_0_{first.role}"),
+                    np.ascontiguousarray(first.weight[:, :, 0].T))  # [K, R]
+    v = gs.Constant(names.fresh(f"{rz.weight_name}/sep_1_{second.role}"),
+                    np.ascontiguousarray(second.weight[:, :, 0].T))  # [R, N]
+    mid = gs.Variable(names.fresh(f"{y.name}/sep_0"))
+    if rz.linear == "Gemm":
+        trans_a = int(node.attrs.get("transA", 0))
+        c = [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else []
+        keep = {k: node.attrs[k] for k in ("alpha", "beta") if k in node.attrs}
+        return [gs.Node("Gemm", names.fresh(f"{base}/sep_0_{first.role}"), {"transA": trans_a}, [x, u], [mid]),
+                gs.Node("Gemm", names.fresh(f"{base}/sep_1_{second.role}"), keep, [mid, v, *c], [y])]
+    return [gs.Node("MatMul", names.fresh(f"{base}/sep_0_{first.role}"), {}, [x, u], [mid]),
+            gs.Node("MatMul", names.fresh(f"{base}/sep_1_{second.role}"), {}, [mid, v], [y])]
 
 
 def _drop_shadowing_initializers(graph: onnx.GraphProto) -> None:

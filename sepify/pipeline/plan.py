@@ -77,6 +77,7 @@ class Policy:
     cost: str = None  # type: ignore[assignment]  # None: "latency" for a speedup policy, else "macs"
     threads: int | None = None  # onnxruntime intra-op threads the latencies are measured at
     latency_table: str | None = None  # a table measured elsewhere (sepify latency-table); None: this machine's
+    linear: bool = False  # also factor MatMul / Gemm layers with a constant 2-D weight (pw-lowrank), MAC cost
 
     def __post_init__(self) -> None:
         values = [m for m, v in (("tol", self.tol), ("rank", self.rank), ("budget", self.budget),
@@ -106,6 +107,11 @@ class Policy:
             raise ParameterError("threads", self.threads, "needs a number of threads ≥ 1")
         if self.latency_table is not None and self.cost != "latency":
             raise ParameterError("latency_table", self.latency_table, "is used by latency cost only (cost='latency')")
+        if not isinstance(self.linear, bool):
+            raise ParameterError("linear", self.linear, "needs True or False")
+        if self.linear and self.cost != "macs":
+            raise ParameterError("linear", self.linear, "linear layers are planned on MACs only (cost='macs'); the "
+                                                        "latency table measures convs")
         if self.scheme not in ("auto", *scheme_names()):
             raise ParameterError("scheme", self.scheme, f"unknown scheme (auto, {', '.join(scheme_names())})")
         if self.mode == "tol" and (self.tol is None or not 0 <= self.tol <= 1):
@@ -502,8 +508,9 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}
     curves: dict = cache if cache is not None else {}
-    found = _states(an, an.specs, policy.mode == "lossless", curves)
-    for spec, (st, reason) in zip(an.specs, found):
+    specs = plan_specs(an, policy)
+    found = _states(an, specs, policy.mode == "lossless", curves)
+    for spec, (st, reason) in zip(specs, found):
         ref = spec.ref
         np_ = NodePlan(ref.name, ref.qualified_name, ref.op_type, None, "keep")
         nodes.append(np_)
@@ -553,6 +560,12 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
         if lat is not None:
             prediction = _prediction(policy, lat, nodes, 0.0)
     return Plan(policy, nodes, an, prediction)
+
+
+def plan_specs(an: ModelAnalysis, policy: Policy) -> list:
+    """The nodes a plan under ``policy`` decides: every conv, and with ``policy.linear`` the linear
+    layers with a constant weight (:meth:`ModelAnalysis.linear_specs`)."""
+    return list(an.specs) + (an.linear_specs() if policy.linear else [])
 
 
 def latency_costs(an: ModelAnalysis, policy: Policy, progress: bool = False):

@@ -18,7 +18,7 @@ from ..core.schemes import get as get_scheme, names as scheme_names
 from ..core.stages import Stage, balance, cast_stages, relative_error
 from ..errors import UsageError
 from ..model.cost import ConvSpec
-from .analysis import ModelAnalysis, check_weight
+from .analysis import ModelAnalysis, check_weight, spec_weight
 from .plan import NodePlan
 
 DEFAULT_LOWERING = "branches"
@@ -73,7 +73,7 @@ def realization(spec: ConvSpec, np_: NodePlan, stages: list[Stage], weight: np.n
         auto_pad=spec.auto_pad, scheme=np_.scheme, variant=np_.variant, rank=np_.rank, chained=np_.chained,
         stages=tuple(stages), lowered=lower(stages, np_.lowering or lowering or DEFAULT_LOWERING),
         weight_error=err, planned_error=float(np_.error or 0.0) if planned_error is None else planned_error,
-        source=source, bias=bias, absorbs=absorbs[0] if absorbs else None)
+        source=source, bias=bias, absorbs=absorbs[0] if absorbs else None, linear=spec.linear)
 
 
 def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | None = None,
@@ -83,7 +83,7 @@ def realize(an: ModelAnalysis, spec: ConvSpec, np_: NodePlan, lowering: str | No
     ``memo``: stages and error by (weight, geometry, choice), shared by the nodes of one rewrite —
     convs reading one trained weight with one plan (a siamese net's towers) are factored once."""
     check_edit(np_, spec, an)
-    weight = an.view.constant(spec.w_name, spec.ref).value
+    weight = spec_weight(an.view, spec)
     geo = spec.geometry()
     key = (spec.w_name, id(weight), geo, np_.scheme, np_.variant, np_.rank, np_.chained, np_.exact_tolerance)
     hit = memo.get(key) if memo is not None else None

@@ -21,7 +21,7 @@ from ..model.load import ModelSource
 from ..serialize import SCHEMA_VERSION, dumps
 from ..version import __version__
 from .emit import emit, history_entry
-from .plan import Plan, Policy, plan as make_plan
+from .plan import Plan, Policy, plan as make_plan, plan_specs
 from .realize import realize
 
 
@@ -145,6 +145,9 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
     if the_plan.analysis is None:
         raise UsageError("this Plan has no model analysis attached; make it with sepify.plan(model, …)")
     if only_faster:
+        if the_plan.policy.linear:
+            raise ParameterError("only_faster", True, "times isolated convs; linear layers (linear=True) are "
+                                                      "planned on MACs only")
         from .latency import measure_plan
 
         the_plan = measure_plan(the_plan, threads=threads, runs=latency_runs, providers=providers,
@@ -155,7 +158,7 @@ def rewrite(model: ModelSource | Plan, policy: Policy | Plan | None = None, inpu
 def rewrite_plan(the_plan: Plan, lowering: str | None = None):
     """Realize and emit a plan (with its analysis attached): ``(ModelProto, RewriteReport)``."""
     an = the_plan.analysis
-    specs = {s.ref.qualified_name: s for s in an.specs}
+    specs = {s.ref.qualified_name: s for s in plan_specs(an, the_plan.policy)}
     kept = [{"name": n.qualified_name, "reason": n.reason or Reason.KEPT_BY_PLAN, **({"latency": n.latency} if n.latency else {})}
             for n in the_plan.nodes if n.action != "rewrite"]
     realized: list[tuple[Realization, Any]] = []

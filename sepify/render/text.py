@@ -263,7 +263,8 @@ def render_rewrite(report, status: str | None = None, width: int | None = None) 
         reasons[str(k["reason"])] = reasons.get(str(k["reason"]), 0) + 1
     kept = ("kept: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
             if reasons else None)
-    totals = (f"conv MACs {human(report.conv_macs_before)} -> {human(report.conv_macs_after)} "
+    what = "conv and linear MACs" if getattr(report.policy, "linear", False) else "conv MACs"
+    totals = (f"{what} {human(report.conv_macs_before)} -> {human(report.conv_macs_after)} "
               f"({report.macs_ratio:.3f}x), {len(report.rewritten)} node(s) rewritten" + (f"; {status}" if status else ""))
     return render([table if report.rewritten else None, dropped_note(dropped, width), kept, totals], width)
 

@@ -1,0 +1,164 @@
+"""Linear layers (MatMul / Gemm with a constant 2-D weight) factored by pw-lowrank (``linear=True``).
+
+A linear layer is the 1×1 conv it computes (``sepify.model.cost.linear_spec``): its weight splits
+``K → R → N`` like any 1×1 conv's, and the rewrite writes two MatMuls (two Gemms, ``C`` on the
+second).  Exactly low-rank weights must come back exact against onnxruntime, for every Gemm
+attribute; without ``linear=True`` nothing about them changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import sepify
+from sepify.cli import main
+from sepify.errors import ParameterError
+from sepify.pipeline.plan import Policy
+
+from conftest import init, make_model, ort_run, rand, vi
+
+
+def _low_rank(k: int, n: int, r: int, seed: int, dtype=np.float32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((k, r)) @ rng.standard_normal((r, n)) / np.sqrt(r)).astype(dtype)
+
+
+def _close(got: np.ndarray, want: np.ndarray, rel: float = 1e-5) -> None:
+    """Float noise relative to the output's scale (elementwise rtol fails on cancellations)."""
+    assert got.shape == want.shape
+    assert float(np.abs(got.astype(np.float64) - want).max()) <= rel * float(np.abs(want).max())
+
+
+def _matmul_model(a_shape, k, n, r, dtype=TensorProto.FLOAT, np_dtype=np.float32):
+    w = _low_rank(k, n, r, 1, np_dtype)
+    return make_model([helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], [vi("A", a_shape, dtype)],
+                      [vi("Y", [*a_shape[:-1], n], dtype)], [init("W", w)])
+
+
+def _gemm_model(trans_a: int, trans_b: int, c_shape, alpha=1.0, beta=1.0, m=12, k=40, n=32, r=6):
+    w = _low_rank(k, n, r, 2)
+    w = w.T.copy() if trans_b else w
+    inputs = ["A", "W"] + (["C"] if c_shape is not None else [])
+    attrs = {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}
+    inits = [init("W", w)] + ([init("C", rand(c_shape, 3))] if c_shape is not None else [])
+    a_shape = [k, m] if trans_a else [m, k]
+    return make_model([helper.make_node("Gemm", inputs, ["Y"], name="gemm", **attrs)], [vi("A", a_shape)],
+                      [vi("Y", [m, n])], inits)
+
+
+def _feeds(model):
+    a = model.graph.input[0]
+    dims = [d.dim_value for d in a.type.tensor_type.shape.dim]
+    dtype = helper.tensor_dtype_to_np_dtype(a.type.tensor_type.elem_type)
+    return {"A": rand(dims, 7).astype(dtype)}
+
+
+@pytest.mark.parametrize("a_shape", [[12, 40], [2, 5, 40], [2, 3, 4, 40]])
+def test_matmul_exact_low_rank_is_rewritten_exactly(a_shape):
+    model = _matmul_model(a_shape, 40, 32, 6)
+    out, report = sepify.rewrite(model, Policy(linear=True))
+    (rw,) = report.rewritten
+    assert (rw.scheme, rw.rank) == ("pw-lowrank", 6) and rw.weight_error < 1e-6
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "MatMul"]
+    m = int(np.prod(a_shape[:-1]))
+    assert (rw.macs_before, rw.macs_after) == (m * 40 * 32, m * 6 * (40 + 32))
+    feeds = _feeds(model)
+    _close(ort_run(out, feeds=feeds)["Y"], ort_run(model, feeds=feeds)["Y"])
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("c_shape, alpha, beta", [(None, 1.0, 1.0), ([32], 0.5, 2.0), ([12, 32], 1.5, -1.0),
+                                                  ([1], 1.0, 0.25)])
+def test_gemm_every_attribute_exact(trans_a, trans_b, c_shape, alpha, beta):
+    model = _gemm_model(trans_a, trans_b, c_shape, alpha, beta)
+    out, report = sepify.rewrite(model, Policy(linear=True))
+    (rw,) = report.rewritten
+    assert (rw.scheme, rw.rank) == ("pw-lowrank", 6)
+    assert [n.op_type for n in out.graph.node] == ["Gemm", "Gemm"]
+    feeds = _feeds(model)
+    _close(ort_run(out, feeds=feeds)["Y"], ort_run(model, feeds=feeds)["Y"])
+
+
+def test_fp16_weights_exact_to_half_precision():
+    model = _matmul_model([8, 64], 64, 48, 4, TensorProto.FLOAT16, np.float16)
+    out, report = sepify.rewrite(model, Policy(linear=True))
+    assert [r.rank for r in report.rewritten] == [4]
+    feeds = _feeds(model)
+    _close(ort_run(out, feeds=feeds)["Y"], ort_run(model, feeds=feeds)["Y"].astype(np.float64), rel=4e-3)
+
+
+def test_linear_layers_are_left_alone_unless_asked():
+    model = _matmul_model([12, 40], 40, 32, 6)
+    out, report = sepify.rewrite(model)
+    assert out is model and not report.rewritten
+    assert [n.op_type for n in sepify.plan(model).nodes] == []
+    nodes = sepify.plan(model, Policy(linear=True)).nodes
+    assert [(n.op_type, n.action) for n in nodes] == [("MatMul", "rewrite")]
+
+
+def test_budget_counts_convs_and_linear_layers_together():
+    """A conv then a linear head: one budget over both, each rewrite reported with its MACs."""
+    rng = np.random.default_rng(5)
+    conv_w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["X", "Wc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "Wl", "B"], ["Y"], transB=1, name="fc")]
+    model = make_model(nodes, [vi("X", [4, 8, 6, 6])], [vi("Y", [4, 50])],
+                       [init("Wc", conv_w), init("Wl", rand([50, 16 * 36], 6)), init("B", rand([50], 7))])
+    plan = sepify.plan(model, Policy(budget=0.5, linear=True))
+    assert {n.op_type for n in plan.nodes} == {"Conv", "Gemm"}
+    assert plan.conv_macs == 4 * 36 * 16 * 8 * 9 + 4 * 16 * 36 * 50
+    assert plan.conv_macs_after <= 0.5 * plan.conv_macs
+    out, report = sepify.rewrite(plan)
+    assert report.conv_macs_after == plan.conv_macs_after
+    feeds = {"X": rand([4, 8, 6, 6], 8)}
+    want, got = ort_run(model, feeds=feeds)["Y"], ort_run(out, feeds=feeds)["Y"]
+    errs = {r.qualified_name: r.weight_error for r in report.rewritten}
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2 * max(errs.values()) + 1e-5
+
+
+@pytest.mark.parametrize("case", ["two data operands", "constant on the left", "integer weight", "3-D weight",
+                                  "both constant"])
+def test_only_products_with_one_constant_2d_float_weight_are_linear_layers(case):
+    w = rand([40, 32], 1)
+    if case == "two data operands":  # attention's Q·Kᵀ
+        model = make_model([helper.make_node("MatMul", ["A", "B"], ["Y"])], [vi("A", [12, 40]), vi("B", [40, 32])],
+                           [vi("Y", [12, 32])])
+    elif case == "constant on the left":
+        model = make_model([helper.make_node("MatMul", ["W", "A"], ["Y"])], [vi("A", [32, 12])], [vi("Y", [40, 12])],
+                           [init("W", w)])
+    elif case == "integer weight":
+        model = make_model([helper.make_node("MatMul", ["A", "W"], ["Y"])], [vi("A", [12, 40], TensorProto.INT32)],
+                           [vi("Y", [12, 32], TensorProto.INT32)], [init("W", np.ones((40, 32), np.int32))])
+    elif case == "3-D weight":
+        model = make_model([helper.make_node("MatMul", ["A", "W"], ["Y"])], [vi("A", [2, 12, 40])],
+                           [vi("Y", [2, 12, 32])], [init("W", np.stack([w, w]))])
+    else:
+        model = make_model([helper.make_node("MatMul", ["V", "W"], ["P"]), helper.make_node("Add", ["A", "P"], ["Y"])],
+                           [vi("A", [12, 32])], [vi("Y", [12, 32])], [init("V", rand([12, 40], 2)), init("W", w)])
+    assert sepify.plan(model, Policy(linear=True)).nodes == []
+
+
+def test_linear_refusals(tmp_path, capfd):
+    with pytest.raises(ParameterError, match="linear"):
+        Policy(budget=0.5, linear=True, cost="latency")
+    model = _matmul_model([12, 40], 40, 32, 6)
+    with pytest.raises(ParameterError, match="linear"):
+        sepify.calibrate(model, Policy(budget=0.5, linear=True), "random")
+    with pytest.raises(ParameterError, match="only_faster"):
+        sepify.rewrite(model, Policy(budget=0.5, linear=True), only_faster=True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    for extra in (["--calibrate", "random"], ["--only-faster"], ["--cost", "latency"], ["--target-speedup", "1.2"]):
+        capfd.readouterr()
+        policy = [] if "--target-speedup" in extra else ["--budget", "0.5"]
+        assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", *policy, *extra]) == 2, extra
+        out, err = capfd.readouterr()
+        assert out == "" and err.startswith("sepify: error: --linear") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+    assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", "--verify"]) == 0
+    assert "conv and linear MACs" in capfd.readouterr().out
