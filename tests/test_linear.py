@@ -162,3 +162,12 @@ def test_linear_refusals(tmp_path, capfd):
     assert not (tmp_path / "o.onnx").exists()
     assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", "--verify"]) == 0
     assert "conv and linear MACs" in capfd.readouterr().out
+
+
+def test_html_report_lists_linear_layers(tmp_path):
+    model = _matmul_model([12, 40], 40, 32, 6)
+    path, page = tmp_path / "m.onnx", tmp_path / "r.html"
+    onnx.save(model, str(path))
+    assert main(["report", str(path), "-o", str(page), "--linear", "--budget", "0.5"]) == 0
+    html = page.read_text()
+    assert "Conv and linear MACs per layer" in html and ">mm<" in html and "pw-lowrank" in html

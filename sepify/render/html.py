@@ -332,7 +332,7 @@ def _rewrite_section(rewrite, audit) -> str:
     macs_of = {n.qualified_name: n.macs for n in audit.nodes} if audit is not None else {}
     done = {r.qualified_name: r for r in rewrite.rewritten}
     kept = {k["name"]: str(k["reason"]) for k in rewrite.kept}
-    names = list(macs_of) if macs_of else list(done)
+    names = list(macs_of) + [n for n in done if n not in macs_of]  # rewritten linear layers (--linear) too
     layers = []
     for name in names:
         r = done.get(name)
@@ -353,7 +353,8 @@ def _rewrite_section(rewrite, audit) -> str:
               + (f"; the {len(layers) - 80} smallest layers are left out" if len(layers) > 80 else "") + ").</p>")
     table = _table(["layer", "MACs", "before", "after", "ratio", "scheme", "rank",
                     "lowering", "weight error / why kept"], rows, raw=(1,), left=(5, 7), wrap=(8,), optional=(6, 7))
-    return "<h2>Conv MACs per layer</h2>" + legend + table
+    what = "Conv and linear MACs" if getattr(rewrite.policy, "linear", False) else "Conv MACs"
+    return f"<h2>{what} per layer</h2>" + legend + table
 
 
 def _bench_section(bench) -> str:
