@@ -147,13 +147,11 @@ def test_linear_refusals(tmp_path, capfd):
     with pytest.raises(ParameterError, match="linear"):
         Policy(budget=0.5, linear=True, cost="latency")
     model = _matmul_model([12, 40], 40, 32, 6)
-    with pytest.raises(ParameterError, match="linear"):
-        sepify.calibrate(model, Policy(budget=0.5, linear=True), "random")
     with pytest.raises(ParameterError, match="only_faster"):
         sepify.rewrite(model, Policy(budget=0.5, linear=True), only_faster=True)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    for extra in (["--calibrate", "random"], ["--only-faster"], ["--cost", "latency"], ["--target-speedup", "1.2"]):
+    for extra in (["--only-faster"], ["--cost", "latency"], ["--target-speedup", "1.2"]):
         capfd.readouterr()
         policy = [] if "--target-speedup" in extra else ["--budget", "0.5"]
         assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", *policy, *extra]) == 2, extra
@@ -171,3 +169,59 @@ def test_html_report_lists_linear_layers(tmp_path):
     assert main(["report", str(path), "-o", str(page), "--linear", "--budget", "0.5"]) == 0
     html = page.read_text()
     assert "Conv and linear MACs per layer" in html and ">mm<" in html and "pw-lowrank" in html
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibrated linear layers: calibration runs them as 1×1 convs in a working copy
+# ----------------------------------------------------------------------------------------------
+def _token_model():
+    """Tokens ``[1, 36, 16]`` → MatMul (``[16, 64]``) → Relu → a Gemm head with transA, alpha, beta
+    and C; both weights low rank plus a little noise (what a budget wants to cut)."""
+    rng = np.random.default_rng(11)
+    wm = _low_rank(16, 64, 4, 2) + 0.05 * rng.standard_normal((16, 64)).astype(np.float32)
+    wg = (_low_rank(36 * 64, 10, 3, 3) + 0.05 * rng.standard_normal((36 * 64, 10))).astype(np.float32) / 30
+    nodes = [helper.make_node("MatMul", ["X", "Wm"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["h2"]),
+             helper.make_node("Reshape", ["h2", "s2"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["flatT"], perm=[1, 0]),
+             helper.make_node("Gemm", ["flatT", "Wg", "Cg"], ["Y"], transA=1, alpha=0.7, beta=1.3, name="head")]
+    inits = [init("Wm", wm), init("s2", np.array([1, 36 * 64], np.int64)), init("Wg", wg), init("Cg", rand([10], 4))]
+    return make_model(nodes, [vi("X", [1, 36, 16])], [vi("Y", [1, 10])], inits)
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("c_shape, alpha, beta", [(None, 1.0, 1.0), ([32], 0.5, 2.0), ([12, 32], 1.0, 1.0)])
+def test_working_copy_computes_the_same_function(trans_a, c_shape, alpha, beta):
+    from sepify.calibration.linear import as_convs
+    from sepify.pipeline.analysis import analyze_model
+
+    for model in (_gemm_model(trans_a, 1, c_shape, alpha, beta), _matmul_model([2, 5, 40], 40, 32, 6)):
+        an = analyze_model(model)
+        specs = an.linear_specs()
+        work = as_convs(model, specs, {s.ref.qualified_name: an.table.get(s.x_name) for s in specs})
+        onnx.checker.check_model(work)
+        assert [n.name for n in work.graph.node if n.op_type == "Conv"] == [s.ref.name for s in specs]
+        feeds = _feeds(model)
+        _close(ort_run(work, feeds=feeds)["Y"], ort_run(model, feeds=feeds)["Y"])
+
+
+def test_calibrated_linear_layers_are_written_back_as_linear_layers():
+    model = _token_model()
+    out, report, cal = sepify.calibrated_rewrite(model, Policy(budget=0.35, linear=True), "random", samples=16)
+    ops = {r.qualified_name: r for r in report.rewritten}
+    assert set(ops) == {"mm", "head"} and all(r.source == "calibrated" for r in ops.values())
+    assert "Conv" not in [n.op_type for n in out.graph.node]
+    for name in ops:
+        chain = [n.op_type for n in out.graph.node if n.name.startswith(name + "/sep_")]
+        assert chain == ([2 * ["MatMul"], 2 * ["Gemm"]][name == "head"] + ["Add"]), chain  # the fitted bias
+    assert [o.name for o in out.graph.output] == ["Y"] and [i.name for i in out.graph.input] == ["X"]
+    assert cal.drift <= cal.drift_weight_only + 1e-9
+    # on samples the calibration did not see, the calibrated rewrite stays closer than the weight-only one
+    weight_only, _ = sepify.rewrite(model, Policy(budget=report.macs_ratio, linear=True))
+    feeds = {"X": rand([8, 36, 16], 9).reshape(8, 1, 36, 16)}
+    err = {}
+    for tag, m in (("calibrated", out), ("weight-only", weight_only)):
+        got = np.stack([ort_run(m, feeds={"X": x})["Y"] for x in feeds["X"]])
+        want = np.stack([ort_run(model, feeds={"X": x})["Y"] for x in feeds["X"]])
+        err[tag] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert err["calibrated"] < err["weight-only"], err

@@ -50,7 +50,9 @@ from ..pipeline.realize import realization, realize
 from ..pipeline.rewrite import finish_rewrite
 from ..progress import progress as progress_bar
 from ..serialize import SCHEMA_VERSION, dumps
+from ..pipeline.analysis import analyze_model
 from .bnfold import fold_batchnorms
+from .linear import as_convs
 from .capture import (StackedRunError, Targets, WorkingModel, calibration_session, float_outputs,
                       run_outputs)
 from .data import CalibrationSet, load_calibration, plan_input_shapes
@@ -159,6 +161,16 @@ class Calibrator:
         self.input_values = input_values  # for the plans' shape fallback (and benchmarks) at self.shapes
         self.folded_model, self.folded = fold_batchnorms(self.loaded.model) if opts.fold_bn else (self.loaded.model, [])
         base_policy = self.policy
+        # Linear layers (policy.linear): calibrated as the 1×1 convs they compute, in a working copy
+        # (calibration/linear.py); the realizations are written back as MatMuls / Gemms.
+        self.linear: dict[str, Any] = {}
+        if self.policy.linear:
+            seen = analyze_model(self._derived(self.folded_model), self.shapes, input_values)
+            specs = [s for s in seen.linear_specs() if not s.ref.scope]
+            self.folded_model = as_convs(self.folded_model, specs,
+                                         {s.ref.qualified_name: seen.table.get(s.x_name) for s in specs})
+            self.linear = {s.ref.qualified_name: s for s in specs}
+            base_policy = replace(base_policy, linear=False)  # they are convs now
         if allocation == "sensitivity" and (self.policy.cost == "latency" or self.policy.mode == "speedup"):
             # The base plan only says which layers are eligible; the latency allocation is calibration's.
             base_policy = replace(self.policy, mode="budget", budget=1.0, target_speedup=None, cost="macs",
@@ -453,8 +465,11 @@ class Calibrator:
                 bn = bn_of.get(name)
                 # The spec of the conv as the input model has it (a folded conv reads another weight there
                 # and writes the BN's input); the geometry is the same.
-                ref = refs[name]
-                spec = replace(specs[name], ref=ref, w_name=ref.node.input[1])
+                if name in self.linear:  # a linear layer calibrated as a conv: written back as itself
+                    spec = self.linear[name]
+                else:
+                    ref = refs[name]
+                    spec = replace(specs[name], ref=ref, w_name=ref.node.input[1])
                 dtype = layer.weight.dtype
                 rz = realization(spec, np_, cast_stages(balance(chain or stages), dtype), layer.weight, lowering=lowering,
                                  source="exact" if res.exact else "calibrated", bias=np.asarray(bias).astype(dtype),
@@ -524,8 +539,6 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     policy = policy or (calibrator.policy if calibrator is not None else Policy())
     opts = calibrator.options if calibrator is not None else options_of(options, kw)
     max_drift, allocation = opts.max_drift, opts.allocation
-    if policy.linear:
-        raise ParameterError("linear", True, "linear layers are factored weight-only: calibration fits convs")
     if max_drift is not None and policy.mode in ("tol", "rank"):
         raise ParameterError("max_drift", max_drift, f"chooses ranks itself; a {policy.mode} policy cannot go with it")
     if max_drift is not None and policy.mode == "speedup":

@@ -126,7 +126,8 @@ class PolicyArgs(ArgGroup):
                               "instead of this machine's cache")
         pol.add_argument("--linear", action="store_true",
                          help="also factor MatMul / Gemm layers with a constant 2-D weight (pw-lowrank: two "
-                              "thinner products); --budget then counts their MACs too (MAC cost, weight-only)")
+                              "thinner products, calibrated with --calibrate); --budget then counts their MACs too "
+                              "(MAC cost)")
         if self.threads:
             pol.add_argument("--threads", type=int, default=None, metavar="T",
                              help="onnxruntime intra-op threads the latencies are measured at (latency cost)")

@@ -161,9 +161,8 @@ def cmd_rewrite(args) -> int:
         refuse(args, ["progress"], "progress bars are drawn for calibration and latency measurements: add "
                                    "--calibrate or --cost latency")
     _check_targets(args)
-    if policy.linear and (calibration is not None or latency.only_faster):
-        raise UsageError(f"--linear: linear layers are factored weight-only on MACs; leave out "
-                         f"{'--calibrate' if calibration is not None else '--only-faster'}")
+    if policy.linear and latency.only_faster:
+        raise UsageError("--linear: linear layers are planned on MACs; leave out --only-faster")
     loaded = load_model(args.model)
     try:
         if calibration is not None:

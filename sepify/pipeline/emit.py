@@ -199,14 +199,24 @@ def _linear_chain(rz: Realization, node, x, y, names: NameGenerator) -> list:
     v = gs.Constant(names.fresh(f"{rz.weight_name}/sep_1_{second.role}"),
                     np.ascontiguousarray(second.weight[:, :, 0].T))  # [R, N]
     mid = gs.Variable(names.fresh(f"{y.name}/sep_0"))
+    # A calibrated chain's fitted bias b (the second stage approximates A'·B by T·V + b) follows as an Add:
+    # alpha·b for a Gemm, whose second stage scales T·V by alpha.
+    out = y if rz.bias is None else gs.Variable(names.fresh(f"{y.name}/sep_1"))
     if rz.linear == "Gemm":
         trans_a = int(node.attrs.get("transA", 0))
         c = [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else []
         keep = {k: node.attrs[k] for k in ("alpha", "beta") if k in node.attrs}
-        return [gs.Node("Gemm", names.fresh(f"{base}/sep_0_{first.role}"), {"transA": trans_a}, [x, u], [mid]),
-                gs.Node("Gemm", names.fresh(f"{base}/sep_1_{second.role}"), keep, [mid, v, *c], [y])]
-    return [gs.Node("MatMul", names.fresh(f"{base}/sep_0_{first.role}"), {}, [x, u], [mid]),
-            gs.Node("MatMul", names.fresh(f"{base}/sep_1_{second.role}"), {}, [mid, v], [y])]
+        nodes = [gs.Node("Gemm", names.fresh(f"{base}/sep_0_{first.role}"), {"transA": trans_a}, [x, u], [mid]),
+                 gs.Node("Gemm", names.fresh(f"{base}/sep_1_{second.role}"), keep, [mid, v, *c], [out])]
+        scale = float(node.attrs.get("alpha", 1.0))
+    else:
+        nodes = [gs.Node("MatMul", names.fresh(f"{base}/sep_0_{first.role}"), {}, [x, u], [mid]),
+                 gs.Node("MatMul", names.fresh(f"{base}/sep_1_{second.role}"), {}, [mid, v], [out])]
+        scale = 1.0
+    if rz.bias is not None:
+        b = gs.Constant(names.fresh(f"{rz.weight_name}/sep_bias"), (scale * np.asarray(rz.bias)).astype(rz.bias.dtype))
+        nodes.append(gs.Node("Add", names.fresh(f"{base}/sep_bias"), {}, [out, b], [y]))
+    return nodes
 
 
 def _drop_shadowing_initializers(graph: onnx.GraphProto) -> None:
