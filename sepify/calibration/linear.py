@@ -67,7 +67,6 @@ def as_convs(model: onnx.ModelProto, specs: Sequence[ConvSpec], shapes: dict[str
                 nodes.append(helper.make_node("Transpose", [a], [t := tensor("at")], names.fresh(f"{base}/as_conv_at"),
                                               perm=[1, 0]))
                 a = t
-            m = a_shape[1] if int(attr(node, "transA", 0)) else a_shape[0]
             # -1 / 0 for the sample axis: calibration stacks several samples per run on it
             shape_in = _const(names, f"{base}/as_conv_shape_in", np.array([-1, k, 1], np.int64))
             shape_out = _const(names, f"{base}/as_conv_shape_out", np.array([-1, n], np.int64))
