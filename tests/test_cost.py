@@ -478,7 +478,22 @@ def _reshape_runtime_target_model():
     return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 2, 14, 2])], [init("w", rand([2, 3, 3, 3]))])
 
 
-def test_onnxruntime_fallback_resize_with_runtime_scales():
+@pytest.fixture
+def no_onnxruntime_fallback(monkeypatch):
+    """Shapes must come from static inference: the onnxruntime fallback fails the test if called."""
+    import sepify.pipeline.analysis as analysis
+
+    def refuse(*a, **k):
+        raise AssertionError("onnxruntime fallback called")
+
+    monkeypatch.setattr(analysis, "fill_with_onnxruntime", refuse)
+    monkeypatch.setattr(analysis, "fill_from_profile", refuse)
+
+
+def test_shape_values_fold_statically_resize_with_computed_scales(no_onnxruntime_fallback):
+    """onnx's inference cannot follow scales computed from Shape(x) through Cast and Div; sepify
+    folds those values once x's shape is known (model.shapes._fold_shape_values) and sizes the
+    conv exactly as onnxruntime runs it — without a run."""
     model = _resize_runtime_scales_model()
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     known = {v.name for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")
@@ -488,26 +503,39 @@ def test_onnxruntime_fallback_resize_with_runtime_scales():
     node = report.node("conv")
     shapes = ort_shapes(model, ["r", "c"])
     assert shapes["r"] == [1, 3, 16, 16]
-    assert node.shape_source == "onnxruntime"
+    assert node.shape_source == "computed"
     assert node.input_shape == shapes["r"]
     assert node.output_shape == shapes["c"] == [1, 4, 14, 14]
     hand = 1 * 4 * 14 * 14 * 3 * 3 * 3
     assert node.macs == hand == conv_macs_from_shapes("Conv", shapes["r"], [4, 3, 3, 3], shapes["c"])
     assert node.flops == 2 * hand + 1 * 4 * 14 * 14
     assert report.totals.unknown_cost_nodes == 0
-    assert report.shape_sources == {"onnxruntime": 1}
+    assert report.shape_sources == {"computed": 1}
 
 
-def test_onnxruntime_fallback_reshape_with_computed_target():
+def test_shape_values_fold_statically_reshape_with_computed_target(no_onnxruntime_fallback):
     model = _reshape_runtime_target_model()
     report = sepify.audit(model)
     node = report.nodes[0]
     shapes = ort_shapes(model, ["r"])
     assert shapes["r"] == [1, 3, 16, 4]
-    assert node.shape_source == "onnxruntime"
+    assert node.shape_source == "computed"
     assert node.input_shape == shapes["r"]
     assert node.output_shape == shapes["y"] == [1, 2, 14, 2]
     assert node.macs == 1 * 2 * 14 * 2 * 3 * 3 * 3 == conv_macs_from_shapes("Conv", shapes["r"], [2, 3, 3, 3], shapes["y"])
+
+
+def test_onnxruntime_fallback_sizes_what_depends_on_input_values():
+    """Scales fed as a graph input (--input-value): no static inference knows them, onnxruntime runs
+    the model with the given values and sizes the conv."""
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["r"], name="resize", mode="nearest"),
+             helper.make_node("Conv", ["r", "w"], ["c"], name="conv")]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8]), vi("scales", [4])], [vi("c", [1, 4, "H", "W"])], [init("w", rand([4, 3, 3, 3]))])
+    report = sepify.audit(model, input_values={"scales": [1, 1, 2, 2]})
+    node = report.node("conv")
+    assert node.shape_source == "onnxruntime"
+    assert node.input_shape == [1, 3, 16, 16] and node.output_shape == [1, 4, 14, 14]
+    assert node.macs == 4 * 14 * 14 * 3 * 9
 
 
 def test_fallback_does_not_modify_callers_model():

@@ -391,6 +391,25 @@ def check_values_agree(feeds: Mapping[str, np.ndarray], values: Mapping[str, np.
                                  "the given inputs are used: drop the fixed value or change the data")
 
 
+def _onnx_inference(copy: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; onnxruntime fills the gaps
+        try:
+            return onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=False)
+        except Exception:  # noqa: BLE001
+            return copy
+
+
+_SIZED_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
+
+
+def _wanted(view: GraphView) -> set[str]:
+    """The tensors a cost needs: the operands and outputs of the main graph's convs and products."""
+    return {t for ref in view.nodes if not ref.scope and ref.op_type in _SIZED_OPS
+            for t in (*ref.node.input[:2], *ref.node.output[:1]) if t}
+
+
 def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """The model with fixed input dims and large weights reduced to dims (cheap to copy and infer)."""
     copy = light_copy(model)
@@ -401,6 +420,92 @@ def _shape_only_copy(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence
             for d in input_shapes[vi.name]:
                 shape.dim.add().dim_value = int(d)
     return copy
+
+
+FOLD_ROUNDS = 3  # rounds of shape-value folding after onnx's inference (each may size more tensors)
+FOLD_MAX_ELEMENTS = 64  # a folded shape value is a short vector (a Reshape target, a Slice bound)
+
+
+def _record(table: ShapeTable, inferred: onnx.ModelProto) -> int:
+    """Copy the static shapes onnx inferred into ``table`` (not over inputs and initializers);
+    returns how many tensors were newly sized."""
+    new = 0
+    for g in iter_graphs(inferred.graph):
+        for vi in [*g.value_info, *g.output, *g.input]:
+            if vi.name in table.shapes and table.source[vi.name] in ("input", "model"):
+                continue
+            dims = _static_dims(vi.type)
+            if dims is not None:
+                new += vi.name not in table.shapes
+                table.set(vi.name, dims, "inferred", vi.type.tensor_type.elem_type)
+            elif vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                table.dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    return new
+
+
+def _fold_shape_values(copy: onnx.ModelProto, table: ShapeTable) -> bool:
+    """Make the values that only depend on now-known shapes constants of ``copy`` (main graph):
+    ``Shape``/``Size`` of a tensor whose dims are known, and what the ops after them compute
+    (``Gather``, ``Div``, ``Cast``, ``Concat``, … — PyTorch's exporter builds Reshape targets this
+    way, and onnx's data propagation stops at ops such as ``Div``).  The folded tensors become
+    initializers and their producers are dropped, so another round of onnx's inference sizes what
+    reads them instead of an onnxruntime run.  Returns whether anything was folded."""
+    graph = copy.graph
+    known: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Shape", "Size") or not node.input:
+            continue
+        dims = table.get(node.input[0])
+        if dims is None or node.output[0] in table.shapes and table.source.get(node.output[0]) == "model":
+            continue
+        if node.op_type == "Size":
+            known[node.output[0]] = np.array(int(np.prod(dims)), np.int64)
+            continue
+        start, end = 0, len(dims)
+        for a in node.attribute:
+            if a.name == "start":
+                start = a.i
+            elif a.name == "end":
+                end = a.i
+        known[node.output[0]] = np.array(list(dims)[slice(start, end)], np.int64)
+    if not known:
+        return False
+    inits = {t.name for t in graph.initializer}
+    for name, value in known.items():
+        graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    del_outputs = set(known)
+    graph_outputs = {o.name for o in graph.output}
+    view = GraphView(_without_producers(copy, del_outputs))
+    # Every small value that folds now, read by a node that is not folded itself.
+    for node in list(view.model.graph.node):
+        for name in node.input:
+            if not name or name in inits or name in known or name in graph_outputs:
+                continue
+            producer = view.producer.get(name)
+            if producer is None or producer.scope:
+                continue
+            try:
+                const = view.constant(name)
+            except Exception:  # noqa: BLE001 - a value the reference evaluator cannot compute stays unknown
+                const = None
+            if const is not None and np.asarray(const.value).size <= FOLD_MAX_ELEMENTS:
+                known[name] = np.asarray(const.value)
+    for name, value in known.items():
+        if name not in del_outputs:
+            graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+            del_outputs.add(name)
+    kept = [n for n in graph.node if not any(o in del_outputs for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return True
+
+
+def _without_producers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` (changed in place) without the nodes that write ``names`` (now initializers)."""
+    kept = [n for n in model.graph.node if not any(o in names for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
 
 
 def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], input_dtypes: Mapping[str, int],
@@ -415,23 +520,15 @@ def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], inp
         for t in g.initializer:
             table.set(t.name, t.dims, "model", t.data_type)
     copy = _shape_only_copy(model, input_shapes)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; onnxruntime fills the gaps
-        try:
-            inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=False)
-        except Exception:  # noqa: BLE001
-            inferred = copy
-    graphs = list(iter_graphs(inferred.graph))
-    for g in graphs:
-        for vi in [*g.value_info, *g.output, *g.input]:
-            if vi.name in table.shapes and table.source[vi.name] in ("input", "model"):
-                continue
-            dims = _static_dims(vi.type)
-            if dims is not None:
-                table.set(vi.name, dims, "inferred", vi.type.tensor_type.elem_type)
-            elif vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                table.dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    inferred = _onnx_inference(copy)
+    _record(table, inferred)
+    wanted = _wanted(view)
+    for _ in range(FOLD_ROUNDS):  # while a conv or product is unsized and folding sizes more
+        if all(t in table.shapes for t in wanted) or not _fold_shape_values(copy, table):
+            break
+        if not _record(table, _onnx_inference(copy)):
+            break
+    for g in iter_graphs(inferred.graph):
         for node in g.node:
             if node.op_type == "Constant":
                 for a in node.attribute:
