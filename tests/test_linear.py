@@ -225,3 +225,14 @@ def test_calibrated_linear_layers_are_written_back_as_linear_layers():
         want = np.stack([ort_run(model, feeds={"X": x})["Y"] for x in feeds["X"]])
         err[tag] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert err["calibrated"] < err["weight-only"], err
+
+
+def test_audit_counts_the_macs_linear_layers_hold():
+    """The audit names the Gemm/MatMul MACs ``--linear`` could factor (weights read by dims only):
+    a constant 2-D float weight, not a product of two data tensors."""
+    nodes = [helper.make_node("MatMul", ["A", "W"], ["h"], name="mm"),
+             helper.make_node("MatMul", ["h", "B"], ["Y"], name="data_product")]
+    model = make_model(nodes, [vi("A", [12, 40]), vi("B", [32, 5])], [vi("Y", [12, 5])], [init("W", rand([40, 32], 1))])
+    t = sepify.audit(model).totals
+    assert t.matmul_macs == 12 * 40 * 32 + 12 * 32 * 5 and t.linear_macs == 12 * 40 * 32
+    assert t.linear_macs == sepify.plan(model, Policy(linear=True)).conv_macs

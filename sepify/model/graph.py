@@ -210,6 +210,19 @@ class GraphView:
             scope = scope.parent
         return None
 
+    def stored_dims(self, name: str, ref: NodeRef) -> tuple[list[int], int] | None:
+        """``(dims, element type)`` of a tensor stored in the model as seen from ``ref`` — an initializer
+        or a Constant node's value — read from the proto without materializing it; else None."""
+        init = self._lookup_initializer(name, self.scope_of(ref))
+        if init is not None:
+            return list(init.dims), init.data_type
+        producer = self.producer.get(name)
+        if producer is not None and producer.op_type == "Constant" and producer.node.domain in ("", "ai.onnx"):
+            for a in producer.node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    return list(a.t.dims), a.t.data_type
+        return None
+
     def is_graph_input(self, name: str, ref: NodeRef | None = None) -> bool:
         scope = self.scope_of(ref) if ref is not None else self._scope_of_graph[id(self.model.graph)]
         while scope is not None:

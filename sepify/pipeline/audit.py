@@ -148,6 +148,9 @@ class Totals:
     unknown_cost_nodes: int
     eligible_nodes: int
     exact_savings_macs: int  # MACs removable by the cheapest exact decomposition of each node
+    # Gemm/MatMul MACs of linear layers — a constant 2-D float weight as second operand — that
+    # ``rewrite --linear`` can factor (weights read by dims only)
+    linear_macs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,6 +315,20 @@ def _if_branches(ref) -> list[tuple[str, str]]:
     return out
 
 
+_LINEAR_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _linear_layer(view, ref) -> bool:
+    """A MatMul / Gemm whose second operand is a stored 2-D float weight (what ``--linear`` factors;
+    see :func:`sepify.model.cost.linear_spec`), judged from dims alone."""
+    node = ref.node
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return False
+    stored = view.stored_dims(node.input[1], ref) if node.input[1] else None
+    return (stored is not None and len(stored[0]) == 2 and stored[1] in _LINEAR_WEIGHT_TYPES
+            and view.stored_dims(node.input[0], ref) is None)
+
+
 def _both_branches_counted(counted) -> list[str]:
     """Totals add every node whose cost is known; an If whose branches both hold such nodes is
     counted as if both ran (only one does): say so, totals are then an upper bound."""
@@ -404,7 +421,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         if not any(a.eligible for a in sep.schemes.values()):
             node.reason = primary(a.reason for a in sep.schemes.values())
             node.eligible = False
-    matmul_total = 0
+    matmul_total = linear_total = 0
     counted = [spec.ref for spec, n in zip(an.specs, nodes) if n.macs is not None]
     for ref in view.nodes:
         if ref.op_type in MATMUL_OPS:
@@ -414,6 +431,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
             else:
                 matmul_total += m
                 counted.append(ref)
+                linear_total += m if _linear_layer(view, ref) else 0
     an.warnings.extend(_both_branches_counted(counted))
     conv_total = sum(n.macs or 0 for n in nodes)
     total = conv_total + matmul_total
@@ -445,6 +463,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         unknown_cost_nodes=sum(1 for n in nodes if n.macs is None),
         eligible_nodes=sum(1 for n in nodes if n.eligible),
         exact_savings_macs=exact_savings,
+        linear_macs=linear_total,
     )
     sources: dict[str, int] = {}
     for n in nodes:

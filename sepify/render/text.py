@@ -100,7 +100,8 @@ def audit_table(report: AuditReport, sort: str = "macs", top: int | None = None,
             _dims(n.kernel_shape), f"{_dims(n.strides)}/{_dims(n.dilations)}/{n.group}", human(n.params),
             human(n.macs), f"{100 * n.share:.1f}%" if n.share is not None else "?",
             f"{n.arithmetic_intensity:.1f}" if n.arithmetic_intensity is not None else "?", _best_text(n)])
-    caption = (f"conv MACs {human(t.conv_macs)} of {human(t.total_macs)} total ({human(t.matmul_macs)} Gemm/MatMul) · "
+    linear = (f", {human(t.linear_macs)} in linear layers `--linear` factors" if t.linear_macs else "")
+    caption = (f"conv MACs {human(t.conv_macs)} of {human(t.total_macs)} total ({human(t.matmul_macs)} Gemm/MatMul{linear}) · "
                f"{t.conv_nodes} conv nodes, {t.eligible_nodes} rewritable · exact savings "
                f"{human(t.exact_savings_macs)} MACs")
     return fit_table(AUDIT_COLUMNS, rows, width, title=f"{report.model}  ({report.producer or 'unknown producer'}, "
