@@ -584,7 +584,7 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     after = cal.conv_macs - sum(r.macs_before - r.macs_after for r in results.values())
     if budget is not None and policy.cost == "macs" and cal.conv_macs and \
             after / cal.conv_macs < budget - BUDGET_TOLERANCE:
-        notes.append(f"conv MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no candidate that fits "
+        notes.append(f"{'conv and linear' if cal.policy.linear else 'conv'} MACs {after / cal.conv_macs:.3f} for a budget of {budget:g}: no candidate that fits "
                      f"the rest of the budget has a lower predicted drift (the layers' MACs per rank are too coarse, "
                      f"or their larger ranks are no more accurate on the samples)")
     report = CalibrationReport(
