@@ -59,3 +59,35 @@ def test_output_moments_give_the_first_stage_outputs(scheme, group, rank):
     np.testing.assert_allclose(projected.B, direct.B, rtol=1e-5, atol=1e-6 * np.abs(direct.B).max())
     np.testing.assert_allclose(projected.yy, direct.yy, rtol=1e-6)
     assert projected.rows == direct.rows
+
+
+def test_very_wide_layers_are_profiled_from_a_design_not_from_their_moments(monkeypatch):
+    """The moments are N² per group: an 18,385-way head would need 10.8 GB (PP-OCRv5 rec, killed by
+    the OOM killer under --linear --calibrate).  Past MOMENTS_MAX_BYTES the channel splits are
+    profiled from a design (r_max unknowns per output), and calibration gives the same kind of
+    result: a calibrated layer whose drift is no worse than weight-only."""
+    import onnx
+    from onnx import helper
+
+    import sepify
+    from sepify.calibration import profiling
+    from sepify.pipeline.plan import Policy
+    from conftest import init, make_model, rand, vi
+
+    head = geometry(np.zeros((18385, 120, 1, 1)), (1, 120, 1, 40))
+    assert subspace.moments_bytes(head) > 10e9 and not subspace.fits(head)
+    assert subspace.fits(geometry(np.zeros((512, 512, 1, 1)), (1, 512, 4, 4)))
+
+    made = []
+    real = subspace.output_moments
+    monkeypatch.setattr(subspace, "output_moments", lambda geo: made.append(geo) or real(geo))
+    monkeypatch.setattr(subspace, "MOMENTS_MAX_BYTES", 1024)  # every layer is "very wide" now
+    w = (rand([64, 4, 1, 1], 1) * 0.1 + np.einsum("nr,rc->nc", rand([64, 3], 2), rand([3, 4], 3))[:, :, None, None]
+         ).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["X", "W"], ["Y"], name="pw")], [vi("X", [1, 4, 8, 8])],
+                       [vi("Y", [1, 64, 8, 8])], [init("W", w)])
+    onnx.checker.check_model(model)
+    _, report, cal = sepify.calibrated_rewrite(model, Policy(budget=0.6), "random", samples=8)
+    assert made == [] and [r.scheme for r in report.rewritten] == ["pw-lowrank"]
+    assert cal.drift <= cal.drift_weight_only + 1e-12
+    assert profiling.subspace is subspace

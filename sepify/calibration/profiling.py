@@ -174,7 +174,11 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
         lead = by_name[key]
         systems = _systems(lead, schemes, rank_grid) if schemes else {}
         expected[key] = len(group) * calib.samples * lead.rows_per_sample(rows, calib.samples)
-        size = sum(system_bytes(*_shape(v[1]), expected[key], len(v[2])) for v in systems.values())
+        # what the chunk will hold: each scheme's system, or the output moments the channel splits share
+        from_moments = subspace.fits(lead.geo) and any(s in subspace.SCHEMES for s in systems)
+        size = sum(system_bytes(*_shape(v[1]), expected[key], len(v[2])) for s, v in systems.items()
+                   if not (from_moments and s in subspace.SCHEMES))
+        size += subspace.moments_bytes(lead.geo) if from_moments else 0
         if not chunks or budget + size > GRAM_BUDGET:
             chunks.append([])
             budget = 0
@@ -189,7 +193,8 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                                    for n in ([layer.x_name, layer.y_name] if systems else [layer.y_name])))
         session = work.session(names, prefix=True)
         # Two-stage channel splits (subspace.SCHEMES) need no design: the conv's output moments serve them.
-        by_moments = {lead.name: [s for s in systems if s in subspace.SCHEMES] for lead, systems, _ in chunk}
+        by_moments = {lead.name: [s for s in systems if s in subspace.SCHEMES and subspace.fits(lead.geo)]
+                      for lead, systems, _ in chunk}
         moments = {lead.name: subspace.output_moments(lead.geo) for lead, _, _ in chunk if by_moments[lead.name]}
         eqs = {lead.name: {s: new_system(*_shape(v[1]), expected[lead.name], len(v[2]), dtype=np.float32)
                            for s, v in systems.items() if s not in by_moments[lead.name]} for lead, systems, _ in chunk}

@@ -27,6 +27,21 @@ from ..core.stages import Stage
 from .lstsq import NormalEquations
 
 SCHEMES = ("out-lowrank", "pw-lowrank")  # the schemes profiled from output moments
+# The moments are N² per group: a layer with very many outputs (a text recognizer's 18,385-way
+# classifier head: 10.8 GB in two folds) is profiled from a design like the other schemes — its
+# last stage has only r_max unknowns per output there.
+MOMENTS_MAX_BYTES = 256 << 20
+
+
+def moments_bytes(geo: ConvGeometry) -> int:
+    """Memory of :func:`output_moments` (float64, two folds)."""
+    n = geo.cout_per_group
+    return 2 * geo.group * (n + 1) * (2 * n + 1) * 8
+
+
+def fits(geo: ConvGeometry) -> bool:
+    """Whether the layer's output moments are small enough to profile its channel splits from."""
+    return moments_bytes(geo) <= MOMENTS_MAX_BYTES
 
 
 def output_moments(geo: ConvGeometry) -> NormalEquations:
@@ -67,4 +82,4 @@ def project(moments: NormalEquations, t: np.ndarray) -> NormalEquations:
     return out
 
 
-__all__ = ["SCHEMES", "from_outputs", "output_moments", "project"]
+__all__ = ["MOMENTS_MAX_BYTES", "SCHEMES", "fits", "from_outputs", "moments_bytes", "output_moments", "project"]
