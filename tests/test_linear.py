@@ -8,6 +8,8 @@ attribute; without ``linear=True`` nothing about them changes.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -144,14 +146,15 @@ def test_only_products_with_one_constant_2d_float_weight_are_linear_layers(case)
 
 
 def test_linear_refusals(tmp_path, capfd):
-    with pytest.raises(ParameterError, match="linear"):
-        Policy(budget=0.5, linear=True, cost="latency")
     model = _matmul_model([12, 40], 40, 32, 6)
     with pytest.raises(ParameterError, match="only_faster"):
         sepify.rewrite(model, Policy(budget=0.5, linear=True), only_faster=True)
+    with pytest.raises(ParameterError, match="linear"):  # calibration's working copy would time them as convs
+        sepify.calibrate(model, Policy(budget=0.5, linear=True, cost="latency"), "random")
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    for extra in (["--only-faster"], ["--cost", "latency"], ["--target-speedup", "1.2"]):
+    for extra in (["--only-faster"], ["--calibrate", "random", "--cost", "latency"],
+                  ["--calibrate", "random", "--target-speedup", "1.2"]):
         capfd.readouterr()
         policy = [] if "--target-speedup" in extra else ["--budget", "0.5"]
         assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", *policy, *extra]) == 2, extra
@@ -162,13 +165,28 @@ def test_linear_refusals(tmp_path, capfd):
     assert "conv and linear MACs" in capfd.readouterr().out
 
 
-def test_html_report_lists_linear_layers(tmp_path):
-    model = _matmul_model([12, 40], 40, 32, 6)
-    path, page = tmp_path / "m.onnx", tmp_path / "r.html"
-    onnx.save(model, str(path))
-    assert main(["report", str(path), "-o", str(page), "--linear", "--budget", "0.5"]) == 0
-    html = page.read_text()
-    assert "Conv and linear MACs per layer" in html and ">mm<" in html and "pw-lowrank" in html
+def test_linear_layers_in_the_latency_table(tmp_path, monkeypatch):
+    """Under latency cost a linear layer is timed as itself — its product against the two thinner
+    ones ``pw-lowrank`` writes — in the table (keys ``linear|…``), and plans pick from those times."""
+    from sepify.pipeline.lut import Linear, linear_chain_model, linear_model
+
+    monkeypatch.setenv("SEPIFY_CACHE", str(tmp_path))
+    lin = Linear("Gemm", (40, 12), 32, trans_a=True, bias=True)
+    original = linear_model(lin)
+    chain = linear_chain_model(original, lin, "pw-lowrank", "", 4)
+    assert [n.op_type for n in chain.graph.node] == ["Gemm", "Gemm"]
+    feeds = {"x": rand([40, 12], 3)}
+    assert ort_run(chain, feeds=feeds)["c"].shape == ort_run(original, feeds=feeds)["c"].shape == (12, 32)
+
+    model = _matmul_model([64, 256], 256, 256, 8)
+    plan = sepify.plan(model, Policy(tol=0.01, linear=True, cost="latency", threads=1))
+    (node,) = plan.nodes
+    assert node.op_type == "MatMul" and node.latency_us and node.latency_us > 0
+    table = json.loads(next(tmp_path.glob("latency/*.json")).read_text())
+    (key,) = [k for k in table["entries"] if k.startswith("linear|MatMul|a64x256|n256|")]
+    assert table["entries"][key]["candidates"]
+    if node.action == "rewrite":  # the exact rank-8 split, when it runs faster on this machine
+        assert node.rank == 8 and node.latency_us_after < node.latency_us
 
 
 # ----------------------------------------------------------------------------------------------

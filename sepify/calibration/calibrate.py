@@ -164,6 +164,9 @@ class Calibrator:
         # Linear layers (policy.linear): calibrated as the 1×1 convs they compute, in a working copy
         # (calibration/linear.py); the realizations are written back as MatMuls / Gemms.
         self.linear: dict[str, Any] = {}
+        if self.policy.linear and (self.policy.cost == "latency" or opts.only_faster):
+            raise ParameterError("linear", True, "calibrated linear layers are planned on MACs: the working copy "
+                                                 "would time them as convs (leave out cost='latency' / only_faster)")
         if self.policy.linear:
             seen = analyze_model(self._derived(self.folded_model), self.shapes, input_values)
             specs = [s for s in seen.linear_specs() if not s.ref.scope]

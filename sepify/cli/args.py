@@ -142,16 +142,13 @@ class PolicyArgs(ArgGroup):
         latency = args.cost == "latency" or args.target_speedup is not None
         if not latency:
             refuse(args, ["latency_table"], "is what latency cost plans with: add --cost latency or --target-speedup")
-        if args.linear and latency:
-            raise UsageError("--linear: linear layers are planned on MACs only; leave out --cost latency / "
-                             "--target-speedup")
         if args.target_speedup is not None:
             given_policies = given(args, *POLICY_DESTS)
             if given_policies:
                 raise UsageError(f"--target-speedup and {given_policies[0]}: choose one policy")
             return Policy(target_speedup=args.target_speedup, scheme=args.scheme, include=args.include,
                           exclude=args.exclude, min_macs=args.min_macs, chain=not args.no_chain, cost=args.cost,
-                          threads=threads, latency_table=args.latency_table)
+                          threads=threads, latency_table=args.latency_table, linear=args.linear)
         return Policy.from_args(lossless=args.lossless, tol=args.tol, rank=args.rank, budget=args.budget,
                                 scheme=args.scheme, include=args.include, exclude=args.exclude,
                                 min_macs=args.min_macs, chain=not args.no_chain, cost=args.cost,

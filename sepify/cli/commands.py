@@ -162,7 +162,10 @@ def cmd_rewrite(args) -> int:
                                    "--calibrate or --cost latency")
     _check_targets(args)
     if policy.linear and latency.only_faster:
-        raise UsageError("--linear: linear layers are planned on MACs; leave out --only-faster")
+        raise UsageError("--linear: --only-faster times isolated convs; leave out one of them")
+    if policy.linear and calibration is not None and policy.cost == "latency":
+        raise UsageError("--linear with --calibrate plans on MACs (calibration's working copy would time linear "
+                         "layers as convs); leave out --cost latency / --target-speedup")
     loaded = load_model(args.model)
     try:
         if calibration is not None:
@@ -442,7 +445,7 @@ def cmd_latency_table(args) -> int:
     shapes = ShapeArgs().parse(args)
     loaded = load_model(args.model)
     report = latency_table(loaded, shapes["input_shapes"], threads=args.threads, schemes=args.scheme,
-                           input_values=shapes["input_values"], progress=progress_wanted(args))
+                           input_values=shapes["input_values"], progress=progress_wanted(args), linear=args.linear)
     report.table.save(args.output)
     if args.format == "json":
         sys.stdout.write(dumps(report.to_dict()) + "\n")

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads to measure at (default: onnxruntime's)")
     t.add_argument("--scheme", action="append", default=None, choices=scheme_names(),
                    help="only these schemes' candidates (repeatable; default: every registered scheme)")
+    t.add_argument("--linear", action="store_true",
+                   help="also the MatMul / Gemm layers with a constant weight and their pw-lowrank chains "
+                        "(for plans with --linear)")
     _format(t, ("table", "json"), "how to print the summary")
     ProgressArgs().add(t)
 

@@ -75,6 +75,12 @@ def op_key(geo: ConvGeometry, dtype: str = "float32", activation: str | None = N
             f"|p{','.join(map(str, geo.pads))}|in{dims}|{dtype}|bias{int(bias)}|act={activation or '-'}")
 
 
+def linear_key(op: str, a_shape: Sequence[int], n: int, dtype: str = "float32", trans_a: bool = False,
+               bias: bool = False) -> str:
+    """A linear layer's latency key (:func:`linear_model`): its op, data operand shape and outputs."""
+    return (f"linear|{op}|a{'x'.join(map(str, a_shape))}|n{n}|tA{int(trans_a)}|{dtype}|bias{int(bias)}")
+
+
 def candidate_key(scheme: str, variant: str, rank: int, lowering: str | None = None) -> str:
     return f"{scheme}|{variant or '-'}|{rank}|{lowering or DEFAULT_LOWERING}"
 
@@ -244,20 +250,84 @@ def chain_model(original: onnx.ModelProto, geo: ConvGeometry, scheme: str, varia
     return emit(original, [rz], {})[0]
 
 
-def measure(table: LatencyTable, geo: ConvGeometry, candidates: Sequence[tuple[str, str, int]], *,
+@dataclass(frozen=True)
+class Linear:
+    """What a linear layer's latency depends on: op, data operand shape (as given to the op), outputs,
+    ``transA`` (Gemm) and whether a bias ``C`` (``[N]``) is added."""
+
+    op: str
+    a_shape: tuple
+    n: int
+    trans_a: bool = False
+    bias: bool = False
+
+    @property
+    def k(self) -> int:
+        return self.a_shape[0] if self.trans_a else self.a_shape[-1]
+
+
+def linear_model(lin: Linear, *, dtype=np.float32, seed: int = 0) -> onnx.ModelProto:
+    """``Y = A·W (+ C)`` — a MatMul or Gemm at ``lin``'s shapes with random weights."""
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
+    inits = [numpy_helper.from_array((rng.standard_normal((lin.k, lin.n)) * 0.1).astype(np_dtype), "w")]
+    inputs = ["x", "w"]
+    if lin.bias:
+        inits.append(numpy_helper.from_array((rng.standard_normal(lin.n) * 0.1).astype(np_dtype), "b"))
+        inputs.append("b")
+    attrs = {"transA": 1} if lin.trans_a else {}
+    node = helper.make_node(lin.op, inputs, ["c"], name="linear", **attrs)
+    rows = list(lin.a_shape[1:] if lin.trans_a else lin.a_shape[:-1])
+    graph = helper.make_graph([node], "latency", [helper.make_tensor_value_info("x", elem, list(lin.a_shape))],
+                              [helper.make_tensor_value_info("c", elem, [*rows, lin.n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="sepify-latency")
+    model.ir_version = min(model.ir_version, ort_max_ir_version())
+    return model
+
+
+def linear_chain_model(original: onnx.ModelProto, lin: Linear, scheme: str, variant: str, rank: int, *,
+                       dtype=np.float32, lowering: str | None = None, seed: int = 1) -> onnx.ModelProto:
+    """``original`` (from :func:`linear_model`) with its product replaced by the two thinner ones of
+    ``pw-lowrank`` at ``rank`` (random factors), through the emitter the rewrite uses."""
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(dtype)
+    m = int(np.prod(lin.a_shape)) // lin.k
+    geo = ConvGeometry(1, lin.k, lin.n, 1, (1,), (m,), (m,), (1,), (1,), (0, 0))
+    shapes = get_scheme(scheme).stages(geo, rank, variant)
+    stages = [Stage(st.out_channels, st.in_per_group, st.group, st.kernel, st.axes,
+                    (rng.standard_normal((st.out_channels, st.in_per_group, *st.kernel)) * 0.1).astype(np_dtype), st.role)
+              for st in shapes]
+    rz = Realization(node="linear", input="x", output="c", replaces=("c",), weight_name="w", geometry=geo,
+                     auto_pad="NOTSET", scheme=scheme, variant=variant, rank=rank, chained=False,
+                     stages=tuple(stages), lowered=lower(stages, lowering or DEFAULT_LOWERING), weight_error=0.0,
+                     planned_error=0.0, source="svd", linear=lin.op)
+    return emit(original, [rz], {})[0]
+
+
+def measure(table: LatencyTable, geo: "ConvGeometry | Linear", candidates: Sequence[tuple[str, str, int]], *,
             dtype: str = "float32", bias: bool = True, activation: Activation | None = None,
             threads: int | None = None, progress=None, task=None) -> None:
-    """Measure ``geo``'s conv and every candidate the table lacks (``(scheme, variant, rank)``),
-    interleaved in groups of :data:`GROUP` with the original conv; results go into ``table``."""
-    key = op_key(geo, dtype, activation.label if activation else None, bias)
+    """Measure ``geo``'s conv (a :class:`Linear`: its product) and every candidate the table lacks
+    (``(scheme, variant, rank)``), interleaved in groups of :data:`GROUP` with the original; results
+    go into ``table``."""
+    if isinstance(geo, Linear):
+        key = linear_key(geo.op, geo.a_shape, geo.n, dtype, geo.trans_a, geo.bias)
+        original = linear_model(geo, dtype=dtype)
+        shape = list(geo.a_shape)
+        chain = linear_chain_model
+    else:
+        key = op_key(geo, dtype, activation.label if activation else None, bias)
+        original = conv_model(geo, dtype=dtype, bias=bias, activation=activation)
+        shape = [geo.batch, geo.c_in, *geo.in_spatial]
+        chain = chain_model
     todo = [c for c in dict.fromkeys(candidates) if table.candidate(key, candidate_key(*c)) is None]
     if not todo and table.original(key) is not None:
         return
-    original = conv_model(geo, dtype=dtype, bias=bias, activation=activation)
-    feeds = {"x": np.random.default_rng(2).standard_normal([geo.batch, geo.c_in, *geo.in_spatial]).astype(dtype)}
+    feeds = {"x": np.random.default_rng(2).standard_normal(shape).astype(dtype)}
     groups = [todo[i:i + GROUP] for i in range(0, len(todo), GROUP)] or [[]]
     for group in groups:
-        models = [original] + [chain_model(original, geo, *c, dtype=dtype) for c in group]
+        models = [original] + [chain(original, geo, *c, dtype=dtype) for c in group]
         rounds = time_models(models, feeds, threads=threads, budget_s=ROUND_BUDGET_S)
         idx = rounds.used(min(MIN_ROUNDS, len(rounds.times[0])))
         t = [float(np.median(rounds.of(j, idx))) * 1e6 for j in range(len(models))]
@@ -324,7 +394,7 @@ class LatencyCosts:
     """
 
     def __init__(self, analysis, threads: int | None, table: "LatencyTable | str | os.PathLike | None" = None,
-                 *, progress: bool = False):
+                 *, progress: bool = False, linear: bool = False):
         self.an = analysis
         self.threads = threads
         self.progress = progress
@@ -352,6 +422,18 @@ class LatencyCosts:
             dtype = str(helper.tensor_dtype_to_np_dtype(elem))
             key = op_key(geo, dtype, activation.label if activation else None, bool(spec.b_name))
             self._sig[spec.ref.qualified_name] = (key, geo, dtype, activation, bool(spec.b_name))
+        for spec in (analysis.linear_specs() if linear else []):  # linear layers (--linear): the products themselves
+            node = spec.ref.node
+            a_shape = analysis.table.get(spec.x_name)
+            if a_shape is None:
+                continue
+            gemm = spec.linear == "Gemm"
+            trans_a = gemm and bool(next((a.i for a in node.attribute if a.name == "transA"), 0))
+            bias = gemm and len(node.input) > 2 and bool(node.input[2])
+            lin = Linear(spec.linear, tuple(a_shape), spec.conv_weight.shape[0], trans_a, bias)
+            dtype = str(helper.tensor_dtype_to_np_dtype(spec.dtype or onnx.TensorProto.FLOAT))
+            self._sig[spec.ref.qualified_name] = (linear_key(lin.op, lin.a_shape, lin.n, dtype, trans_a, bias), lin,
+                                                 dtype, None, bias)
 
     @property
     def local(self) -> bool:
@@ -445,7 +527,7 @@ class TableReport:
 
 
 def latency_table(model, input_shapes=None, *, threads: int | None = None, schemes: Sequence[str] | None = None,
-                  input_values=None, progress: bool = False) -> TableReport:
+                  input_values=None, progress: bool = False, linear: bool = False) -> TableReport:
     """Measure every conv of ``model`` and its candidate chains on :func:`latency_grid` (all registered
     schemes, or ``schemes``) at ``threads``, and the whole model's latency — on this machine, as the
     deployment target.  This machine's cache supplies what it already holds and takes the new
@@ -456,12 +538,13 @@ def latency_table(model, input_shapes=None, *, threads: int | None = None, schem
 
     t0 = time.perf_counter()
     an = analyze_model(model, input_shapes, input_values)
-    costs = LatencyCosts(an, threads, progress=progress)
+    costs = LatencyCosts(an, threads, progress=progress, linear=linear)
+    specs = list(an.specs) + (an.linear_specs() if linear else [])
     wanted = {}
-    for spec in an.specs:
+    for spec in specs:
         if costs.covers(spec):
             wanted[spec.ref.qualified_name] = grid_candidates(spec.geometry(), list(schemes or scheme_names()))
-    keys = {costs.key(s) for s in an.specs if costs.covers(s)}
+    keys = {costs.key(s) for s in specs if costs.covers(s)}
     before = sum(len(costs.table.entries.get(k, {}).get("candidates", {})) for k in keys)
     costs.require(wanted)
     feeds, _ = model_inputs(an.loaded, None, an.input_shapes, 0, an.table.input_values or None)
@@ -482,5 +565,6 @@ def measure_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads:
     return float(np.median(rounds.of(0, rounds.used(min(MIN_ROUNDS, len(rounds.times[0])))))) * 1e6
 
 
-__all__ = ["Activation", "LatencyCosts", "LatencyTable", "TableReport", "latency_table", "cached_table", "candidate_key", "chain_model",
+__all__ = ["Activation", "LatencyCosts", "LatencyTable", "Linear", "TableReport", "latency_table", "cached_table",
+           "candidate_key", "chain_model", "linear_chain_model", "linear_key", "linear_model",
            "conv_model", "cpu_model", "grid_candidates", "latency_grid", "measure", "measure_model", "model_key", "op_key"]

@@ -109,9 +109,6 @@ class Policy:
             raise ParameterError("latency_table", self.latency_table, "is used by latency cost only (cost='latency')")
         if not isinstance(self.linear, bool):
             raise ParameterError("linear", self.linear, "needs True or False")
-        if self.linear and self.cost != "macs":
-            raise ParameterError("linear", self.linear, "linear layers are planned on MACs only (cost='macs'); the "
-                                                        "latency table measures convs")
         if self.scheme not in ("auto", *scheme_names()):
             raise ParameterError("scheme", self.scheme, f"unknown scheme (auto, {', '.join(scheme_names())})")
         if self.mode == "tol" and (self.tol is None or not 0 <= self.tol <= 1):
@@ -537,7 +534,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     lat = None
     if policy.cost == "latency":
         lat = latency if latency is not None else latency_costs(an, policy, progress=progress)
-        _attach_latency(an, lat, nodes, states, schemes)
+        _attach_latency(an, lat, nodes, states, schemes, specs)
     groups = _weight_groups(states)
     prediction = None
     if policy.mode in ("budget", "speedup"):
@@ -572,16 +569,17 @@ def latency_costs(an: ModelAnalysis, policy: Policy, progress: bool = False):
     """The latency costs a latency-cost plan of ``an`` uses under ``policy``."""
     from .lut import LatencyCosts
 
-    return LatencyCosts(an, policy.threads, policy.latency_table, progress=progress)
+    return LatencyCosts(an, policy.threads, policy.latency_table, progress=progress, linear=policy.linear)
 
 
 def _attach_latency(an: ModelAnalysis, lat, nodes: list[NodePlan], states: dict[int, _NodeState],
-                    schemes: list[str]) -> None:
-    """Measure (or look up) every conv and the grid candidates of the planned ones; a planned conv the
-    table cannot time is kept with reason ``latency_not_measured``."""
+                    schemes: list[str], planned: list) -> None:
+    """Measure (or look up) every conv (and linear layer, with ``linear``) of ``planned`` and the grid
+    candidates of the planned ones; a planned node the table cannot time is kept with reason
+    ``latency_not_measured``."""
     from .lut import grid_candidates
 
-    specs = {s.ref.qualified_name: s for s in an.specs}
+    specs = {s.ref.qualified_name: s for s in planned}
     wanted: dict[str, list] = {}
     for i, n in enumerate(nodes):
         spec = specs[n.qualified_name]
