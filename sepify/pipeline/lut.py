@@ -234,19 +234,20 @@ def conv_model(geo: ConvGeometry, *, dtype=np.float32, bias: bool = True, activa
 
 
 def chain_model(original: onnx.ModelProto, geo: ConvGeometry, scheme: str, variant: str, rank: int, *,
-                dtype=np.float32, lowering: str | None = None, seed: int = 1) -> onnx.ModelProto:
-    """``original`` (from :func:`conv_model`) with its conv replaced by the scheme's chain at ``rank``
-    (random factor weights of the real shapes), through the emitter the rewrite uses."""
+                dtype=np.float32, lowering: str | None = None, seed: int = 1, linear: str = "") -> onnx.ModelProto:
+    """``original`` (from :func:`conv_model`; with ``linear``, from :func:`linear_model`) with its node
+    (``c``'s producer) replaced by the scheme's chain at ``rank`` (random factor weights of the real
+    shapes), through the emitter the rewrite uses."""
     rng = np.random.default_rng(seed)
     np_dtype = np.dtype(dtype)
     shapes = get_scheme(scheme).stages(geo, rank, variant)
     stages = [Stage(s.out_channels, s.in_per_group, s.group, s.kernel, s.axes,
                     (rng.standard_normal((s.out_channels, s.in_per_group, *s.kernel)) * 0.1).astype(np_dtype), s.role)
               for s in shapes]
-    rz = Realization(node="conv", input="x", output="c", replaces=("c",), weight_name="w", geometry=geo,
-                     auto_pad="NOTSET", scheme=scheme, variant=variant, rank=rank, chained=False,
+    rz = Realization(node=original.graph.node[0].name, input="x", output="c", replaces=("c",), weight_name="w",
+                     geometry=geo, auto_pad="NOTSET", scheme=scheme, variant=variant, rank=rank, chained=False,
                      stages=tuple(stages), lowered=lower(stages, lowering or DEFAULT_LOWERING), weight_error=0.0,
-                     planned_error=0.0, source="svd")
+                     planned_error=0.0, source="svd", linear=linear)
     return emit(original, [rz], {})[0]
 
 
@@ -290,19 +291,9 @@ def linear_chain_model(original: onnx.ModelProto, lin: Linear, scheme: str, vari
                        dtype=np.float32, lowering: str | None = None, seed: int = 1) -> onnx.ModelProto:
     """``original`` (from :func:`linear_model`) with its product replaced by the two thinner ones of
     ``pw-lowrank`` at ``rank`` (random factors), through the emitter the rewrite uses."""
-    rng = np.random.default_rng(seed)
-    np_dtype = np.dtype(dtype)
     m = int(np.prod(lin.a_shape)) // lin.k
     geo = ConvGeometry(1, lin.k, lin.n, 1, (1,), (m,), (m,), (1,), (1,), (0, 0))
-    shapes = get_scheme(scheme).stages(geo, rank, variant)
-    stages = [Stage(st.out_channels, st.in_per_group, st.group, st.kernel, st.axes,
-                    (rng.standard_normal((st.out_channels, st.in_per_group, *st.kernel)) * 0.1).astype(np_dtype), st.role)
-              for st in shapes]
-    rz = Realization(node="linear", input="x", output="c", replaces=("c",), weight_name="w", geometry=geo,
-                     auto_pad="NOTSET", scheme=scheme, variant=variant, rank=rank, chained=False,
-                     stages=tuple(stages), lowered=lower(stages, lowering or DEFAULT_LOWERING), weight_error=0.0,
-                     planned_error=0.0, source="svd", linear=lin.op)
-    return emit(original, [rz], {})[0]
+    return chain_model(original, geo, scheme, variant, rank, dtype=dtype, lowering=lowering, seed=seed, linear=lin.op)
 
 
 def measure(table: LatencyTable, geo: "ConvGeometry | Linear", candidates: Sequence[tuple[str, str, int]], *,
