@@ -456,7 +456,7 @@ def _fold_shape_values(copy: onnx.ModelProto, table: ShapeTable) -> bool:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Shape", "Size") or not node.input:
             continue
         dims = table.get(node.input[0])
-        if dims is None or node.output[0] in table.shapes and table.source.get(node.output[0]) == "model":
+        if dims is None:
             continue
         if node.op_type == "Size":
             known[node.output[0]] = np.array(int(np.prod(dims)), np.int64)
@@ -471,15 +471,15 @@ def _fold_shape_values(copy: onnx.ModelProto, table: ShapeTable) -> bool:
     if not known:
         return False
     inits = {t.name for t in graph.initializer}
-    for name, value in known.items():
-        graph.initializer.append(onnx.numpy_helper.from_array(value, name))
-    del_outputs = set(known)
+    _as_initializers(copy, known)
     graph_outputs = {o.name for o in graph.output}
-    view = GraphView(_without_producers(copy, del_outputs))
-    # Every small value that folds now, read by a node that is not folded itself.
-    for node in list(view.model.graph.node):
+    view = GraphView(copy)
+    # Every small value that folds now, read by a node that is not folded itself.  (The copy's
+    # weights are stubs: a value computed from them fails to fold and stays unknown.)
+    more: dict[str, np.ndarray] = {}
+    for node in graph.node:
         for name in node.input:
-            if not name or name in inits or name in known or name in graph_outputs:
+            if not name or name in inits or name in known or name in more or name in graph_outputs:
                 continue
             producer = view.producer.get(name)
             if producer is None or producer.scope:
@@ -489,23 +489,19 @@ def _fold_shape_values(copy: onnx.ModelProto, table: ShapeTable) -> bool:
             except Exception:  # noqa: BLE001 - a value the reference evaluator cannot compute stays unknown
                 const = None
             if const is not None and np.asarray(const.value).size <= FOLD_MAX_ELEMENTS:
-                known[name] = np.asarray(const.value)
-    for name, value in known.items():
-        if name not in del_outputs:
-            graph.initializer.append(onnx.numpy_helper.from_array(value, name))
-            del_outputs.add(name)
-    kept = [n for n in graph.node if not any(o in del_outputs for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(kept)
+                more[name] = np.asarray(const.value)
+    _as_initializers(copy, more)
     return True
 
 
-def _without_producers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """``model`` (changed in place) without the nodes that write ``names`` (now initializers)."""
-    kept = [n for n in model.graph.node if not any(o in names for o in n.output)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    return model
+def _as_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> None:
+    """``values`` become initializers of ``model``'s main graph (changed in place), and the nodes
+    that wrote them are dropped."""
+    graph = model.graph
+    graph.initializer.extend(onnx.numpy_helper.from_array(v, name) for name, v in values.items())
+    kept = [n for n in graph.node if not any(o in values for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def infer_shapes(view: GraphView, input_shapes: Mapping[str, Sequence[int]], input_dtypes: Mapping[str, int],
