@@ -315,7 +315,7 @@ def render_prediction(report, width: int | None = None) -> str:
                     lines.append(f"  round {i + 1}: {r['note']}")
                     continue
                 mark = " <- written" if i == check["chosen"] else ""
-                lines.append(f"  round {i + 1}: {r['rewritten']} convs, predicted {r['predicted']:.2f}x (scale "
+                lines.append(f"  round {i + 1}: {r['rewritten']} layers, predicted {r['predicted']:.2f}x (scale "
                              f"{r['scale']:.2f}), measured {r['measured']:.2f}x [p10 {r['p10']:.2f}, p90 "
                              f"{r['p90']:.2f}]{mark}")
             verdict = "reached" if check["met"] else "NOT reached (the fastest model found is written; exit 1)"
