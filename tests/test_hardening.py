@@ -1006,3 +1006,17 @@ def test_out_of_memory_is_a_one_line_exit_2_and_leaves_no_file(tmp_path, capfd, 
     out, err = capfd.readouterr()
     assert _one_error_line(err, out).startswith("sepify: error: out of memory (Unable to allocate 298. GiB")
     assert out == "" and not out_path.exists()
+
+
+def test_random_calibration_feeds_a_boolean_scalar_input():
+    """A scalar bool input (a flag) gets 0-d arrays as random samples: onnxruntime refused the numpy.bool_
+    scalars a sample list held."""
+    from sepify.pipeline.plan import Policy
+
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Cast", ["flag"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["c", "f"], ["Y"])]
+    model = make_model(nodes, [vi("X", [1, 8, 8, 8]), vi("flag", [], TensorProto.BOOL)], [vi("Y", [1, 16, 8, 8])],
+                       [init("W", rand([16, 8, 3, 3], 1))])
+    out, report, cal = sepify.calibrated_rewrite(model, Policy(budget=0.6), "random", samples=4)
+    assert report.rewritten and cal.samples == 4

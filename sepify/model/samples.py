@@ -179,7 +179,8 @@ def load_samples(data, model: ModelSource | LoadedModel, input_shapes=None, *, s
                 arr = rng.integers(0, 2, size=(n, *shapes[name])).astype(dt)
             else:
                 arr = rng.integers(0, 10, size=(n, *shapes[name])).astype(dt)
-            per_input[name] = list(arr) if name not in fixed else [fixed[name].copy() for _ in range(n)]
+            # np.asarray: a scalar input's samples stay 0-d arrays (onnxruntime refuses numpy.bool_ scalars)
+            per_input[name] = [np.asarray(a) for a in arr] if name not in fixed else [fixed[name].copy() for _ in range(n)]
         dist = "N(0, 1)" if value_range is None else f"uniform {value_range[0]:g}..{value_range[1]:g}"
         source = f"random ({n} samples, seed {seed}, {dist}" + (f"; {', '.join(fixed)} fixed" if fixed else "") + ")"
     else:
