@@ -18,6 +18,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo
 
 from ..errors import ModelLoadError, ParameterError
+from .walk import iter_graphs, node_subgraphs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -366,13 +367,13 @@ def _check_conv_nodes(model: onnx.ModelProto, label: str) -> None:
     walk(model.graph, {})
 
 
-def _nodes_deep(nodes) -> Iterator[onnx.NodeProto]:
-    """The nodes and every node of their subgraphs (If/Loop/Scan bodies), depth first."""
-    for node in nodes:
+def _function_nodes(function: onnx.FunctionProto) -> Iterator[onnx.NodeProto]:
+    """A function's nodes and every node of their subgraphs (If/Loop/Scan bodies)."""
+    for node in function.node:
         yield node
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
-                yield from _nodes_deep(sub.node)
+        for sub in node_subgraphs(node):
+            for g in iter_graphs(sub):
+                yield from g.node
 
 
 def _conv_functions(model: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -387,7 +388,7 @@ def _conv_functions(model: onnx.ModelProto) -> list[tuple[str, str]]:
                 (n.op_type in _CONV_INPUTS and n.domain in ("", "ai.onnx"))
                 or ((n.domain, n.op_type) in funcs and (n.domain, n.op_type) not in path
                     and has((n.domain, n.op_type), path | {key}))
-                for n in _nodes_deep(funcs[key].node))
+                for n in _function_nodes(funcs[key]))
         return holds[key]
 
     return [k for k in funcs if has(k, frozenset())]

@@ -40,8 +40,8 @@ from .audit import audit
 from ..model.load import LoadedModel, ModelSource, load_model
 from ..errors import ParameterError, UsageError
 from ..serialize import SCHEMA_VERSION, dumps
-from ..model.session import SPINNING, check_threads, ort_message, ort_session, resolve_providers
-from .verify import check_same_inputs, model_inputs
+from ..model.session import SPINNING, check_threads, ort_session, resolve_providers
+from .verify import check_same_inputs, model_inputs, run_checked
 
 
 @dataclass
@@ -390,10 +390,7 @@ def benchmark(
     sb = bench_session(lb.model, providers=providers, threads=threads, spinning=spinning) if lb else None
     for session, loaded in ((sa, la), (sb, lb)):
         if session is not None:  # one untimed run each: feeds a model refuses are bad input, not a crash
-            try:
-                session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})
-            except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
-                raise UsageError(f"onnxruntime failed to run {loaded.label}: {ort_message(exc)}") from None
+            run_checked(session, loaded.label, feeds)
     rounds = interleaved_times([sa] + ([sb] if sb else []), feeds, runs, warmup, rewarm)
     idx = rounds.used()
     ta = rounds.of(0, idx)

@@ -333,10 +333,13 @@ class _StackedRefused(Exception):
     pass
 
 
-def _run(session, label: str, names: Sequence[str], feed: Mapping[str, np.ndarray], stacked: bool):
+def run_checked(session, label: str, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None,
+                stacked: bool = False):
+    """``session.run`` on the feeds it takes; a run onnxruntime refuses is bad input (a UsageError naming
+    ``label``), or with ``stacked`` (several samples on the batch axis) a :class:`_StackedRefused`."""
     inputs = {i.name for i in session.get_inputs()}
     try:
-        return session.run(list(names), {k: v for k, v in feed.items() if k in inputs})
+        return session.run(None if names is None else list(names), {k: v for k, v in feed.items() if k in inputs})
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
         if stacked:
             raise _StackedRefused(ort_message(exc)) from None
@@ -351,8 +354,8 @@ def _compare_runs(sa, sb, la: LoadedModel, lb: LoadedModel, names: Sequence[str]
     kept_b: list[list[np.ndarray]] = []
     first = None
     for feed in runs.feeds:
-        out_a = _run(sa, la.label, names, feed, runs.stack_axis)
-        out_b = _run(sb, lb.label, names, feed, runs.stack_axis)
+        out_a = run_checked(sa, la.label, feed, names, runs.stack_axis)
+        out_b = run_checked(sb, lb.label, feed, names, runs.stack_axis)
         if stats is None:
             first = out_a
             stats = [TensorStats(*_tolerances(x, atol, rtol), expected_runs=len(runs.feeds)) for x in out_a]
