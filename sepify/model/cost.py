@@ -198,7 +198,7 @@ def conv_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec:
 
 
 LINEAR_OPS = ("MatMul", "Gemm")
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+LINEAR_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def linear_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec | None:
@@ -220,7 +220,7 @@ def linear_spec(view: GraphView, ref: NodeRef, table: ShapeTable) -> ConvSpec | 
     if const is None or const.value.ndim != 2 or const.via_dequantize:
         return None
     w_dtype = onnx.helper.np_dtype_to_tensor_dtype(const.value.dtype) if const.value.dtype.kind == "f" else None
-    if w_dtype not in _FLOAT_TYPES:
+    if w_dtype not in LINEAR_WEIGHT_TYPES:
         return None
     a_shape = table.get(a_name)
     if a_shape is None or len(a_shape) < 2 or not all(isinstance(d, int) and d > 0 for d in a_shape):

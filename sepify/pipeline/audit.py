@@ -14,7 +14,7 @@ from ..core.geometry import ConvGeometry, prod
 from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
 from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
-from ..model.cost import CONVENTION, conv_cost, matmul_macs
+from ..model.cost import CONVENTION, LINEAR_OPS, LINEAR_WEIGHT_TYPES, conv_cost, matmul_macs
 from ..model.graph import MATMUL_OPS
 from ..model.load import LoadedModel, ModelSource, iter_all_tensors
 from ..model.shapes import input_values_record
@@ -315,17 +315,14 @@ def _if_branches(ref) -> list[tuple[str, str]]:
     return out
 
 
-_LINEAR_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-
 def _linear_layer(view, ref) -> bool:
     """A MatMul / Gemm whose second operand is a stored 2-D float weight (what ``--linear`` factors;
     see :func:`sepify.model.cost.linear_spec`), judged from dims alone."""
     node = ref.node
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+    if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
         return False
     stored = view.stored_dims(node.input[1], ref) if node.input[1] else None
-    return (stored is not None and len(stored[0]) == 2 and stored[1] in _LINEAR_WEIGHT_TYPES
+    return (stored is not None and len(stored[0]) == 2 and stored[1] in LINEAR_WEIGHT_TYPES
             and view.stored_dims(node.input[0], ref) is None)
 
 

@@ -79,13 +79,17 @@ def emit(source: onnx.ModelProto, realizations: Sequence[Realization], entry: di
         replaced = [by_output[t] for t in rz.replaces]
         conv = replaced[0]
         x, y = conv.inputs[0], replaced[-1].outputs[0]
-        if rz.linear:
-            nodes = _linear_chain(rz, conv, x, y, names)
+
+        def install(nodes: list) -> None:
+            """The chain's nodes in place of the replaced ones (detached; cleanup drops them)."""
             for node in replaced:
                 node.outputs.clear()
                 node.inputs.clear()
             owner[id(conv)].nodes.extend(nodes)
             new_names[rz.node] = [n.name for n in nodes]
+
+        if rz.linear:
+            install(_linear_chain(rz, conv, x, y, names))
             continue
         own_bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
         auto_pad = rz.auto_pad if rz.auto_pad in ("SAME_UPPER", "SAME_LOWER") else None
@@ -156,11 +160,7 @@ def emit(source: onnx.ModelProto, realizations: Sequence[Realization], entry: di
                     acc = out
             outs = [joined]
         chain(lowered.tail, tail_tags, outs[0], True)
-        for node in replaced:
-            node.outputs.clear()
-            node.inputs.clear()
-        owner[id(conv)].nodes.extend(nodes)
-        new_names[rz.node] = [n.name for n in nodes]
+        install(nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     _drop_shadowing_initializers(out.graph)
