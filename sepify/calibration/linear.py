@@ -30,8 +30,11 @@ from ..model.graph import attr
 from ..model.names import NameGenerator
 
 
-def _const(names: NameGenerator, base: str, value: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value), names.fresh(base))
+def _const(graph: onnx.GraphProto, names: NameGenerator, base: str, value: np.ndarray) -> str:
+    """A new initializer of ``graph`` holding ``value``; its (fresh) name."""
+    tensor = numpy_helper.from_array(np.asarray(value), names.fresh(base))
+    graph.initializer.append(tensor)
+    return tensor.name
 
 
 def as_convs(model: onnx.ModelProto, specs: Sequence[ConvSpec], shapes: dict[str, list[int]]) -> onnx.ModelProto:
@@ -54,8 +57,7 @@ def as_convs(model: onnx.ModelProto, specs: Sequence[ConvSpec], shapes: dict[str
         y = node.output[0]
         k, n = spec.conv_weight.shape[1], spec.conv_weight.shape[0]
         base = spec.ref.name
-        weight = _const(names, f"{spec.w_name}/as_conv", spec.conv_weight)
-        graph.initializer.append(weight)
+        weight = _const(graph, names, f"{spec.w_name}/as_conv", spec.conv_weight)
         nodes: list[onnx.NodeProto] = []
 
         def tensor(tag: str) -> str:
@@ -68,42 +70,38 @@ def as_convs(model: onnx.ModelProto, specs: Sequence[ConvSpec], shapes: dict[str
                                               perm=[1, 0]))
                 a = t
             # -1 / 0 for the sample axis: calibration stacks several samples per run on it
-            shape_in = _const(names, f"{base}/as_conv_shape_in", np.array([-1, k, 1], np.int64))
-            shape_out = _const(names, f"{base}/as_conv_shape_out", np.array([-1, n], np.int64))
-            graph.initializer.extend([shape_in, shape_out])
-            nodes.append(helper.make_node("Reshape", [a, shape_in.name], [x := tensor("x")], names.fresh(f"{base}/as_conv_in")))
-            nodes.append(helper.make_node("Conv", [x, weight.name], [c := tensor("conv")], base, kernel_shape=[1]))
+            shape_in = _const(graph, names, f"{base}/as_conv_shape_in", np.array([-1, k, 1], np.int64))
+            shape_out = _const(graph, names, f"{base}/as_conv_shape_out", np.array([-1, n], np.int64))
+            nodes.append(helper.make_node("Reshape", [a, shape_in], [x := tensor("x")], names.fresh(f"{base}/as_conv_in")))
+            nodes.append(helper.make_node("Conv", [x, weight], [c := tensor("conv")], base, kernel_shape=[1]))
             alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
             c_input = node.input[2] if len(node.input) > 2 and node.input[2] else None
             last = c_input is None and alpha == 1.0
-            nodes.append(helper.make_node("Reshape", [c, shape_out.name], [r := (y if last else tensor("r"))],
+            nodes.append(helper.make_node("Reshape", [c, shape_out], [r := (y if last else tensor("r"))],
                                           names.fresh(f"{base}/as_conv_out")))
             dtype = spec.conv_weight.dtype
             if alpha != 1.0:
-                scale = _const(names, f"{base}/as_conv_alpha", np.array(alpha, dtype))
-                graph.initializer.append(scale)
-                nodes.append(helper.make_node("Mul", [r, scale.name], [s := (y if c_input is None else tensor("s"))],
+                scale = _const(graph, names, f"{base}/as_conv_alpha", np.array(alpha, dtype))
+                nodes.append(helper.make_node("Mul", [r, scale], [s := (y if c_input is None else tensor("s"))],
                                               names.fresh(f"{base}/as_conv_alpha")))
                 r = s
             if c_input is not None:
                 cb = c_input
                 if beta != 1.0:
-                    scale = _const(names, f"{base}/as_conv_beta", np.array(beta, dtype))
-                    graph.initializer.append(scale)
-                    nodes.append(helper.make_node("Mul", [c_input, scale.name], [cb := tensor("c")],
+                    scale = _const(graph, names, f"{base}/as_conv_beta", np.array(beta, dtype))
+                    nodes.append(helper.make_node("Mul", [c_input, scale], [cb := tensor("c")],
                                                   names.fresh(f"{base}/as_conv_beta")))
                 nodes.append(helper.make_node("Add", [r, cb], [y], names.fresh(f"{base}/as_conv_c")))
         else:
             s = int(np.prod(a_shape[1:-1])) if len(a_shape) > 2 else 1
-            shape_in = _const(names, f"{base}/as_conv_shape_in", np.array([0, s, k], np.int64))
-            shape_out = _const(names, f"{base}/as_conv_shape_out", np.array([0, *a_shape[1:-1], n], np.int64))
-            graph.initializer.extend([shape_in, shape_out])
+            shape_in = _const(graph, names, f"{base}/as_conv_shape_in", np.array([0, s, k], np.int64))
+            shape_out = _const(graph, names, f"{base}/as_conv_shape_out", np.array([0, *a_shape[1:-1], n], np.int64))
             nodes += [
-                helper.make_node("Reshape", [node.input[0], shape_in.name], [r := tensor("r")], names.fresh(f"{base}/as_conv_in")),
+                helper.make_node("Reshape", [node.input[0], shape_in], [r := tensor("r")], names.fresh(f"{base}/as_conv_in")),
                 helper.make_node("Transpose", [r], [x := tensor("x")], names.fresh(f"{base}/as_conv_t"), perm=[0, 2, 1]),
-                helper.make_node("Conv", [x, weight.name], [c := tensor("conv")], base, kernel_shape=[1]),
+                helper.make_node("Conv", [x, weight], [c := tensor("conv")], base, kernel_shape=[1]),
                 helper.make_node("Transpose", [c], [t := tensor("t")], names.fresh(f"{base}/as_conv_tb"), perm=[0, 2, 1]),
-                helper.make_node("Reshape", [t, shape_out.name], [y], names.fresh(f"{base}/as_conv_out")),
+                helper.make_node("Reshape", [t, shape_out], [y], names.fresh(f"{base}/as_conv_out")),
             ]
         replacements[index] = nodes
     if not replacements:
