@@ -236,3 +236,38 @@ def test_lossy_curve_uses_float32_grams_only_clear_of_exactness():
     exact = lossy_curve(low, n // 2)
     np.testing.assert_array_equal(exact, F.relative_errors(F.singular_values(low)))
     assert exact[40] < 1e-6
+
+
+def test_eigvalsh32_matches_numpy():
+    """The float32 eigenvalues through the loaded OpenBLAS (ctypes) agree with numpy's float64 ones
+    to float32 rounding of the largest, on a batch of random Grams; an empty batch and a 1×1 matrix
+    work too."""
+    from sepify.core import linalg
+
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    grams = np.matmul(m, m.transpose(0, 2, 1))
+    got = linalg.eigvalsh32(grams)
+    if got is None:
+        pytest.skip("no OpenBLAS ssyevd in this process (numpy's float64 path is used)")
+    ref = np.linalg.eigvalsh(grams.astype(np.float64))
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5 * ref.max())
+    assert linalg.eigvalsh32(np.full((1, 1, 1), 4.0, dtype=np.float32))[0, 0] == 4.0
+    assert linalg.eigvalsh32(np.zeros((0, 5, 5), dtype=np.float32)).shape == (0, 5)
+
+
+def test_lossy_curve_without_a_float32_eigensolver(monkeypatch):
+    """Where no float32 routine is found, the float32 Gram's eigenvalues come from numpy in float64:
+    the same curve to 1e-5."""
+    from sepify.core import linalg
+
+    rng = np.random.default_rng(12)
+    n = linalg.FAST_GRAM_MIN + 8
+    mats = rng.standard_normal((1, n, n + 16)).astype(np.float32)
+    ref = F.relative_errors(F.singular_values(mats))
+    with_routine = linalg.lossy_curve(mats, n // 2)
+    monkeypatch.setattr(linalg, "_syevd", [None])
+    without = linalg.lossy_curve(mats, n // 2)
+    np.testing.assert_allclose(without[: n // 2], ref[: n // 2], rtol=1e-5)
+    np.testing.assert_allclose(with_routine[: n // 2], ref[: n // 2], rtol=1e-5)
