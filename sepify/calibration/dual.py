@@ -12,7 +12,8 @@ factors, Woodbury's identity gives the same solution from an ``R × R`` system:
 
 A rank-``k`` curve point uses the leading ``k`` unknowns (ordered rank-major, bias first), so the
 kernel ``Z_k D_k^{-1} Z_k^T`` grows by one block of columns per grid rank: every rank costs one
-``R_f × R_f`` Cholesky factor, not a new system.  Validation is two-fold, as in the primal form.
+``R_f × R_f`` Cholesky factor, not a new system.  Validation is two-fold, as in the primal form,
+and one way from :data:`~sepify.calibration.lstsq.ONE_WAY_MIN` unknowns, as there.
 The rows are kept (float32, as collected) instead of their normal equations.
 """
 
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import lstsq
 from .lstsq import (CURVE_RIDGE, RIDGE_GRID, NormalEquations, expand_columns, rank_curve, ridge_weights, solve_ridge_cv,
                     sq_error)
 
@@ -126,6 +128,8 @@ def rank_curve_dual(rows: DesignRows, x0: np.ndarray, inner: np.ndarray, ranks: 
         base_sq.append(sum(float(((pred[f] - parts[f][1]) ** 2).sum()) for f in (0, 1) if rows.rows[f]))
     base = [math.sqrt(e / total) for e in base_sq]
     plans = [(0, 1), (1, 0)] if both else [(0 if rows.rows[0] else 1,) * 2]
+    if both and x0.shape[1] >= lstsq.ONE_WAY_MIN:
+        plans = [(0, 1)]  # wide: fit on one fold, validate on the other, as the primal form does
     errs = np.zeros(len(ranks))
     for fit, val in plans:
         zf, yf = parts[fit]

@@ -170,9 +170,12 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
     chunks: list[list[tuple[Layer, dict, list[Layer]]]] = []
     budget = 0
     expected: dict[str, int] = {}  # rows each system will see (every member's sampled positions)
-    for key, group in members.items():
+    # Each lead's SVD factors at its largest ranks (a 512-channel 3×3 conv's spatial split: a 1536²
+    # eigendecomposition), one lead per core.
+    leads = [by_name[key] for key in members]
+    factored = parallel_map(lambda lead: _systems(lead, schemes, rank_grid) if schemes else {}, leads)
+    for (key, group), systems in zip(members.items(), factored):
         lead = by_name[key]
-        systems = _systems(lead, schemes, rank_grid) if schemes else {}
         expected[key] = len(group) * calib.samples * lead.rows_per_sample(rows, calib.samples)
         # what the chunk will hold: each scheme's system, or the output moments the channel splits share
         from_moments = subspace.fits(lead.geo) and any(s in subspace.SCHEMES for s in systems)
