@@ -149,15 +149,13 @@ def test_linear_refusals(tmp_path, capfd):
     model = _matmul_model([12, 40], 40, 32, 6)
     with pytest.raises(ParameterError, match="only_faster"):
         sepify.rewrite(model, Policy(budget=0.5, linear=True), only_faster=True)
-    with pytest.raises(ParameterError, match="linear"):  # calibration's working copy would time them as convs
-        sepify.calibrate(model, Policy(budget=0.5, linear=True, cost="latency"), "random")
+    with pytest.raises(ParameterError, match="only_faster"):
+        sepify.calibrate(model, Policy(budget=0.5, linear=True), "random", only_faster=True)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    for extra in (["--only-faster"], ["--calibrate", "random", "--cost", "latency"],
-                  ["--calibrate", "random", "--target-speedup", "1.2"]):
+    for extra in (["--only-faster"], ["--calibrate", "random", "--only-faster"]):
         capfd.readouterr()
-        policy = [] if "--target-speedup" in extra else ["--budget", "0.5"]
-        assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", *policy, *extra]) == 2, extra
+        assert main(["rewrite", str(path), "-o", str(tmp_path / "o.onnx"), "--linear", "--budget", "0.5", *extra]) == 2, extra
         out, err = capfd.readouterr()
         assert out == "" and err.startswith("sepify: error: --linear") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
@@ -254,3 +252,41 @@ def test_audit_counts_the_macs_linear_layers_hold():
     t = sepify.audit(model).totals
     assert t.matmul_macs == 12 * 40 * 32 + 12 * 32 * 5 and t.linear_macs == 12 * 40 * 32
     assert t.linear_macs == sepify.plan(model, Policy(linear=True)).conv_macs
+
+
+def test_calibrated_linear_layers_under_latency_cost(tmp_path):
+    """With calibration and latency cost, a linear layer is costed as the MatMul / Gemm it stays in the
+    written model (its ``linear|…`` entry of the table), not as the 1×1 conv calibration runs it as:
+    a synthetic table where every rank of the head saves nothing leaves the head alone, and the
+    MatMul is rewritten at a rank whose chain the table says is faster."""
+    from sepify.core.geometry import prod
+    from sepify.pipeline.analysis import analyze_model
+    from sepify.pipeline.lut import LatencyCosts, LatencyTable, candidate_key, grid_candidates, ort_version
+
+    model = _token_model()
+    an = analyze_model(model)
+    table = LatencyTable({"cpu": "a CPU elsewhere", "onnxruntime": ort_version(), "threads": 1})
+    costs = LatencyCosts(an, 1, table, linear=True)
+    for spec in an.linear_specs():
+        geo = spec.geometry()
+        per_rank = prod(geo.out_spatial) * (geo.c_in + geo.c_out) * 1e-3
+        orig = prod(geo.out_spatial) * geo.c_in * geo.c_out * 1e-3
+        slow = spec.ref.name == "head"  # the head's chains all cost more than the product itself
+        cands = {candidate_key(s, v, r): (orig * 1.5 if slow else per_rank * r)
+                 for s, v, r in grid_candidates(geo, ["pw-lowrank"])}
+        assert cands, spec.ref.name
+        table.put(costs.key(spec), orig, cands, 10)
+    path = tmp_path / "lut.json"
+    table.save(path)
+    out, report, cal = sepify.calibrated_rewrite(model, Policy(budget=0.7, linear=True, cost="latency", threads=1,
+                                                               latency_table=str(path)), "random", samples=8)
+    (rz,) = report.rewritten
+    assert rz.qualified_name == "mm" and rz.source == "calibrated" and rz.rank < 16
+    assert [n.op_type for n in out.graph.node if n.name.startswith("mm/sep_")] == ["MatMul", "MatMul", "Add"]
+    assert "Conv" not in [n.op_type for n in out.graph.node]
+    # the prediction adds the table's linear entries (a foreign table has no conv entry for them at all)
+    us = {s.ref.name: table.original(costs.key(s)) for s in an.linear_specs()}
+    mm = next(s for s in an.linear_specs() if s.ref.name == "mm")
+    chain = table.candidate(costs.key(mm), candidate_key("pw-lowrank", "", rz.rank))
+    assert cal.prediction["conv_us"] == pytest.approx(us["mm"] + us["head"])
+    assert cal.prediction["conv_us_after"] == pytest.approx(us["head"] + chain)

@@ -164,11 +164,13 @@ class Calibrator:
         # Linear layers (policy.linear): calibrated as the 1×1 convs they compute, in a working copy
         # (calibration/linear.py); the realizations are written back as MatMuls / Gemms.
         self.linear: dict[str, Any] = {}
-        if self.policy.linear and (self.policy.cost == "latency" or opts.only_faster):
-            raise ParameterError("linear", True, "calibrated linear layers are planned on MACs: the working copy "
-                                                 "would time them as convs (leave out cost='latency' / only_faster)")
+        self._linear_analysis = None  # the model with its linear layers as such: what latency cost times
+        if self.policy.linear and opts.only_faster:
+            raise ParameterError("linear", True, "only_faster times isolated convs; linear layers are planned on "
+                                                 "MACs or latency cost (leave out only_faster)")
         if self.policy.linear:
             seen = analyze_model(self._derived(self.folded_model), self.shapes, input_values)
+            self._linear_analysis = seen
             specs = [s for s in seen.linear_specs() if not s.ref.scope]
             self.folded_model = as_convs(self.folded_model, specs,
                                          {s.ref.qualified_name: seen.table.get(s.x_name) for s in specs})
@@ -210,7 +212,10 @@ class Calibrator:
         """Time every layer and its candidates on the latency grid (variant "": calibration's); the
         candidates faster than their conv are the ranks the profiles evaluate."""
         t = time.perf_counter()
-        self.latency = latency_costs(self.base.analysis, self.policy, progress=self.progress)
+        # Linear layers are convs in the working copy, but run as MatMul / Gemm in the model written:
+        # they are timed as such (the analysis before the conversion; names are the same).
+        timed = self._linear_analysis if self._linear_analysis is not None else self.base.analysis
+        self.latency = latency_costs(timed, self.policy, progress=self.progress)
         specs = {s.ref.qualified_name: s for s in self.base.analysis.specs}
         wanted = {n.qualified_name: [] for n in self.base.nodes if self.latency.covers(specs[n.qualified_name])}
         for layer in self.layers:

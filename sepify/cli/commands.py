@@ -163,9 +163,6 @@ def cmd_rewrite(args) -> int:
     _check_targets(args)
     if policy.linear and latency.only_faster:
         raise UsageError("--linear: --only-faster times isolated convs; leave out one of them")
-    if policy.linear and calibration is not None and policy.cost == "latency":
-        raise UsageError("--linear with --calibrate plans on MACs (calibration's working copy would time linear "
-                         "layers as convs); leave out --cost latency / --target-speedup")
     loaded = load_model(args.model)
     try:
         if calibration is not None:
