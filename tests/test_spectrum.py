@@ -271,3 +271,26 @@ def test_lossy_curve_without_a_float32_eigensolver(monkeypatch):
     without = linalg.lossy_curve(mats, n // 2)
     np.testing.assert_allclose(without[: n // 2], ref[: n // 2], rtol=1e-5)
     np.testing.assert_allclose(with_routine[: n // 2], ref[: n // 2], rtol=1e-5)
+
+
+def test_scheme_curves_of_large_weights_fall_back_to_full_precision_near_exactness():
+    """Scheme.curve hands the fast path a float32 rearrangement; where the curve comes near an exact
+    rank (a spatial split of exact rank 3 across 576×576 matrices) the float64 curve comes back,
+    identical to the full-precision spectrum, and a noisy weight's fast curve agrees to 1e-5."""
+    from sepify.core.geometry import ConvGeometry
+    from sepify.core.schemes import get
+
+    geo = ConvGeometry(batch=1, c_in=192, c_out=192, group=1, kernel=(3, 3), in_spatial=(8, 8), out_spatial=(8, 8),
+                       strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1))
+    spatial = get("spatial")
+    rng = np.random.default_rng(4)
+    left, right = rng.standard_normal((1, 576, 3)), rng.standard_normal((1, 3, 576))
+    m = (left @ right)[0]  # M[(c,i),(n,j)] of rank 3
+    exact_w = m.reshape(192, 3, 192, 3).transpose(2, 0, 1, 3).copy()
+    assert np.allclose(spatial.matrices(exact_w, geo, "v")[0], m)
+    want = F.relative_errors(F.singular_values(spatial.matrices(exact_w, geo, "v")))
+    np.testing.assert_array_equal(spatial.curve(exact_w, geo, "v"), want)
+    assert want[3] < 1e-6
+    noisy = rng.standard_normal((192, 192, 3, 3))
+    ref = F.relative_errors(F.singular_values(spatial.matrices(noisy, geo, "v")))
+    np.testing.assert_allclose(spatial.curve(noisy, geo, "v")[:300], ref[:300], rtol=1e-5)

@@ -12,6 +12,7 @@ of a lossy plan's curves where they cannot come near an exact rank (:func:`lossy
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,12 +72,14 @@ FAST_GRAM_FLOOR = 0.05
 # integers reads their low half on a little-endian machine, one with 64-bit integers the whole.
 _SYEVD_SYMBOLS = ("scipy_ssyevd_64_", "scipy_ssyevd_", "ssyevd_64_", "ssyevd_")
 _syevd: list = []  # [routine or None], found on first use
+_syevd_lock = threading.Lock()
 
 
 def _ssyevd():
-    if not _syevd:
-        _syevd.append(_find_ssyevd())
-    return _syevd[0]
+    with _syevd_lock:  # the planner's threads ask at once
+        if not _syevd:
+            _syevd.append(_find_ssyevd())
+        return _syevd[0]
 
 
 def _find_ssyevd():
@@ -106,11 +109,12 @@ def _find_ssyevd():
     return None
 
 
-def _call_ssyevd(fn, sym: np.ndarray) -> np.ndarray | None:
-    """Eigenvalues (ascending) of one symmetric float32 matrix by LAPACK's ``ssyevd`` (values only)."""
+def _call_ssyevd(fn, sym: np.ndarray, vectors: bool = False):
+    """Eigenvalues (ascending) of one symmetric float32 matrix by LAPACK's ``ssyevd``, or with
+    ``vectors`` ``(values, vectors)`` (eigenvectors in the columns); None when LAPACK reports a failure."""
     import ctypes
 
-    a = np.array(sym, dtype=np.float32, order="F")  # LAPACK overwrites it
+    a = np.array(sym, dtype=np.float32, order="F")  # LAPACK overwrites it (with the eigenvectors)
     n = a.shape[0]
     cells = np.zeros(5, dtype=np.int64)  # n, lwork, liwork, info, and a spare zero
     cells[0] = n
@@ -118,7 +122,7 @@ def _call_ssyevd(fn, sym: np.ndarray) -> np.ndarray | None:
 
     def call(work: np.ndarray, iwork: np.ndarray) -> None:
         ptr = cells.ctypes.data
-        fn(ctypes.c_char_p(b"N"), ctypes.c_char_p(b"L"), ctypes.c_void_p(ptr), a.ctypes.data_as(ctypes.c_void_p),
+        fn(ctypes.c_char_p(b"V" if vectors else b"N"), ctypes.c_char_p(b"L"), ctypes.c_void_p(ptr), a.ctypes.data_as(ctypes.c_void_p),
            ctypes.c_void_p(ptr), w.ctypes.data_as(ctypes.c_void_p), work.ctypes.data_as(ctypes.c_void_p),
            ctypes.c_void_p(ptr + 8), iwork.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(ptr + 16),
            ctypes.c_void_p(ptr + 24), ctypes.c_size_t(1), ctypes.c_size_t(1))
@@ -128,10 +132,13 @@ def _call_ssyevd(fn, sym: np.ndarray) -> np.ndarray | None:
     call(work, iwork)
     if cells[3] != 0:
         return None
-    lwork, liwork = max(int(work[0]), 2 * n + 1), max(int(iwork[0]), 1)
+    least = (1 + 6 * n + 2 * n * n, 3 + 5 * n) if vectors else (2 * n + 1, 1)  # LAPACK's minimum
+    lwork, liwork = max(int(work[0]), least[0]), max(int(iwork[0]), least[1])
     cells[1], cells[2] = lwork, liwork
     call(np.zeros(lwork, dtype=np.float32), np.zeros(liwork, dtype=np.int64))
-    return w if cells[3] == 0 else None
+    if cells[3] != 0:
+        return None
+    return (w, a) if vectors else w
 
 
 def eigvalsh32(grams: np.ndarray) -> np.ndarray | None:
@@ -149,10 +156,29 @@ def eigvalsh32(grams: np.ndarray) -> np.ndarray | None:
     return np.stack(out) if out else np.zeros(grams.shape[:2], dtype=np.float32)
 
 
-def lossy_curve(mats: np.ndarray, useful_rank: int | None = None) -> np.ndarray:
+def eigh32(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`eigvalsh32` with the eigenvectors: ``(values [B, s] ascending, vectors [B, s, s] in the
+    columns)``, float32, or None."""
+    fn = _ssyevd()
+    if fn is None:
+        return None
+    vals, vecs = [], []
+    for g in grams:
+        got = _call_ssyevd(fn, g, vectors=True)
+        if got is None or not (np.isfinite(got[0]).all() and np.isfinite(got[1]).all()):
+            return None
+        vals.append(got[0])
+        vecs.append(got[1])
+    if not vals:
+        return np.zeros(grams.shape[:2], dtype=np.float32), np.zeros(grams.shape, dtype=np.float32)
+    return np.stack(vals), np.stack(vecs)
+
+
+def lossy_curve(mats: np.ndarray, useful_rank: int | None = None, exact=None) -> np.ndarray:
     """``relative_errors(singular_values(mats))`` for a lossy plan: from :data:`FAST_GRAM_MIN` on,
     the Gram product and its eigenvalues in float32 unless the errors up to ``useful_rank``
-    (default: all) come within :data:`FAST_GRAM_FLOOR`."""
+    (default: all) come within :data:`FAST_GRAM_FLOOR`.  ``exact()``: the matrices in full precision
+    for that fallback, when ``mats`` were handed over in float32 (default: ``mats``)."""
     m = np.asarray(mats)
     if min(m.shape[1:]) >= FAST_GRAM_MIN:
         gram = short_gram(m, np.float32)
@@ -163,7 +189,7 @@ def lossy_curve(mats: np.ndarray, useful_rank: int | None = None) -> np.ndarray:
         top = len(errors) - 1 if useful_rank is None else min(useful_rank, len(errors) - 1)
         if errors[:top + 1].min() >= FAST_GRAM_FLOOR:
             return errors
-    return relative_errors(singular_values(m))
+    return relative_errors(singular_values(m if exact is None else exact()))
 
 
 def tail_energy(sv: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from ..geometry import ConvGeometry
-from ..linalg import Spectrum, lossy_curve, spectrum
+from ..linalg import FAST_GRAM_MIN, Spectrum, lossy_curve, spectrum
 from ..reasons import Reason
 from ..stages import Stage, stages_macs
 
@@ -120,7 +120,11 @@ class Scheme(ABC):
         Large matrices form their Gram in float32 where the errors up to the break-even rank stay
         clear of exactness (:func:`sepify.core.linalg.lossy_curve`)."""
         variant = self.resolve(geo, variant)
-        return lossy_curve(self.matrices(w, geo, variant), self.break_even(geo, variant))
+        if min(self.matrix_shape(geo, variant)[1:]) < FAST_GRAM_MIN:
+            return lossy_curve(self.matrices(w, geo, variant), self.break_even(geo, variant))
+        # Rearranged from the float32 weight: the copy is half the bytes, and its Gram is float32 anyway.
+        return lossy_curve(self.matrices(np.asarray(w, dtype=np.float32), geo, variant), self.break_even(geo, variant),
+                           exact=lambda: self.matrices(w, geo, variant))
 
     def matrix_view(self, w: np.ndarray, geo: ConvGeometry, variant: str = ""):
         """:meth:`matrices` as a :class:`~sepify.core.linalg.MatrixView` where they are a transposed

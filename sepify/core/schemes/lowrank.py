@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import MatrixView, relative_errors, truncated_factors
+from ..linalg import FAST_GRAM_FLOOR, FAST_GRAM_MIN, MatrixView, eigh32, relative_errors, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -47,18 +47,32 @@ def in_matrices(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(g4.transpose(0, 2, 1, 3)).reshape(group, cg, -1)
 
 
-def gram_eigh(w64: np.ndarray, group: int, mode: str, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def gram_eigh(w: np.ndarray, group: int, mode: str, memo: dict | None = None,
+              fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending, ``[g, s]``) and eigenvectors (``[g, s, s]``, columns in that order) of
     the Gram ``M Mᵀ`` of :func:`out_matrices` (``mode="out"``) or :func:`in_matrices` (``"in"``):
-    ``σ²`` and the left singular vectors of the mode unfolding.  ``memo`` (a dict for one weight)
-    keeps them for the other schemes reading the same unfolding — Tucker-2 needs both modes'
-    vectors, out-lowrank and in-lowrank the same eigenvalues."""
-    key = ("gram_eigh", mode, group)
+    ``σ²`` and the left singular vectors of the mode unfolding, in float64.  ``memo`` (a dict for one
+    weight) keeps them for the other schemes reading the same unfolding — Tucker-2 needs both modes'
+    vectors, out-lowrank and in-lowrank the same eigenvalues.  ``fast``: from
+    :data:`~sepify.core.linalg.FAST_GRAM_MIN` rows on, Gram and decomposition in float32 (for a
+    lossy plan's curves, which check that they stay clear of exactness)."""
+    rows = w.shape[0] // group if mode == "out" else w.shape[1]
+    fast = fast and rows >= FAST_GRAM_MIN
+    key = ("gram_eigh", mode, group, fast)
     if memo is not None and key in memo:
         return memo[key]
-    m = out_matrices(w64, group) if mode == "out" else in_matrices(w64, group)
-    ev, vec = np.linalg.eigh(np.matmul(m, m.transpose(0, 2, 1)))
-    out = (ev[:, ::-1], vec[:, :, ::-1])
+    out = None
+    if fast:
+        w32 = np.asarray(w, dtype=np.float32)
+        m = out_matrices(w32, group) if mode == "out" else in_matrices(w32, group)
+        got = eigh32(np.matmul(m, m.transpose(0, 2, 1)))
+        if got is not None:
+            out = (got[0][:, ::-1].astype(np.float64), got[1][:, :, ::-1].astype(np.float64))
+    if out is None:
+        w64 = np.asarray(w, dtype=np.float64)
+        m = out_matrices(w64, group) if mode == "out" else in_matrices(w64, group)
+        ev, vec = np.linalg.eigh(np.matmul(m, m.transpose(0, 2, 1)))
+        out = (ev[:, ::-1], vec[:, :, ::-1])
     if memo is not None:
         memo[key] = out
     return out
@@ -66,10 +80,17 @@ def gram_eigh(w64: np.ndarray, group: int, mode: str, memo: dict | None = None) 
 
 def _mode_curve(scheme: Scheme, w: np.ndarray, geo: ConvGeometry, mode: str, memo: dict | None) -> np.ndarray:
     """The scheme's curve from the memoized mode Gram when its rows are the short side (the base
-    curve factors that same Gram); otherwise the base curve."""
+    curve factors that same Gram); otherwise the base curve.  Large Grams in float32 first, as
+    :func:`~sepify.core.linalg.lossy_curve` does, kept where the errors up to the break-even rank
+    stay at or above :data:`~sepify.core.linalg.FAST_GRAM_FLOOR`."""
     g, rows, cols = scheme.matrix_shape(geo)
     if memo is None or rows > cols:
         return Scheme.curve(scheme, w, geo)
+    if rows >= FAST_GRAM_MIN:
+        ev, _ = gram_eigh(w, geo.group, mode, memo, fast=True)
+        errors = relative_errors(np.sqrt(np.clip(ev, 0.0, None)))
+        if errors[:min(scheme.break_even(geo), len(errors) - 1) + 1].min() >= FAST_GRAM_FLOOR:
+            return errors
     ev, _ = gram_eigh(np.asarray(w, dtype=np.float64), geo.group, mode, memo)
     return relative_errors(np.sqrt(np.clip(ev, 0.0, None)))
 

@@ -24,9 +24,10 @@ from .base import Scheme
 from .lowrank import gram_eigh, in_view, out_matrices
 
 
-def _bases(w64: np.ndarray, group: int, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Orthonormal ``U_out`` [g, Ng, Ng] and ``U_in`` [g, Cg, Cg], columns by falling singular value."""
-    return gram_eigh(w64, group, "out", memo)[1], gram_eigh(w64, group, "in", memo)[1]
+def _bases(w64: np.ndarray, group: int, memo: dict | None = None, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal ``U_out`` [g, Ng, Ng] and ``U_in`` [g, Cg, Cg], columns by falling singular value
+    (``fast``: large sides from float32 decompositions, :func:`~sepify.core.schemes.lowrank.gram_eigh`)."""
+    return gram_eigh(w64, group, "out", memo, fast)[1], gram_eigh(w64, group, "in", memo, fast)[1]
 
 
 def _leading_basis(mats: np.ndarray, k: int) -> np.ndarray:
@@ -84,9 +85,8 @@ class Tucker2(Scheme):
         top = self.max_rank(geo)
         if total == 0.0:
             return np.zeros(top + 1)
-        u_out, u_in = _bases(w64, geo.group, memo)
-
         def errors_of(dtype):
+            u_out, u_in = _bases(w64, geo.group, memo, fast=dtype == np.float32)
             core = _core(w64.astype(dtype, copy=False), geo.group, u_out.astype(dtype, copy=False),
                          u_in.astype(dtype, copy=False))
             energy = np.square(core, dtype=np.float64).sum(axis=(0, 3))  # [Ng, Cg]
@@ -98,7 +98,7 @@ class Tucker2(Scheme):
             return np.asarray(errors)
 
         if max(geo.cin_per_group, geo.cout_per_group) >= FAST_GRAM_MIN:
-            # The core's products in float32, as lossy_curve's Grams (the bases stay float64).
+            # The bases' decompositions and the core's products in float32, as lossy_curve's.
             errors = errors_of(np.float32)
             if errors[:self.break_even(geo) + 1].min() >= FAST_GRAM_FLOOR:
                 return errors
