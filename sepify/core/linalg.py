@@ -141,37 +141,44 @@ def _call_ssyevd(fn, sym: np.ndarray, vectors: bool = False):
     return (w, a) if vectors else w
 
 
-def eigvalsh32(grams: np.ndarray) -> np.ndarray | None:
-    """Eigenvalues, ascending, of a batch of symmetric float32 matrices ``[B, s, s]`` computed in
-    float32 with the GIL released; None where no such routine is available (or it failed)."""
-    fn = _ssyevd()
-    if fn is None:
-        return None
-    out = []
-    for g in grams:
-        ev = _call_ssyevd(fn, g)
-        if ev is None or not np.isfinite(ev).all():
-            return None
-        out.append(ev)
-    return np.stack(out) if out else np.zeros(grams.shape[:2], dtype=np.float32)
-
-
-def eigh32(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`eigvalsh32` with the eigenvectors: ``(values [B, s] ascending, vectors [B, s, s] in the
-    columns)``, float32, or None."""
+def _ssyevd_batch(grams: np.ndarray, vectors: bool):
+    """``ssyevd`` over a batch ``[B, s, s]``: values ``[B, s]`` (and vectors ``[B, s, s]``), or None."""
     fn = _ssyevd()
     if fn is None:
         return None
     vals, vecs = [], []
     for g in grams:
-        got = _call_ssyevd(fn, g, vectors=True)
-        if got is None or not (np.isfinite(got[0]).all() and np.isfinite(got[1]).all()):
+        got = _call_ssyevd(fn, g, vectors)
+        if got is None:
             return None
-        vals.append(got[0])
-        vecs.append(got[1])
+        w, v = got if vectors else (got, None)
+        if not np.isfinite(w).all() or (v is not None and not np.isfinite(v).all()):
+            return None
+        vals.append(w)
+        vecs.append(v)
     if not vals:
-        return np.zeros(grams.shape[:2], dtype=np.float32), np.zeros(grams.shape, dtype=np.float32)
-    return np.stack(vals), np.stack(vecs)
+        vals_ = np.zeros(grams.shape[:2], dtype=np.float32)
+        return (vals_, np.zeros(grams.shape, dtype=np.float32)) if vectors else vals_
+    return (np.stack(vals), np.stack(vecs)) if vectors else np.stack(vals)
+
+
+def eigvalsh32(grams: np.ndarray) -> np.ndarray | None:
+    """Eigenvalues, ascending, of a batch of symmetric float32 matrices ``[B, s, s]`` computed in
+    float32 with the GIL released; None where no such routine is available (or it failed)."""
+    return _ssyevd_batch(grams, False)
+
+
+def eigh32(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`eigvalsh32` with the eigenvectors: ``(values [B, s] ascending, vectors [B, s, s] in the
+    columns)``, float32, or None."""
+    return _ssyevd_batch(grams, True)
+
+
+def clear_of_exactness(errors: np.ndarray, useful_rank: int | None = None) -> bool:
+    """Whether a float32 curve may stand: every error up to ``useful_rank`` (default: all) at or
+    above :data:`FAST_GRAM_FLOOR`, where float32 rounding cannot hide an exact rank."""
+    top = len(errors) - 1 if useful_rank is None else min(useful_rank, len(errors) - 1)
+    return bool(np.asarray(errors)[:top + 1].min() >= FAST_GRAM_FLOOR)
 
 
 def lossy_curve(mats: np.ndarray, useful_rank: int | None = None, exact=None) -> np.ndarray:
@@ -186,8 +193,7 @@ def lossy_curve(mats: np.ndarray, useful_rank: int | None = None, exact=None) ->
         sv = (gram_singular_values(gram.astype(np.float64)) if ev is None
               else np.sqrt(np.clip(ev[:, ::-1].astype(np.float64), 0.0, None)))
         errors = relative_errors(sv)
-        top = len(errors) - 1 if useful_rank is None else min(useful_rank, len(errors) - 1)
-        if errors[:top + 1].min() >= FAST_GRAM_FLOOR:
+        if clear_of_exactness(errors, useful_rank):
             return errors
     return relative_errors(singular_values(m if exact is None else exact()))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import FAST_GRAM_FLOOR, FAST_GRAM_MIN, MatrixView, eigh32, relative_errors, truncated_factors
+from ..linalg import FAST_GRAM_MIN, MatrixView, clear_of_exactness, eigh32, relative_errors, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -61,18 +61,16 @@ def gram_eigh(w: np.ndarray, group: int, mode: str, memo: dict | None = None,
     key = ("gram_eigh", mode, group, fast)
     if memo is not None and key in memo:
         return memo[key]
-    out = None
-    if fast:
-        w32 = np.asarray(w, dtype=np.float32)
-        m = out_matrices(w32, group) if mode == "out" else in_matrices(w32, group)
-        got = eigh32(np.matmul(m, m.transpose(0, 2, 1)))
-        if got is not None:
-            out = (got[0][:, ::-1].astype(np.float64), got[1][:, :, ::-1].astype(np.float64))
-    if out is None:
-        w64 = np.asarray(w, dtype=np.float64)
-        m = out_matrices(w64, group) if mode == "out" else in_matrices(w64, group)
-        ev, vec = np.linalg.eigh(np.matmul(m, m.transpose(0, 2, 1)))
-        out = (ev[:, ::-1], vec[:, :, ::-1])
+
+    def gram(dtype):
+        wd = np.asarray(w, dtype=dtype)
+        m = out_matrices(wd, group) if mode == "out" else in_matrices(wd, group)
+        return np.matmul(m, m.transpose(0, 2, 1))
+
+    got = eigh32(gram(np.float32)) if fast else None
+    if got is None:
+        got = np.linalg.eigh(gram(np.float64))
+    out = (got[0][:, ::-1].astype(np.float64, copy=False), got[1][:, :, ::-1].astype(np.float64, copy=False))
     if memo is not None:
         memo[key] = out
     return out
@@ -82,14 +80,14 @@ def _mode_curve(scheme: Scheme, w: np.ndarray, geo: ConvGeometry, mode: str, mem
     """The scheme's curve from the memoized mode Gram when its rows are the short side (the base
     curve factors that same Gram); otherwise the base curve.  Large Grams in float32 first, as
     :func:`~sepify.core.linalg.lossy_curve` does, kept where the errors up to the break-even rank
-    stay at or above :data:`~sepify.core.linalg.FAST_GRAM_FLOOR`."""
+    stay clear of exactness (:func:`~sepify.core.linalg.clear_of_exactness`)."""
     g, rows, cols = scheme.matrix_shape(geo)
     if memo is None or rows > cols:
         return Scheme.curve(scheme, w, geo)
     if rows >= FAST_GRAM_MIN:
         ev, _ = gram_eigh(w, geo.group, mode, memo, fast=True)
         errors = relative_errors(np.sqrt(np.clip(ev, 0.0, None)))
-        if errors[:min(scheme.break_even(geo), len(errors) - 1) + 1].min() >= FAST_GRAM_FLOOR:
+        if clear_of_exactness(errors, scheme.break_even(geo)):
             return errors
     ev, _ = gram_eigh(np.asarray(w, dtype=np.float64), geo.group, mode, memo)
     return relative_errors(np.sqrt(np.clip(ev, 0.0, None)))

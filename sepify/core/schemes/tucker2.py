@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import FAST_GRAM_FLOOR, FAST_GRAM_MIN, LEADING_TERMS, Spectrum, certify_tail, energy, range_basis
+from ..linalg import (FAST_GRAM_MIN, LEADING_TERMS, Spectrum, certify_tail, clear_of_exactness, energy,
+                      range_basis)
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -100,7 +101,7 @@ class Tucker2(Scheme):
         if max(geo.cin_per_group, geo.cout_per_group) >= FAST_GRAM_MIN:
             # The bases' decompositions and the core's products in float32, as lossy_curve's.
             errors = errors_of(np.float32)
-            if errors[:self.break_even(geo) + 1].min() >= FAST_GRAM_FLOOR:
+            if clear_of_exactness(errors, self.break_even(geo)):
                 return errors
         return errors_of(np.float64)
 
