@@ -588,6 +588,29 @@ def test_external_data_output_is_written_beside_it_as_out_data(tmp_path, capfd, 
     assert_matches(session(LOWRANK).run(None, feeds), session(dst / "r.onnx").run(None, feeds))
 
 
+@pytest.mark.parametrize("flags", [["--verify"], ["--bench"], ["--html", "page.html"]])
+def test_nothing_rewritten_with_external_data_then_checked(tmp_path, capfd, flags):
+    """A lossless rewrite that rewrites nothing returns the input's own proto; writing it with
+    external data must not empty that proto, which --verify, --bench and the reports read next
+    (a torch dynamo export, weights in <model>.onnx.data, failed with 'External data path … does
+    not exist')."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    path = _save_external(model, folder / "m.onnx", location="m.onnx.data")
+    flags = [f if f != "page.html" else str(tmp_path / f) for f in flags]
+    assert main(["rewrite", str(path), "--lossless", "-o", str(tmp_path / "r.onnx"), *flags]) == 0
+    assert "0 node(s) rewritten" in capfd.readouterr().out
+    feeds = {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    assert_matches(session(path).run(None, feeds), session(tmp_path / "r.onnx").run(None, feeds))
+
+
 def test_in_place_with_external_data_replaces_model_and_its_data(tmp_path, capfd):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -211,7 +211,15 @@ def finish_rewrite(args, loaded, model, report, cal, shapes, latency, checks=Non
         target = Path(args.output)
         data = target.parent / external_data_name(target)
         had_data = data.exists()
-        save_model(model, args.output, external=loaded.has_external_data or None, source=loaded)
+        to_save = model
+        if model is loaded.model and loaded.has_external_data:
+            # Nothing was rewritten, so this is the input's own proto, which --verify, --bench and the
+            # reports still read; saving with external data moves its weights out of the proto given.
+            import onnx
+
+            to_save = onnx.ModelProto()
+            to_save.CopyFrom(model)
+        save_model(to_save, args.output, external=loaded.has_external_data or None, source=loaded)
         written = [target] + ([data] if data.exists() and not had_data else [])
     try:
         return _checked_rewrite(args, loaded, model, report, cal, shapes, latency, checks)
