@@ -50,8 +50,12 @@ def short_gram(mats: np.ndarray, dtype) -> np.ndarray:
 
 def gram_singular_values(gram: np.ndarray) -> np.ndarray:
     """Singular values, descending, from the float64 Gram matrices ``[B, s, s]`` of the short side."""
-    ev = np.linalg.eigvalsh(gram)[:, ::-1]
-    return np.sqrt(np.clip(ev, 0.0, None))
+    return eig_singular_values(np.linalg.eigvalsh(gram))
+
+
+def eig_singular_values(ev: np.ndarray) -> np.ndarray:
+    """Singular values, descending, in float64, from a batch of Gram eigenvalues in ascending order ``[B, s]``."""
+    return np.sqrt(np.clip(np.asarray(ev, dtype=np.float64)[:, ::-1], 0.0, None))
 
 
 # A lossy plan's curve of matrices whose short side has at least FAST_GRAM_MIN rows forms its Gram
@@ -190,9 +194,9 @@ def lossy_curve(mats: np.ndarray, useful_rank: int | None = None, exact=None) ->
     if min(m.shape[1:]) >= FAST_GRAM_MIN:
         gram = short_gram(m, np.float32)
         ev = eigvalsh32(gram)
-        sv = (gram_singular_values(gram.astype(np.float64)) if ev is None
-              else np.sqrt(np.clip(ev[:, ::-1].astype(np.float64), 0.0, None)))
-        errors = relative_errors(sv)
+        if ev is None:
+            ev = np.linalg.eigvalsh(gram.astype(np.float64))
+        errors = relative_errors(eig_singular_values(ev))
         if clear_of_exactness(errors, useful_rank):
             return errors
     return relative_errors(singular_values(m if exact is None else exact()))

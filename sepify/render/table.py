@@ -159,9 +159,7 @@ def _plain_text(text: str) -> bool:
     """Text that rich prints unchanged at natural width: one line, no tabs or control characters, no
     surrounding spaces, every character one cell wide as rich measures it (not East Asian wide ones,
     not combining marks)."""
-    from rich.cells import cell_len as rich_len
-
-    return text == text.strip() and text.isprintable() and (text.isascii() or rich_len(text) == len(text))
+    return text == text.strip() and text.isprintable() and (text.isascii() or cell_len(text) == len(text))
 
 
 def plain_lines(table: PlainTable) -> str | None:

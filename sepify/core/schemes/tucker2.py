@@ -86,6 +86,7 @@ class Tucker2(Scheme):
         top = self.max_rank(geo)
         if total == 0.0:
             return np.zeros(top + 1)
+
         def errors_of(dtype):
             u_out, u_in = _bases(w64, geo.group, memo, fast=dtype == np.float32)
             core = _core(w64.astype(dtype, copy=False), geo.group, u_out.astype(dtype, copy=False),
