@@ -1,7 +1,5 @@
 """``python -m sepify``: the same as the ``sepify`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

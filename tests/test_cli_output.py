@@ -224,6 +224,29 @@ def test_python_dash_m_sepify():
     assert res.returncode == 0 and "--jobs" in res.stdout
 
 
+def test_the_command_leaves_without_teardown_but_with_everything_written(tmp_path):
+    """``python -m sepify`` ends with ``os._exit`` (no interpreter teardown): stdout through a pipe,
+    the model and the report it writes are complete, exit codes are kept — and under a tracer the
+    interpreter exits normally (its atexit handlers run)."""
+    lowrank = str(SAMPLES / "lowrank_separable.onnx")
+    res = subprocess.run([sys.executable, "-m", "sepify", "audit", lowrank, str(SAMPLES / "vgg_small.onnx"),
+                          "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and len(json.loads(res.stdout)["models"]) == 2
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    res = subprocess.run([sys.executable, "-m", "sepify", "rewrite", lowrank, "-o", str(out), "--report", str(report)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert json.loads(report.read_text())["changed"] is True
+    res = subprocess.run([sys.executable, "-m", "sepify", "audit", str(tmp_path / "missing.onnx")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("sepify: error:")
+    traced = ("import atexit, sys; sys.settrace(lambda *a: None); atexit.register(lambda: print('atexit ran')); "
+              "sys.argv = ['sepify', 'audit', '--help']; from sepify.cli import run; run()")
+    res = subprocess.run([sys.executable, "-c", traced], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("atexit ran")
+
+
 def test_progress_forces_bars_when_stderr_is_no_terminal(capsys, tmp_path):
     models = [SAMPLES / "sobel_rgb.onnx", SAMPLES / "conv1d.onnx"]
     code, out, err = _run(capsys, "audit", *models, "--no-spectra", "--progress")

@@ -1,5 +1,5 @@
 """The ``sepify`` command (see :mod:`sepify.cli.main`)."""
 
-from .main import main
+from .main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
