@@ -388,7 +388,7 @@ def certify_tail(mats: np.ndarray, rank: int, error: float, total: float | None 
 
 
 def spectrum(mats: "np.ndarray | MatrixView", useful_rank: int, bound: float, *, depth: int | None = None,
-             limit: int = FULL_SPECTRUM_LIMIT, estimate: bool = True) -> Spectrum:
+             limit: int = FULL_SPECTRUM_LIMIT, estimate: bool = True, total: float | None = None) -> Spectrum:
     """Errors by rank, exact where it matters and cheap where it cannot.
 
     Matrices whose short side exceeds ``limit`` first try :func:`certify_tail`: if no rank up to
@@ -396,12 +396,14 @@ def spectrum(mats: "np.ndarray | MatrixView", useful_rank: int, bound: float, *,
     tolerance), only the leading singular values are estimated for the report, and the spectrum says
     how far it was examined (``exact_above``); ``estimate=False`` skips even those (``errors`` is
     ``[1.0]``, rank 0 only).  Otherwise (a weight that may well be low rank) the full spectrum is
-    computed.
+    computed.  ``total``: :func:`energy` of ``mats`` when the caller knows it (every scheme's
+    matrices rearrange the same weight: the audit sums its squares once, not once per scheme).
     """
     short = min(mats.shape[1], mats.shape[2])
     if short <= limit or useful_rank < 1:
         return Spectrum(relative_errors(singular_values(as_array(mats))))
-    total = energy(mats)
+    if total is None:
+        total = energy(mats)
     examined = min(useful_rank if depth is None else min(depth, useful_rank), short - 1)
     if not certify_tail(mats, examined, bound, total):
         return Spectrum(relative_errors(singular_values(as_array(mats))))

@@ -11,7 +11,7 @@ import onnx
 from ..threads import parallel_map, single_blas
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
-from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, exact_rank, exact_tolerance
+from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, energy, exact_rank, exact_tolerance
 from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..model.cost import CONVENTION, LINEAR_OPS, LINEAR_WEIGHT_TYPES, conv_cost, matmul_macs
@@ -209,11 +209,12 @@ class AuditReport:
 
 # ----------------------------------------------------------------------------------------------
 def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
-                   variant: str | None = None, certify: bool = False) -> SchemeAnalysis:
+                   variant: str | None = None, certify: bool = False, total: float | None = None) -> SchemeAnalysis:
     """One scheme's spectrum of ``w``.  Large matrices (short side over
     :data:`~sepify.core.linalg.FULL_SPECTRUM_LIMIT`) are certified instead of decomposed: with
     ``certify`` up to the break-even rank (no exact split that saves MACs exists), by default up to
-    :data:`AUDIT_DEPTH` only ("no exact split up to rank k; not examined above")."""
+    :data:`AUDIT_DEPTH` only ("no exact split up to rank k; not examined above").  ``total``: ``Σ w²``
+    if known (the same for every scheme: their matrices rearrange ``w``)."""
     sch = get_scheme(scheme)
     reason = sch.reason(geo)
     if reason is not None:
@@ -223,7 +224,7 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
         # Variants with different spectra (the spatial split's two orders): an exact split in the
         # costlier variant still beats an inexact one in the cheaper.
         cheaper, *others = variants
-        options = [analyze_scheme(w, geo, scheme, tol, cheaper, certify)]
+        options = [analyze_scheme(w, geo, scheme, tol, cheaper, certify, total)]
         for other in others:
             # The costlier variant only matters if it has an exact split: a certificate that it
             # has none up to its break-even rank settles that without analysing it further.
@@ -231,9 +232,9 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
             if break_even < 1:
                 continue  # saves nothing in this variant
             depth = break_even if certify else min(break_even, AUDIT_DEPTH)
-            if certify_tail(sch.matrix_view(w, geo, other), depth, tol):  # never reported: no spectrum needed
+            if certify_tail(sch.matrix_view(w, geo, other), depth, tol, total):  # never reported: no spectrum needed
                 continue
-            options.append(analyze_scheme(w, geo, scheme, tol, other, certify))
+            options.append(analyze_scheme(w, geo, scheme, tol, other, certify, total))
         exact = [a for a in options if a.exact_saves_macs]
         return min(exact, key=lambda a: sch.macs(geo, a.exact_rank, a.variant)) if exact else options[0]
     variant = sch.resolve(geo, variant)
@@ -241,7 +242,7 @@ def analyze_scheme(w: np.ndarray, geo: ConvGeometry, scheme: str, tol: float,
     break_even = sch.break_even(geo, variant)
     spec = sch.spectrum(w, geo, variant, max(NEAR_EXACT_TOL, tol), break_even,
                         depth=None if certify else AUDIT_DEPTH, limit=FULL_SPECTRUM_LIMIT if certify else AUDIT_LIMIT,
-                        estimate=certify)
+                        estimate=certify, total=total)
     errors = spec.errors
     # Incomplete spectra come with a certificate that nothing up to break-even is (near-)exact.
     ex = exact_rank(errors, tol) if spec.complete else None
@@ -294,7 +295,9 @@ def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype, certify: b
     tol = exact_tolerance(dtype)
     # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
     w64 = np.asarray(w, dtype=np.float64)
-    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol, certify=certify) for s in scheme_names()}
+    total = energy(w64)  # every scheme's matrices rearrange w: one sum of squares serves them all
+    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol, certify=certify, total=total)
+               for s in scheme_names()}
     return Separability(
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,

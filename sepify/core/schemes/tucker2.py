@@ -107,7 +107,8 @@ class Tucker2(Scheme):
         return errors_of(np.float64)
 
     def spectrum(self, w: np.ndarray, geo: ConvGeometry, variant: str, bound: float, useful_rank: int, *,
-                 depth: int | None = None, limit: int | None = None, estimate: bool = True) -> Spectrum:
+                 depth: int | None = None, limit: int | None = None, estimate: bool = True,
+                 total: float | None = None) -> Spectrum:
         """The full HOSVD curve; with ``depth`` (the default audit), a layer with more than ``limit``
         channels on a side is only certified: a rank-``r`` Tucker-2 is no better than the best rank-``r``
         projection of either channel mode, so when Courant–Fischer (:func:`certify_tail`) proves that
@@ -121,7 +122,8 @@ class Tucker2(Scheme):
         examined = min(depth, useful_rank, self.max_rank(geo) - 1)
         outs, ins = out_matrices(w64, g), in_view(w64, g)
         mats = [m for m in (outs, ins) if examined + 1 <= min(m.shape[1:])]
-        total = energy(w64.reshape(1, 1, -1))
+        if total is None:
+            total = energy(w64.reshape(1, 1, -1))
         if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
             return Spectrum(self.curve(w, geo, variant))
         if not estimate:
