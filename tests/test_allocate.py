@@ -165,3 +165,33 @@ def test_calibration_profiles_twins_once_from_both_towers():
     joint = cal.profiles["a_conv2"].curves["dw-pw"].error
     assert alone["a_conv2"].curves["dw-pw"].error != alone["b_conv2"].curves["dw-pw"].error
     assert joint not in (alone["a_conv2"].curves["dw-pw"].error, alone["b_conv2"].curves["dw-pw"].error)
+
+
+def test_budget_candidates_on_arrays_are_exactly_the_front_of_every_candidate():
+    """The budget walk builds candidates only on each node's Pareto front (numpy, before any object):
+    the same members, order and tie-breaks as ``front`` over every candidate, ties included."""
+    from types import SimpleNamespace
+
+    from sepify.pipeline.plan import _NodeState, _candidates, _front_candidates
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        limit = int(rng.integers(50, 400))
+        curves = {}
+        for name, variant in (("dw-pw", ""), ("spatial", ""), ("spatial", "h"), ("tucker2", "")):
+            n = int(rng.integers(0, 30))
+            step = int(rng.integers(1, 40))
+            macs = list(np.cumsum(rng.integers(0, step + 1, n)) + int(rng.integers(1, 60)))  # repeats: ties
+            errs = np.concatenate([[1.0], np.sort(rng.choice([0.0, 0.1, 0.2, 0.3, 0.5, 0.7], n))[::-1]])
+            if trial % 3 == 0:
+                errs[1:] = rng.choice([0.0, 0.25, 0.5], n)  # not monotone either
+            curves[(name, variant)] = (errs, macs)
+        st = _NodeState(spec=None, weight=None, geo=SimpleNamespace(macs=limit), tol_exact=0.0, curves=curves)
+        schemes = ["dw-pw", "spatial", "tucker2"]
+        every = _candidates(st, schemes)
+        expected = front(limit, [Option(c.macs, c.error, (c.scheme, c.variant, c.rank), key=c.error) for c in every])
+        got = front(limit, [Option(c.macs, c.error, (c.scheme, c.variant, c.rank), key=c.error)
+                            for c in _front_candidates(st, schemes)])
+        assert [o.payload for o in got] == [o.payload for o in expected]
+        kept = {(c.scheme, c.variant, c.rank) for c in _front_candidates(st, schemes)}
+        assert kept == {o.payload for o in expected}  # nothing beyond the front is built
