@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import threading
 from typing import Any
@@ -32,24 +33,35 @@ def blas_threads() -> int | None:
 
 
 @contextlib.contextmanager
-def limited_blas():
-    """BLAS limited to :func:`blas_threads` threads inside the block (re-entrant)."""
+def limited_blas(preload: tuple[str, ...] = ()):
+    """BLAS limited to :func:`blas_threads` threads inside the block (re-entrant).
+
+    ``preload``: modules that bring a BLAS library of their own (``scipy.linalg``: scipy's
+    OpenBLAS), imported before the limit is set.  threadpoolctl limits the libraries loaded when
+    the block is entered; one loaded inside it keeps its default threads (and limiting it later
+    from a worker thread did not take), whose idle threads spin between calls: on a 2-core machine
+    scipy's OpenBLAS spun through a sixth of a calibration's CPU time, beside sepify's two workers."""
     n = blas_threads()
     if n is None:
         yield
         return
+    for name in preload:
+        importlib.import_module(name)
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=n, user_api="blas"):
         yield
 
 
-def single_blas(fn):
-    """Run ``fn`` with :func:`limited_blas` (for the API entry points)."""
+def single_blas(fn=None, *, preload: tuple[str, ...] = ()):
+    """Run ``fn`` with :func:`limited_blas` (for the API entry points); ``@single_blas(preload=…)``
+    names modules to import first (see :func:`limited_blas`)."""
+    if fn is None:
+        return functools.partial(single_blas, preload=preload)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with limited_blas():
+        with limited_blas(preload):
             return fn(*args, **kwargs)
 
     return wrapper

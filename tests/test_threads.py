@@ -86,3 +86,34 @@ def test_calibration_and_planning_give_the_same_model_on_one_thread_and_on_two(m
         assert one.keys() == two.keys() and len(one) > 0
         for k in one:
             np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+
+
+def test_calibration_holds_scipys_blas_to_one_thread_too():
+    """scipy brings its own OpenBLAS, loaded on first use: calibration preloads it so that the BLAS
+    limit covers it (its idle threads had spun through a sixth of a calibration's CPU time).  In a
+    fresh interpreter, scipy not yet imported; every BLAS library at one thread while the layers'
+    curves are computed on the worker threads, and the library's own setting back afterwards."""
+    import subprocess
+    import sys
+
+    code = r"""
+import os, sys
+os.environ.pop("SEPIFY_BLAS_THREADS", None)
+assert "scipy" not in sys.modules
+import sepify
+import sepify.calibration.profiling as P
+from threadpoolctl import threadpool_info
+seen = []
+curve = P.curve
+def spy(*a, **k):
+    seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+    return curve(*a, **k)
+P.curve = spy
+sepify.calibrate(sys.argv[1], sepify.Policy(budget=0.5), "random", samples=4)
+assert seen and any("scipy_openblas-" in f or "openblas" in f and "64_" not in f for d in seen for f in d), seen
+assert all(n == 1 for d in seen for n in d.values()), seen
+print(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+"""
+    model = Path(__file__).resolve().parents[1] / "sample_models" / "vgg_small.onnx"
+    res = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

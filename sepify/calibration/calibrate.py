@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from ..threads import releasing_scratch, single_blas
+from .lstsq import LSTSQ_BLAS
 from ..core.allocate import Option, greedy
 from ..core.chain import split_kernel_stage
 from ..core.drift import DriftMeter, drift_definition
@@ -522,7 +523,7 @@ def options_of(options: CalibrationOptions | None, kw: Mapping[str, Any]) -> Cal
                                                        ("samples", "value_range", "max_drift")})
 
 
-@single_blas
+@single_blas(preload=LSTSQ_BLAS)
 @releasing_scratch
 def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random", input_shapes=None,
               *, options: CalibrationOptions | None = None, measure: bool = True, input_values=None,
@@ -605,7 +606,7 @@ def calibrate(model: ModelSource | LoadedModel, policy: Policy | None = None, da
     return CalibrationResult(report, dict(choices), dict(solved), dict(results), cal)
 
 
-@single_blas
+@single_blas(preload=LSTSQ_BLAS)
 def calibrated_rewrite(model: ModelSource | LoadedModel, policy: Policy | None = None, data: Any = "random",
                        input_shapes=None, *, lowering: str | None = None, **kw):
     """:func:`calibrate`, then the calibrated factors written as solved (one emitter, as every rewrite).

@@ -32,6 +32,9 @@ CURVE_RIDGE = 1e-3  # ridge of the per-rank error curves (the final solve cross-
 # unknowns, ~5 s a fold), and one way is as unbiased, only noisier.  The final solve of a chosen
 # rank still cross-validates both ways.
 ONE_WAY_MIN = 1024
+# Where the triangular inverse and Cholesky solves come from: scipy's LAPACK, on scipy's own OpenBLAS
+# (the calibration entry points preload it, see sepify.threads.limited_blas).
+LSTSQ_BLAS = ("scipy.linalg",)
 
 
 def positions(seed: int, layer: int, sample: int, n_out: int, k: int) -> np.ndarray:

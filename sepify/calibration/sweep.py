@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from ..threads import releasing_scratch, single_blas
+from .lstsq import LSTSQ_BLAS
 from ..core.drift import drift_definition
 from ..core.schemes import get as get_scheme
 from ..errors import ParameterError
@@ -89,7 +90,7 @@ def parse_budgets(text: str | None) -> list[float]:
     return sorted(set(values), reverse=True)
 
 
-@single_blas
+@single_blas(preload=LSTSQ_BLAS)
 @releasing_scratch
 def sweep(model, data: Any = "random", budgets: Sequence[float] = DEFAULT_BUDGETS, input_shapes=None, *,
           policy=None, eval_data: Any = None, weight_only: bool = True, latency: bool = False,
