@@ -1,5 +1,5 @@
 """``python -m sepify``: the same as the ``sepify`` command."""
 
-from .cli import run
+from .command import run
 
 run()

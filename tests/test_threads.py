@@ -117,3 +117,31 @@ print(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"
     model = Path(__file__).resolve().parents[1] / "sample_models" / "vgg_small.onnx"
     res = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_command_starts_numpys_blas_with_one_thread_unless_told_otherwise():
+    """``sepify`` sets OPENBLAS_NUM_THREADS=1 before numpy loads (an OpenBLAS started with more
+    threads spins its idle helpers for ~0.15 s of CPU), and leaves alone a user's own setting, a
+    larger SEPIFY_BLAS_THREADS, and a process where numpy is already loaded."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; from sepify.command import quiet_blas; {pre}changed = quiet_blas(); import numpy; "
+             "from threadpoolctl import threadpool_info; "
+             "print(changed, os.environ.get('OPENBLAS_NUM_THREADS'), "
+             "max(i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                             "MKL_NUM_THREADS", "SEPIFY_BLAS_THREADS")}
+
+    def run(pre="", **env):
+        res = subprocess.run([sys.executable, "-c", probe.format(pre=pre)], capture_output=True, text=True,
+                             env={**base, **env}, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()
+
+    assert run() == ["True", "1", "1"]
+    assert run(OPENBLAS_NUM_THREADS="2")[:2] == ["False", "2"]
+    assert run(OMP_NUM_THREADS="2")[:2] == ["False", "None"]
+    assert run(SEPIFY_BLAS_THREADS="2")[:2] == ["False", "None"]
+    assert run(pre="import numpy; ")[:2] == ["False", "None"]
