@@ -17,9 +17,9 @@ def quiet_blas() -> bool:
     started with more threads spins its idle helper threads after loading — ~0.15 s of a core
     while the command imports and reads the model — though sepify never gives them work.
     Does nothing once numpy is imported.  True when it set ``OPENBLAS_NUM_THREADS``."""
-    if "numpy" in sys.modules or any(v in os.environ for v in BLAS_THREAD_VARS):
-        return False
-    if os.environ.get("SEPIFY_BLAS_THREADS", "1").strip() != "1":
+    from .threads import blas_threads
+
+    if "numpy" in sys.modules or any(v in os.environ for v in BLAS_THREAD_VARS) or blas_threads() != 1:
         return False
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     return True

@@ -14,9 +14,10 @@ import functools
 import importlib
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where buffers are made: sepify.command reads this module first
+    import numpy as np
 
 ENV = "SEPIFY_BLAS_THREADS"
 
@@ -127,6 +128,8 @@ def scratch(slot: str, shape, dtype) -> np.ndarray:
     serializing the threads that fault — that took longer than the arithmetic around them (YOLOv8n's
     calibration: 7 s of system time in a 21 s run).  The array is valid until this thread asks for
     ``slot`` again; :func:`release_scratch` frees every thread's buffers."""
+    import numpy as np
+
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     key = threading.get_ident()

@@ -369,26 +369,32 @@ def _weight_size(spec) -> int:
     return 0 if geo is None else geo.c_out * geo.cin_per_group * int(np.prod(geo.kernel))
 
 
+def _curves_in_order(st: _NodeState, schemes: list[str]):
+    """``(scheme, variant, errors by rank, MACs by rank)`` of the node, in the order candidates are
+    listed (``schemes``' order, then each scheme's variants)."""
+    for s in schemes:
+        for (name, variant), (curve, macs_at) in st.curves.items():
+            if name == s:
+                yield s, variant, curve, macs_at
+
+
 def _candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     """Every (scheme, variant, rank) that saves MACs, with its weight error — under latency cost
     (``st.latency`` set) the measured ranks that run faster than the conv, with their latency."""
     out = []
     lat = st.latency
     limit = st.geo.macs
-    for s in schemes:
-        for (name, variant), (curve, macs_at) in st.curves.items():
-            if name != s:
+    for s, variant, curve, macs_at in _curves_in_order(st, schemes):
+        for r in range(1, len(curve)):
+            macs = macs_at[r - 1]
+            if macs >= limit:
+                break
+            if lat is None:
+                out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
                 continue
-            for r in range(1, len(curve)):
-                macs = macs_at[r - 1]
-                if macs >= limit:
-                    break
-                if lat is None:
-                    out.append(Candidate(s, r, float(curve[r]), macs, variant=variant))
-                    continue
-                us = lat[1].get((s, variant, r))
-                if us is not None and us < lat[0]:
-                    out.append(Candidate(s, r, float(curve[r]), macs, variant=variant, latency_us=us))
+            us = lat[1].get((s, variant, r))
+            if us is not None and us < lat[0]:
+                out.append(Candidate(s, r, float(curve[r]), macs, variant=variant, latency_us=us))
     return out
 
 
@@ -399,14 +405,11 @@ def _front_candidates(st: _NodeState, schemes: list[str]) -> list[Candidate]:
     as ``front`` on the full list (cost, then error, then the candidates' order)."""
     parts = []
     limit = st.geo.macs
-    for s in schemes:
-        for (name, variant), (curve, macs_at) in st.curves.items():
-            if name != s:
-                continue
-            macs = np.asarray(macs_at[:len(curve) - 1], dtype=np.int64)
-            n = int(np.argmax(macs >= limit)) if (macs >= limit).any() else len(macs)  # _candidates stops there
-            if n:
-                parts.append((s, variant, np.arange(1, n + 1), macs[:n], np.asarray(curve[1:n + 1], dtype=np.float64)))
+    for s, variant, curve, macs_at in _curves_in_order(st, schemes):
+        macs = np.asarray(macs_at[:len(curve) - 1], dtype=np.int64)
+        n = int(np.argmax(macs >= limit)) if (macs >= limit).any() else len(macs)  # _candidates stops there
+        if n:
+            parts.append((s, variant, np.arange(1, n + 1), macs[:n], np.asarray(curve[1:n + 1], dtype=np.float64)))
     if not parts:
         return []
     cost = np.concatenate([p[3] for p in parts])
