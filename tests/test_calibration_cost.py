@@ -133,3 +133,40 @@ def test_sensitivities_from_one_session_with_fed_weights_equal_a_session_per_lay
     assert fed.keys() == rebuilt.keys()
     for n in fed:
         assert fed[n] == pytest.approx(rebuilt[n], rel=1e-4, abs=1e-9)
+
+
+def test_reference_bar_moves_as_each_layers_curves_are_done_and_reaches_its_total(monkeypatch):
+    """The reference pass's bar advances from the worker threads as each layer's curves finish (it
+    stood still through the curves of a whole chunk: seconds without an ETA), and ends at its total."""
+    import threading
+
+    from sepify.calibration import calibrate as calibrate_module
+
+    events = []
+
+    class Recorder:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total=None, **kw):
+            events.append(("add", description, total, threading.current_thread().name))
+            return description
+
+        def advance(self, task, n=1):
+            events.append(("advance", task, n, threading.current_thread().name))
+
+        def update(self, *a, **k):
+            pass
+
+    from sepify import threads
+
+    monkeypatch.setenv(threads.THREADS_ENV, "2")  # a pool, whatever the machine's cores
+    monkeypatch.setattr(calibrate_module, "progress_bar", lambda enabled: Recorder())
+    calibrated_rewrite(net(), Policy(mode="budget", budget=0.6), {"x": anisotropic(8, 1)}, progress=True)
+    [(_, name, total, _)] = [e for e in events if e[0] == "add" and e[1] == "reference activations"]
+    steps = [e for e in events if e[0] == "advance" and e[1] == name]
+    assert sum(n for _, _, n, _ in steps) == total
+    assert any(thread != threading.main_thread().name for *_, thread in steps)  # layers' curves, as they finish

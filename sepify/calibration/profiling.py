@@ -266,6 +266,8 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                 new, bias = unpack_last(stages, x)
                 small = get_scheme(s).truncate(new, lead.geo, r_max, r)
                 probe = Probe(s, r, e, compose(small, lead.geo), bias)
+            if progress:  # as each layer's curves are done (the pool's threads; rich's bars take a lock)
+                progress.advance(task, len(group))
             return curves, probe
 
         # Each lead's curves and probe from its own systems: one lead per core.
@@ -274,8 +276,6 @@ def reference_pass(work: WorkingModel, layers: Sequence[Layer], calib: Calibrati
                 profiles[layer.name] = LayerProfile(layer.name, layer.geo.macs, dict(curves), probe)
             eqs.pop(lead.name)
             moments.pop(lead.name, None)
-            if progress:
-                progress.advance(task, len(group))
         del session
     return {l.name: profiles[l.name] for l in layers}
 
