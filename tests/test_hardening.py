@@ -399,6 +399,23 @@ def test_bad_input_through_the_installed_command(tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_command_started_with_a_closed_stream_says_so_or_stays_silent(tmp_path):
+    """Started with stdout closed (``>&-``): one error line on stderr, exit 2, no traceback.  With
+    stderr closed, an error never lands on stdout (print(file=None) would write there)."""
+    sample = str(Path(__file__).resolve().parents[1] / "sample_models" / "vgg_small.onnx")
+    cmd = [sys.executable, "-m", "sepify", "audit"]
+    proc = subprocess.run(cmd + [sample], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "sepify: error: standard output is closed (sepify writes its results and tables there)")
+    proc = subprocess.run(cmd + [str(tmp_path / "missing.onnx")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, timeout=120, preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 2 and proc.stdout == ""
+    proc = subprocess.run(cmd + [sample], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 0 and "vgg_small.onnx" in proc.stdout
+
+
 def test_malformed_conv_messages_say_what_is_wrong(tmp_path):
     expect = {
         "conv_strides_zero": "strides [0, 1]",

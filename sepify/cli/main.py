@@ -164,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if sys.stderr is None:  # started with stderr closed: messages have nowhere to go (print would use stdout)
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:  # started with stdout closed: where the results go
+        print("sepify: error: standard output is closed (sepify writes its results and tables there)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -205,14 +210,11 @@ def run() -> None:
     code = main()
     if sys.getprofile() is not None or sys.gettrace() is not None or os.environ.get("SEPIFY_NORMAL_EXIT"):
         sys.exit(code)
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):  # the reader went away (| head) or stdout was closed
-        pass
-    try:
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # no stream (closed at start), the reader went away (| head)
+            pass
     os._exit(code)
 
 
