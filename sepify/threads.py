@@ -118,6 +118,18 @@ def parallel_map(fn, items: list) -> list:
     return list(_executor(cores()).map(fn, items))
 
 
+def start_each(fn):
+    """``submit(x)`` starts ``fn(x)`` on the analysis threads and returns a callable that waits for
+    its result (and raises its exception) — for items that become ready one at a time, so the
+    workers start on the first while the caller still prepares the next (the audit reads each
+    weight out of the model while the spectra of the ones before it are computed).  On one core,
+    or inside one of the workers, ``fn(x)`` runs when its result is asked for."""
+    if cores() <= 1 or getattr(_worker, "active", False):
+        return lambda x: functools.partial(fn, x)
+    pool = _executor(cores())
+    return lambda x: pool.submit(fn, x).result
+
+
 _scratch_lock = threading.Lock()
 _scratch: dict[int, dict[str, np.ndarray]] = {}
 
@@ -161,4 +173,4 @@ def releasing_scratch(fn):
 
 
 __all__ = ["ENV", "THREADS_ENV", "blas_threads", "cores", "limited_blas", "parallel_map", "release_scratch",
-           "releasing_scratch", "scratch", "single_blas"]
+           "releasing_scratch", "scratch", "single_blas", "start_each"]

@@ -294,3 +294,32 @@ def test_scheme_curves_of_large_weights_fall_back_to_full_precision_near_exactne
     noisy = rng.standard_normal((192, 192, 3, 3))
     ref = F.relative_errors(F.singular_values(spatial.matrices(noisy, geo, "v")))
     np.testing.assert_allclose(spatial.curve(noisy, geo, "v")[:300], ref[:300], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 9, 300), (40, 300, 9), (1, 24, 5000), (1, 5000, 24), (3, 7, 7)])
+def test_grams_of_narrow_weights_widened_piece_by_piece_equal_the_whole_float64_gram(monkeypatch, shape):
+    # Pieces of a few KB: every path of short_gram's chunking (by matrices, by columns of one matrix).
+    monkeypatch.setattr(F, "CHUNK_BYTES", 4096)
+    m = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    want = F.short_gram(m.astype(np.float64), np.float64)
+    got = F.short_gram(m, np.float64)
+    assert got.dtype == np.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+def test_dw_pw_spectrum_of_a_float32_weight_is_its_float64_spectrum(monkeypatch):
+    from sepify.core.geometry import ConvGeometry
+    from sepify.core.schemes import get
+
+    monkeypatch.setattr(F, "CHUNK_BYTES", 4096)
+    # Exactly rank 2 per input channel (grouped): the exact rank must survive the piecewise widening.
+    rng = np.random.default_rng(4)
+    g, ng, cg, k = 2, 16, 12, 9
+    w = np.einsum("qnr,qcrk->qnck", rng.standard_normal((g, ng, 2)), rng.standard_normal((g, cg, 2, k)))
+    w = w.reshape(g * ng, cg, 3, 3).astype(np.float32)
+    geo = ConvGeometry(1, g * cg, g * ng, g, (3, 3), (8, 8), (8, 8), (1, 1), (1, 1), (1, 1, 1, 1))
+    dwpw = get("dw-pw")
+    narrow = dwpw.spectrum(w, geo, "", 1e-3, 5).errors
+    wide = dwpw.spectrum(w.astype(np.float64), geo, "", 1e-3, 5).errors
+    np.testing.assert_allclose(narrow, wide, rtol=1e-9, atol=1e-12)
+    assert F.exact_rank(narrow, F.exact_tolerance(np.float32)) == 2

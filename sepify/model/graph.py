@@ -118,8 +118,10 @@ def node_labels(graph: onnx.GraphProto) -> list[str]:
 class GraphView:
     """Producers/consumers and constants over the main graph and all subgraphs."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, inline=None):
         self.model = model
+        # InlineWeights (sepify.model.load): the main graph's initializers as views of the file's bytes
+        self.inline = inline
         self.nodes: list[NodeRef] = []
         self.producer: dict[str, NodeRef] = {}
         self.consumers: dict[str, list[NodeRef]] = {}
@@ -131,6 +133,7 @@ class GraphView:
         )
         self._ordered: list[NodeRef] = []
         self._walk(model.graph, scope="", parent_scope=None, parent_node=None)
+        self._main_initializers = self._scope_of_graph[id(model.graph)].initializers
         self.nodes = _preorder(self._ordered)
         del self._ordered
         self._nx = None
@@ -275,6 +278,10 @@ class GraphView:
         (input name, scope) of every input of its producer (None for an empty input)."""
         init = self._lookup_initializer(name, scope)
         if init is not None:
+            if self.inline is not None and self._main_initializers.get(name) is init:
+                value = self.inline.array(init)
+                if value is not None:
+                    return ConstantInfo(value, "initializer")
             return ConstantInfo(tensor_array(init), "initializer")  # external data of a big model: mapped
         producer = self.producer.get(name)
         if producer is None:

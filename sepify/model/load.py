@@ -18,6 +18,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo
 
 from ..errors import ModelLoadError, ParameterError
+from .inline import MAPPABLE as _MAPPABLE, InlineWeights, tensor_nbytes
 from .walk import iter_graphs, node_subgraphs
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class LoadedModel:
     mapped_external: bool = False  # external data left in its files (over MAP_EXTERNAL_OVER bytes), see load_model
     notes: tuple[str, ...] = ()  # what loading changed in the model (functions inlined), for the reports
     original: onnx.ModelProto | None = None  # a caller's ModelProto, when loading changed a copy of it
+    inline: InlineWeights | None = None  # the serialized bytes, kept on request (load_model(inline=True))
 
     @property
     def as_given(self) -> onnx.ModelProto:
@@ -119,22 +121,6 @@ def iter_all_tensors(model: onnx.ModelProto, *, sparse: bool = True) -> Iterator
             yield item
 
 
-def tensor_nbytes(tensor: TensorProto) -> int | None:
-    """Bytes the tensor's declared dims need, or None for types without a fixed size."""
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:  # noqa: BLE001 - strings, undefined types
-        return None
-    numel = 1
-    for d in tensor.dims:
-        if d < 0:
-            return -1
-        numel *= d
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)):
-        return (numel + 1) // 2
-    return numel * itemsize
-
-
 _TYPED_FIELDS = (
     "float_data",
     "int32_data",
@@ -177,13 +163,17 @@ def _check_tensor_types(model: onnx.ModelProto, label: str) -> None:
             raise _error(label, f"tensor {tensor.name!r} has {kind} element type")
 
 
-def _check_inline_sizes(model: onnx.ModelProto, label: str) -> None:
-    """Refuse tensors whose declared dims need more bytes than they hold (memory bombs, corruption)."""
-    for tensor in iter_all_tensors(model):
+def _check_inline_sizes(model: onnx.ModelProto, label: str, inline: InlineWeights | None = None) -> None:
+    """Refuse tensors whose declared dims need more bytes than they hold (memory bombs, corruption).
+    ``inline``: the main graph's raw-data spans, whose lengths are known without copying the data."""
+    main = len(model.graph.initializer)  # iter_all_tensors yields the main graph's initializers first
+    for index, tensor in enumerate(iter_all_tensors(model)):
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
         need = tensor_nbytes(tensor)
-        have = _stored_nbytes(tensor)
+        have = inline.nbytes(tensor) if inline is not None and index < main else None
+        if have is None:
+            have = _stored_nbytes(tensor)
         if need is None or have is None:
             continue
         if need < 0:
@@ -613,7 +603,8 @@ def _run_checker(model: onnx.ModelProto, label: str) -> None:
         raise _error(label, f"fails the ONNX checker: {_first_line(exc)}") from None
 
 
-def load_model(source: ModelSource, *, load_external: bool = True, check: bool = True) -> LoadedModel:
+def load_model(source: ModelSource, *, load_external: bool = True, check: bool = True,
+               inline: bool = False) -> LoadedModel:
     """Load and validate a model.
 
     ``source`` may be a path, the serialized bytes, or a ``ModelProto`` (used as is,
@@ -626,6 +617,10 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     :func:`tensor_array` maps such tensors without copying them, and
     :func:`sepify.save.save_model` streams them into the output's data file, so a model is never
     held in memory twice.
+
+    ``inline``: keep the file's bytes (:class:`InlineWeights`) so that the main graph's weights are
+    read as views of them (``LoadedModel.inline``) rather than copied out of the proto; for readers
+    of every weight that change none (the audit).
     """
     if isinstance(source, onnx.ModelProto):
         label = "<ModelProto>"
@@ -678,11 +673,14 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
     _check_tensor_types(model, label)
     refs = _check_external_data(model, base_dir, label)
     has_ext = bool(refs)
-    _check_inline_sizes(model, label)
+    weights = InlineWeights.of(data) if inline else None
+    _check_inline_sizes(model, label, weights)
     del data
     if check:
         _run_checker(model, label)
     model, notes = _inline_conv_functions(model, label, copy=False)  # parsed here: ours to change
+    if notes:
+        weights = None  # the graph changed: its initializers are no longer only the file's
     _check_conv_nodes(model, label)
     mapped = False
     if has_ext and load_external:
@@ -699,7 +697,7 @@ def load_model(source: ModelSource, *, load_external: bool = True, check: bool =
                 raise _error(label, f"cannot read external data: {_first_line(exc)}") from None
     return LoadedModel(model=model, label=label, path=path, base_dir=base_dir, has_external_data=has_ext,
                        external_files=tuple(Path(f) for f in dict.fromkeys(r.path for r in refs)),
-                       mapped_external=mapped, notes=notes)
+                       mapped_external=mapped, notes=notes, inline=weights)
 
 
 def _point_at(ref: _ExternalRef) -> None:
@@ -709,14 +707,6 @@ def _point_at(ref: _ExternalRef) -> None:
     for key, value in (("location", ref.path), ("offset", str(ref.offset)), ("length", str(ref.length))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
-
-
-# numpy dtypes whose in-memory layout is exactly ONNX's raw little-endian layout (memory-mappable)
-_MAPPABLE = {
-    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.INT16,
-    TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
-    TensorProto.UINT64, TensorProto.BOOL, TensorProto.COMPLEX64, TensorProto.COMPLEX128,
-}
 
 
 def read_external_bytes(tensor: TensorProto) -> bytes:

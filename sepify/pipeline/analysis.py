@@ -122,9 +122,12 @@ class ModelAnalysis:
         return self.factors[key]
 
 
-def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None) -> ModelAnalysis:
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    view = GraphView(loaded.model)
+def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None, *,
+                  inline: bool = False) -> ModelAnalysis:
+    """``inline``: weights read as read-only views of the model file's bytes where it can (see
+    :class:`~sepify.model.load.InlineWeights`), for callers that only read them."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, inline=inline)
+    view = GraphView(loaded.model, loaded.inline if inline else None)
     user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])
     shapes, dtypes = resolve_input_shapes(view, user)
     table = infer_shapes(view, shapes, dtypes, resolve_input_values(view, input_values, shapes))

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..threads import parallel_map, single_blas
+from ..threads import single_blas, start_each
 from ..core.chain import chained_macs
 from ..core.geometry import ConvGeometry, prod
 from ..core.linalg import FULL_SPECTRUM_LIMIT, NEAR_EXACT_TOL, certify_tail, energy, exact_rank, exact_tolerance
@@ -293,11 +293,10 @@ def _best(schemes: Mapping[str, SchemeAnalysis], tol: float, original: int,
 
 def analyze_weight(w: np.ndarray, geo: ConvGeometry, dtype: np.dtype, certify: bool = False) -> Separability:
     tol = exact_tolerance(dtype)
-    # One float64 copy for the small per-channel Grams; large spatial matrices are only sampled.
-    w64 = np.asarray(w, dtype=np.float64)
-    total = energy(w64)  # every scheme's matrices rearrange w: one sum of squares serves them all
-    schemes = {s: analyze_scheme(w if s == "spatial" else w64, geo, s, tol, certify=certify, total=total)
-               for s in scheme_names()}
+    # The weight as stored: every scheme widens to float64 only what it decomposes, a piece at a time
+    # (a whole float64 copy of each weight cost a cold ResNet-50 audit ~60 ms in page faults).
+    total = energy(w)  # every scheme's matrices rearrange w: one sum of squares serves them all
+    schemes = {s: analyze_scheme(w, geo, s, tol, certify=certify, total=total) for s in scheme_names()}
     return Separability(
         dtype=str(np.dtype(dtype)),
         exact_tolerance=tol,
@@ -354,14 +353,29 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
     matrix, that no exact split up to its break-even rank exists (slower; the default examines ranks
     up to :data:`AUDIT_DEPTH` and says so: ``spectrum_complete`` false, ``exact_rank_above``).
     """
-    an = analyze_model(model, input_shapes, input_values)
+    an = analyze_model(model, input_shapes, input_values, inline=True)  # the audit changes no weight
     view, table = an.view, an.table
     shared = view.shared_weights()
     nodes: list[NodeAudit] = []
-    jobs: list[tuple[int, np.ndarray, ConvGeometry]] = []
-    for spec in an.specs:
+    jobs: list[tuple[int, tuple]] = []
+    # Each weight's spectra start on the workers as soon as it is read out of the model, largest
+    # first (longest-processing-time order), while this thread reads the next: reading the weights
+    # (copies out of the proto) and their analysis overlap.  Convs sharing a weight (a siamese net's
+    # towers) share its analysis.
+    analyze = start_each(lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify))
+    pending: dict[tuple, Any] = {}
+    checks = {}
+    for i in sorted(range(len(an.specs)), key=lambda i: -prod(an.specs[i].weight_shape or [0])):
+        spec = an.specs[i]
+        checks[i] = check = check_weight(view, spec)
+        geo = spec.geometry()
+        if check.reason is None and spectra and check.weight is not None and geo is not None:
+            key = (spec.w_name, id(check.weight), geo)
+            if key not in pending:
+                pending[key] = analyze((check.weight, geo))
+    for i, spec in enumerate(an.specs):
         ref = spec.ref
-        check = check_weight(view, spec)
+        check = checks[i]
         source, weight, reason = check.source, check.weight, check.reason
         w_numel = int(np.prod(spec.weight_shape)) if spec.weight_shape is not None else None
         b_numel = 0
@@ -374,7 +388,7 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         cost = conv_cost(spec, table, w_numel, b_numel)
         geo = spec.geometry()
         if reason is None and spectra and weight is not None and geo is not None:
-            jobs.append((len(nodes), weight, geo))  # spectra even where nothing saves MACs: they are reported
+            jobs.append((len(nodes), (spec.w_name, id(weight), geo)))  # spectra even where nothing saves MACs: they are reported
         saves = geometry_reason(geo) if reason is None and geo is not None else None
         nodes.append(
             NodeAudit(
@@ -408,16 +422,9 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
                 separability=None,
             )
         )
-    keys = {}  # convs sharing a weight (a siamese net's towers) share its analysis
-    for index, weight, geo in jobs:
-        keys.setdefault((nodes[index].weight_name, id(weight), geo), (weight, geo))
-    # Largest weights first, so the threads finish together (longest-processing-time order).
-    order = sorted(keys, key=lambda k: -keys[k][0].size)
-    done: dict[tuple, Separability] = dict(zip(order, parallel_map(
-        lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify), [keys[k] for k in order])))
-    for index, weight, geo in jobs:
+    for index, key in jobs:
         node = nodes[index]
-        node.separability = sep = done[(node.weight_name, id(weight), geo)]
+        node.separability = sep = pending[key]()
         if not any(a.eligible for a in sep.schemes.values()):
             node.reason = primary(a.reason for a in sep.schemes.values())
             node.eligible = False

@@ -540,7 +540,7 @@ def plan(model, policy: Policy | None = None, input_shapes=None, *, input_values
     ``progress`` (a bar while latencies are measured); None: :func:`prior_scale`.  ``cache``: weight curves shared between
     plans of one analysis (a speedup policy's correction rounds)."""
     policy = policy or Policy()
-    an = analysis or analyze_model(model, input_shapes, input_values)
+    an = analysis or analyze_model(model, input_shapes, input_values, inline=True)  # plans read weights, change none
     schemes = list(scheme_names()) if policy.scheme == "auto" else [policy.scheme]
     nodes: list[NodePlan] = []
     states: dict[int, _NodeState] = {}

@@ -185,7 +185,7 @@ def _rewrite_to_speedup(model, policy: Policy, input_shapes, input_values, lower
     from .speedup import reach
     from .verify import model_inputs
 
-    an = analyze_model(model, input_shapes, input_values)
+    an = analyze_model(model, input_shapes, input_values, inline=True)
     lat = latency_costs(an, policy, progress=progress)
     cache: dict = {}
 

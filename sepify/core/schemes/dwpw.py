@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import ConvGeometry, prod
-from ..linalg import Spectrum, gram_singular_values, relative_errors, truncated_factors
+from ..linalg import Spectrum, by_chunks, gram_singular_values, relative_errors, truncated_factors
 from ..reasons import Reason
 from ..stages import Stage
 from .base import Scheme
@@ -56,9 +56,13 @@ class DwPw(Scheme):
         n, cg = w.shape[:2]
         if prod(geo.kernel) > geo.cout_per_group:
             return super().spectrum(w, geo, variant, bound, useful_rank, **kw)
-        g4 = np.asarray(w, dtype=np.float64).reshape(geo.group, n // geo.group, cg, -1)  # q, n, c, k
-        # [q, c, k, n] @ [q, c, n, k]: strided views BLAS takes as they are (einsum picked a slow path)
-        gram = np.matmul(g4.transpose(0, 2, 3, 1), g4.transpose(0, 2, 1, 3)).reshape(geo.group * cg, g4.shape[3], -1)
+        g4 = np.asarray(w).reshape(geo.group, n // geo.group, cg, -1)  # q, n, c, k
+
+        def grams(x):  # [q, c, k, n] @ [q, c, n, k]: strided views BLAS takes as they are (einsum was slower)
+            return np.matmul(x.transpose(0, 2, 3, 1), x.transpose(0, 2, 1, 3))
+
+        # In float64, widened a few input channels at a time (by_chunks): no float64 copy of the weight.
+        gram = by_chunks(g4, 2, grams, out_axis=1).reshape(geo.group * cg, g4.shape[3], -1)
         return Spectrum(relative_errors(gram_singular_values(gram)))
 
     def factor(self, w: np.ndarray, geo: ConvGeometry, r: int, variant: str = "") -> list[Stage]:

@@ -118,16 +118,18 @@ class Tucker2(Scheme):
         g, ng, cg = geo.group, geo.cout_per_group, geo.cin_per_group
         if depth is None or limit is None or max(ng, cg) <= limit or useful_rank < 1:
             return Spectrum(self.curve(w, geo, variant))
-        w64 = np.asarray(w, dtype=np.float64)
         examined = min(depth, useful_rank, self.max_rank(geo) - 1)
-        outs, ins = out_matrices(w64, g), in_view(w64, g)
+        # Views of the weight as stored: a certificate widens only the rows and columns it reads.
+        outs, ins = out_matrices(w, g), in_view(w, g)
         mats = [m for m in (outs, ins) if examined + 1 <= min(m.shape[1:])]
         if total is None:
-            total = energy(w64.reshape(1, 1, -1))
+            total = energy(w)
         if total == 0.0 or not any(certify_tail(m, examined, bound, total) for m in mats):
             return Spectrum(self.curve(w, geo, variant))
         if not estimate:
             return Spectrum(np.ones(1), complete=False, exact_above=examined, certified_error=bound)
+        w64 = np.asarray(w, dtype=np.float64)
+        outs, ins = out_matrices(w64, g), in_view(w64, g)
         top = min(LEADING_TERMS, self.max_rank(geo))
         u_out, u_in = _leading_basis(outs, min(top, ng)), _leading_basis(ins.full(), min(top, cg))
         kept = np.square(_core(w64, g, u_out, u_in)).sum(axis=(0, 3)).cumsum(axis=0).cumsum(axis=1)
