@@ -699,6 +699,28 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, c
     assert not (tmp_path / "small.onnx.data").exists()
 
 
+def test_a_proto_over_the_limit_by_its_graph_alone_is_saved_with_external_data(tmp_path, monkeypatch):
+    """The size is measured on the serialized model, not guessed from the tensors: a model whose
+    weights are far under the limit but whose doc string is not still goes external."""
+    from sepify.model.save import save_model
+
+    monkeypatch.setattr(sepify.model.save, "PROTOBUF_LIMIT", 60_000)
+
+    def small(doc: str) -> onnx.ModelProto:
+        m = onnx.load(str(LOWRANK))
+        del m.graph.initializer[1:]  # one 18 KB weight: under half the limit
+        m.graph.doc_string = doc
+        return m
+
+    save_model(small(""), tmp_path / "plain.onnx")
+    assert not (tmp_path / "plain.onnx.data").exists()
+    assert onnx.load(str(tmp_path / "plain.onnx")) == small("")
+    save_model(small("x" * 70_000), tmp_path / "doc.onnx")
+    assert (tmp_path / "doc.onnx.data").stat().st_size >= 18_432
+    back = onnx.load(str(tmp_path / "doc.onnx"))
+    assert back.graph.initializer[0].raw_data == small("").graph.initializer[0].raw_data
+
+
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 def test_a_failing_write_leaves_the_old_output_and_no_temp_files(tmp_path, capfd, monkeypatch, external):
     src = tmp_path / "in" / "m.onnx"

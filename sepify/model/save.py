@@ -12,7 +12,7 @@ from typing import Iterator
 from onnx.external_data_helper import ExternalDataInfo
 
 from ..errors import UsageError
-from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version
+from .load import PROTOBUF_LIMIT, iter_all_tensors, ort_max_ir_version, tensor_nbytes
 
 
 @contextlib.contextmanager
@@ -146,8 +146,17 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
     check_writable(target)
     model.ir_version = min(model.ir_version, ort_max_ir_version())
     still_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_all_tensors(model, sparse=False))
+    serialized = None
     if external is None:
-        external = still_external or model.ByteSize() > PROTOBUF_LIMIT
+        if still_external:
+            external = True
+        elif _declared_bytes(model) < PROTOBUF_LIMIT // 2:
+            # Surely under the limit: serialize once and measure that (ByteSize encodes the whole
+            # proto to size it, 50 ms for a 45 MB model, and the write then encoded it again).
+            serialized = _serialize_within_limit(model)
+            external = serialized is None
+        else:
+            external = model.ByteSize() > PROTOBUF_LIMIT
     data_name = external_data_name(target)
     own = _in_place_data_file(target, source)
     if own is not None:
@@ -158,7 +167,7 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
             _materialize_external(model)
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
-                fh.write(model.SerializeToString())
+                fh.write(model.SerializeToString() if serialized is None else serialized)
         return
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
@@ -178,6 +187,21 @@ def save_model(model, target: str | os.PathLike, *, external: bool | None = None
         raise UsageError(f"{target}: cannot write ({exc.strerror or exc}); nothing written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _declared_bytes(model) -> int:
+    """The bytes the model's tensors declare by their dims (read without touching their data)."""
+    return sum(max(0, tensor_nbytes(t) or 0) for t in iter_all_tensors(model))
+
+
+def _serialize_within_limit(model) -> bytes | None:
+    """The serialized model, or None when it does not fit one protobuf message (its graph alone
+    can be that large: huge string attributes)."""
+    try:
+        data = model.SerializeToString()
+    except (ValueError, MemoryError):  # protobuf refuses messages over its limit
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
 
 
 def _mode_for(target: Path) -> int:
