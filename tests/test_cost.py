@@ -658,6 +658,34 @@ def test_matmul_in_if_branch_sized_by_the_profiled_run():
         assert any(w.startswith(name + ":") and "not counted" in w for w in skipped.warnings), name
 
 
+def test_profile_events_decodes_only_the_wanted_nodes_lines(tmp_path):
+    """onnxruntime's profile has one event per line; only the wanted nodes' lines are decoded, up to
+    the first of each with both shapes (a Loop body logs one per iteration); a file laid out otherwise
+    is decoded whole, with the same result."""
+    import json
+
+    from sepify.model.shapes import _profile_events
+
+    def ev(name, args):
+        return {"cat": "Node", "pid": 1, "tid": 1, "dur": 3, "ts": 0, "ph": "X", "name": name + "_kernel_time",
+                "args": args}
+
+    both = {"input_type_shape": [{"float": [1, 2]}], "output_type_shape": [{"float": [1, 3]}]}
+    events = [{"cat": "Session", "name": "model_loading_uri", "args": {}},
+              ev("conv", {"input_type_shape": [{"float": [1, 2]}]}),  # no output shape: keep looking
+              ev("other", both), ev("conv", both), ev('q"uoted', both),
+              *[ev("conv", {"input_type_shape": [{"float": [9, 9]}], "output_type_shape": [{"float": [9]}]})] * 50]
+    lines = tmp_path / "lines.json"
+    lines.write_text("[\n" + ",\n".join(json.dumps(e, separators=(",", " :")) for e in events) + "\n]\n")
+    got = _profile_events(str(lines), {"conv", 'q"uoted'})
+    assert [e["name"] for e in got] == ["conv_kernel_time", "conv_kernel_time", 'q"uoted_kernel_time']
+    assert got[1]["args"] == both
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps(events))
+    assert [e["name"] for e in _profile_events(str(whole), {"conv"}) if e.get("name", "").startswith("conv")][:2] == \
+        ["conv_kernel_time", "conv_kernel_time"]
+
+
 # ----------------------------------------------------------------------------------------------
 # ONNX's own backend test cases
 # ----------------------------------------------------------------------------------------------

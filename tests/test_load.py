@@ -583,6 +583,35 @@ def test_light_copy_for_the_checker_keeps_each_tensor_rank():
     onnx.checker.check_model(copy.SerializeToString())
 
 
+def test_light_copy_for_shape_inference_stubs_large_float_constants_only():
+    """Weights written as Constant nodes (Paddle's exporters) are stubbed to their dims in the copy
+    that shape inference serializes round after round; integer constants (shape values) and small ones
+    keep their data, the model itself is not touched, and the audit is the same as with initializers."""
+    from sepify.model.load import light_copy
+
+    w, b = rand([16, 8, 3, 3]), rand([16], 1)
+    target = np.array([1, -1], np.int64)
+    nodes = [helper.make_node("Constant", [], ["w"], name="cw", value=numpy_helper.from_array(w, "w")),
+             helper.make_node("Constant", [], ["b"], name="cb", value=numpy_helper.from_array(b, "b")),
+             helper.make_node("Constant", [], ["shape"], name="cs", value=numpy_helper.from_array(target, "shape")),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["y"], name="flat")]
+    model = make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 1024])])
+    before = model.SerializeToString()
+    copy = light_copy(model, constants=True)
+    values = {n.name: n.attribute[0].t for n in copy.graph.node if n.op_type == "Constant"}
+    assert list(values["cw"].dims) == [16, 8, 3, 3] and not values["cw"].raw_data and not values["cw"].float_data
+    assert values["cw"].data_type == TensorProto.FLOAT and values["cw"].name == "w"
+    np.testing.assert_array_equal(numpy_helper.to_array(values["cb"]), b)  # 64 bytes: kept
+    np.testing.assert_array_equal(numpy_helper.to_array(values["cs"]), target)
+    assert model.SerializeToString() == before
+    assert light_copy(model).graph.node[0].attribute[0].t.raw_data  # not unless asked
+    as_constants = sepify.audit(model)
+    with_inits = make_model(nodes[2:], [vi("x", [1, 8, 8, 8])], [vi("y", [1, 1024])], [init("w", w), init("b", b)])
+    assert as_constants.nodes[0].macs == sepify.audit(with_inits).nodes[0].macs == 8 * 8 * 16 * 8 * 9
+    assert as_constants.nodes[0].output_shape == [1, 16, 8, 8]
+
+
 # ----------------------------------------------------------------------------------------------
 # Convs inside model-local functions (modules exported as functions): inlined, then seen
 # ----------------------------------------------------------------------------------------------

@@ -512,7 +512,10 @@ def _first_line(exc: BaseException) -> str:
 STUB_OVER_BYTES = 1024  # weights larger than this are stubbed in light copies (see light_copy)
 
 
-def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.ModelProto:
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def light_copy(model: onnx.ModelProto, *, checkable: bool = False, constants: bool = False) -> onnx.ModelProto:
     """The model with every main-graph initializer over :data:`STUB_OVER_BYTES` (or stored
     externally) replaced by a stub of the same name and element type — cheap to copy, serialize,
     check and infer, where copying the whole proto would copy every weight once more.
@@ -521,6 +524,11 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
     ``checkable``, hold one zero element per stub with every dim 1: the ONNX checker insists
     that a tensor's data fills its dims, and everything else it checks does not depend on the
     dims.  Data sizes and external-data locations are checked by :func:`load_model` itself.
+
+    ``constants``: the floating-point values of the main graph's ``Constant`` nodes over the same
+    size are stubbed too (dims kept) — weights some exporters (Paddle) write as Constant nodes, 10 MB
+    serialized again in each round of shape inference.  Only for copies nothing is taken back from
+    (the function inliner keeps the nodes of its copy).
     """
     copy = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -553,6 +561,19 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False) -> onnx.Model
             _one_zero_element(stub, len(t.dims))
         else:
             stub.dims.extend(t.dims)
+    if constants:
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for a in node.attribute:
+                if a.name != "value" or not a.HasField("t") or a.t.data_type not in _FLOAT_TYPES:
+                    continue
+                declared = tensor_nbytes(a.t)
+                if a.t.data_location != TensorProto.EXTERNAL and declared is not None and declared > STUB_OVER_BYTES:
+                    dims, dtype, name = list(a.t.dims), a.t.data_type, a.t.name
+                    a.t.Clear()  # the copy's own attribute: the model's node is untouched
+                    a.t.data_type, a.t.name = dtype, name
+                    a.t.dims.extend(dims)
     if checkable:
         # A graph input or output that declares its element type but no shape (unknown rank) is
         # something onnxruntime runs and exporters write, but the checker wants a shape there;
