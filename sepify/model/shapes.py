@@ -654,7 +654,6 @@ def fill_from_profile(view: GraphView, table: ShapeTable, refs) -> None:
     wanted = {r.node.name: r for r in refs if r.node.name and counts.get(r.node.name) == 1}
     if not wanted or view.model.ByteSize() > PROTOBUF_LIMIT:
         return
-    import json
     import os
     import tempfile
 
