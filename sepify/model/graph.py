@@ -120,7 +120,7 @@ class GraphView:
 
     def __init__(self, model: onnx.ModelProto, inline=None):
         self.model = model
-        # InlineWeights (sepify.model.load): the main graph's initializers as views of the file's bytes
+        # InlineWeights (sepify.model.inline): the main graph's initializers as views of the file's bytes
         self.inline = inline
         self.nodes: list[NodeRef] = []
         self.producer: dict[str, NodeRef] = {}

@@ -125,7 +125,7 @@ class ModelAnalysis:
 def analyze_model(model: ModelSource | LoadedModel, input_shapes=None, input_values=None, *,
                   inline: bool = False) -> ModelAnalysis:
     """``inline``: weights read as read-only views of the model file's bytes where it can (see
-    :class:`~sepify.model.load.InlineWeights`), for callers that only read them."""
+    :class:`~sepify.model.inline.InlineWeights`), for callers that only read them."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, inline=inline)
     view = GraphView(loaded.model, loaded.inline if inline else None)
     user = normalize_input_shapes(input_shapes, [i.name for i in view.main_inputs])

@@ -357,26 +357,24 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
     view, table = an.view, an.table
     shared = view.shared_weights()
     nodes: list[NodeAudit] = []
-    jobs: list[tuple[int, tuple]] = []
-    # Each weight's spectra start on the workers as soon as it is read out of the model, largest
-    # first (longest-processing-time order), while this thread reads the next: reading the weights
-    # (copies out of the proto) and their analysis overlap.  Convs sharing a weight (a siamese net's
-    # towers) share its analysis.
+    # Each weight's spectra start on the workers as soon as it is read, largest first
+    # (longest-processing-time order), while this thread reads the next.  Spectra even where nothing
+    # saves MACs: they are reported.  Convs sharing a weight (a siamese net's towers) share its analysis.
     analyze = start_each(lambda wg: analyze_weight(wg[0], wg[1], wg[0].dtype, certify))
-    pending: dict[tuple, Any] = {}
+    pending: dict[tuple, Any] = {}  # (weight name, weight, geometry) → its analysis, when done
+    keys: dict[int, tuple] = {}  # spec index → its key in pending
     checks = {}
     for i in sorted(range(len(an.specs)), key=lambda i: -prod(an.specs[i].weight_shape or [0])):
         spec = an.specs[i]
         checks[i] = check = check_weight(view, spec)
         geo = spec.geometry()
         if check.reason is None and spectra and check.weight is not None and geo is not None:
-            key = (spec.w_name, id(check.weight), geo)
+            keys[i] = key = (spec.w_name, id(check.weight), geo)
             if key not in pending:
                 pending[key] = analyze((check.weight, geo))
     for i, spec in enumerate(an.specs):
         ref = spec.ref
-        check = checks[i]
-        source, weight, reason = check.source, check.weight, check.reason
+        source, reason = checks[i].source, checks[i].reason
         w_numel = int(np.prod(spec.weight_shape)) if spec.weight_shape is not None else None
         b_numel = 0
         if spec.b_name:
@@ -387,8 +385,6 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
             b_numel = prod(bshape)
         cost = conv_cost(spec, table, w_numel, b_numel)
         geo = spec.geometry()
-        if reason is None and spectra and weight is not None and geo is not None:
-            jobs.append((len(nodes), (spec.w_name, id(weight), geo)))  # spectra even where nothing saves MACs: they are reported
         saves = geometry_reason(geo) if reason is None and geo is not None else None
         nodes.append(
             NodeAudit(
@@ -422,8 +418,8 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
                 separability=None,
             )
         )
-    for index, key in jobs:
-        node = nodes[index]
+    for i, key in keys.items():  # nodes are in spec order
+        node = nodes[i]
         node.separability = sep = pending[key]()
         if not any(a.eligible for a in sep.schemes.values()):
             node.reason = primary(a.reason for a in sep.schemes.values())
