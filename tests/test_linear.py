@@ -182,9 +182,13 @@ def test_linear_layers_in_the_latency_table(tmp_path, monkeypatch):
     assert node.op_type == "MatMul" and node.latency_us and node.latency_us > 0
     table = json.loads(next(tmp_path.glob("latency/*.json")).read_text())
     (key,) = [k for k in table["entries"] if k.startswith("linear|MatMul|a64x256|n256|")]
-    assert table["entries"][key]["candidates"]
-    if node.action == "rewrite":  # the exact rank-8 split, when it runs faster on this machine
-        assert node.rank == 8 and node.latency_us_after < node.latency_us
+    candidates = table["entries"][key]["candidates"]
+    assert candidates
+    if node.action == "rewrite":
+        # Every split from the exact rank 8 up meets tol: the plan takes whichever of them was timed
+        # fastest (ranks 8 and 16 are within a microsecond here, so either may win a run).
+        exact = {int(k.split("|")[2]): t for k, t in candidates.items() if int(k.split("|")[2]) >= 8}
+        assert node.rank in exact and node.latency_us_after == min(exact.values()) < node.latency_us
 
 
 # ----------------------------------------------------------------------------------------------
