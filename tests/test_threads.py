@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sepify.threads import THREADS_ENV, cores, parallel_map
+from sepify.threads import THREADS_ENV, cores, parallel_map, start_each
 
 
 def test_parallel_map_keeps_the_order_of_its_items():
@@ -47,6 +47,32 @@ def test_parallel_map_keeps_one_pool_runs_nested_calls_inline_and_keeps_order(mo
     threads.parallel_map(inner, [1, 2, 3])
     assert threads._executor(2) is first  # the same pool (its threads keep their scratch buffers)
     assert all(n.startswith("sepify") for n in names)
+
+
+def test_start_each_runs_items_as_they_come_and_hands_back_results_and_errors(monkeypatch):
+    def work(x):
+        if x == 3:
+            raise ValueError("three")
+        return x * x, threading.get_ident()
+
+    monkeypatch.setenv(THREADS_ENV, "2")
+    submit = start_each(work)
+    handles = [submit(x) for x in range(6)]
+    got = [h() for i, h in enumerate(handles) if i != 3]
+    assert [value for value, _ in got] == [0, 1, 4, 16, 25]
+    assert all(thread != threading.get_ident() for _, thread in got)  # on the workers
+    try:
+        handles[3]()
+    except ValueError as exc:
+        assert str(exc) == "three"
+    else:
+        raise AssertionError("the worker's exception was not raised to the caller")
+    # One core: nothing starts until the result is asked for, and then in the caller's thread.
+    monkeypatch.setenv(THREADS_ENV, "1")
+    ran = []
+    lazy = start_each(lambda x: ran.append(threading.get_ident()) or x)
+    handle = lazy(7)
+    assert ran == [] and handle() == 7 and ran == [threading.get_ident()]
 
 
 def test_scratch_is_reused_per_thread_and_slot_and_released():

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelLoadError
+from .inline import InlineWeights
 from .load import tensor_array
 from .walk import subgraph_reads
 
@@ -118,9 +119,9 @@ def node_labels(graph: onnx.GraphProto) -> list[str]:
 class GraphView:
     """Producers/consumers and constants over the main graph and all subgraphs."""
 
-    def __init__(self, model: onnx.ModelProto, inline=None):
+    def __init__(self, model: onnx.ModelProto, inline: InlineWeights | None = None):
         self.model = model
-        # InlineWeights (sepify.model.inline): the main graph's initializers as views of the file's bytes
+        # the main graph's initializers as views of the file's bytes (sepify.model.inline)
         self.inline = inline
         self.nodes: list[NodeRef] = []
         self.producer: dict[str, NodeRef] = {}
