@@ -512,7 +512,8 @@ def _first_line(exc: BaseException) -> str:
 STUB_OVER_BYTES = 1024  # weights larger than this are stubbed in light copies (see light_copy)
 
 
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# Element types of float weights (what the audit counts as parameters, what light copies stub in Constants)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def light_copy(model: onnx.ModelProto, *, checkable: bool = False, constants: bool = False) -> onnx.ModelProto:
@@ -566,7 +567,7 @@ def light_copy(model: onnx.ModelProto, *, checkable: bool = False, constants: bo
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
                 continue
             for a in node.attribute:
-                if a.name != "value" or not a.HasField("t") or a.t.data_type not in _FLOAT_TYPES:
+                if a.name != "value" or not a.HasField("t") or a.t.data_type not in FLOAT_TYPES:
                     continue
                 declared = tensor_nbytes(a.t)
                 if a.t.data_location != TensorProto.EXTERNAL and declared is not None and declared > STUB_OVER_BYTES:

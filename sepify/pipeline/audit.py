@@ -16,7 +16,7 @@ from ..core.reasons import Reason, primary
 from ..core.schemes import get as get_scheme, names as scheme_names
 from ..model.cost import CONVENTION, LINEAR_OPS, LINEAR_WEIGHT_TYPES, conv_cost, matmul_macs
 from ..model.graph import MATMUL_OPS
-from ..model.load import LoadedModel, ModelSource, iter_all_tensors
+from ..model.load import FLOAT_TYPES, LoadedModel, ModelSource, iter_all_tensors
 from ..model.shapes import input_values_record
 from ..serialize import SCHEMA_VERSION, dumps
 from ..version import __version__
@@ -445,10 +445,9 @@ def audit(model: ModelSource | LoadedModel, input_shapes=None, *, input_values=N
         for n in nodes
         if n.separability is not None and n.separability.best_exact is not None and n.macs
     )
-    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
     # Every weight-holding tensor: float initializers and Constant-node values of all (sub)graphs, and
     # integer ones that are quantized weights (what DequantizeLinear or a quantized op reads as its weight).
-    model_params = sum(int(np.prod(t.dims)) for t in iter_all_tensors(view.model) if t.data_type in float_types)
+    model_params = sum(int(np.prod(t.dims)) for t in iter_all_tensors(view.model) if t.data_type in FLOAT_TYPES)
     model_params += _quantized_params(view)
     unique_params: dict[tuple[str, str], int] = {}
     for n in nodes:
